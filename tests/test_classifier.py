@@ -1,0 +1,164 @@
+"""PixelClassifier: shapes, gradients, text sensitivity, padding, parameter sharing, init."""
+
+import pytest
+import torch
+
+from textdiff.classifier import FUSIONS, PixelClassifier
+from textdiff.errors import TextDiffError
+from textdiff.losses import total_loss
+
+CHANNELS = [8, 8, 4, 4]
+SIZES = [8, 16, 32, 64]
+STEPS, TEXT_DIM, D_MODEL, HEADS, OUT = 3, 12, 16, 2, 64
+B, L = 2, 5
+
+
+def make_model(fusion: str, **kw) -> PixelClassifier:
+    torch.manual_seed(0)
+    return PixelClassifier(
+        CHANNELS, STEPS, TEXT_DIM, d_model=D_MODEL, heads=HEADS, fusion=fusion, out_size=OUT, contrastive_dim=8, **kw
+    )
+
+
+def make_inputs(seed: int = 1, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    feats = [torch.randn(B, STEPS, c, s, s, generator=g).to(dtype) for c, s in zip(CHANNELS, SIZES)]
+    tokens = torch.randn(B, L, TEXT_DIM, generator=g).to(dtype)
+    mask = torch.ones(B, L, dtype=torch.long)
+    mask[0, 3:] = 0  # sample 0 has two padding tokens
+    pooled = torch.randn(B, TEXT_DIM, generator=g).to(dtype)
+    return feats, tokens, mask, pooled
+
+
+@pytest.mark.parametrize("fusion", FUSIONS)
+def test_output_shapes(fusion):
+    model = make_model(fusion)
+    out = model(*make_inputs())
+    assert out["logits"].shape == (B, 2, OUT, OUT)
+    if fusion == "none":
+        assert set(out) == {"logits"}
+    else:
+        assert out["image_embedding"].shape == (B, 8)
+        assert out["text_embedding"].shape == (B, 8)
+
+
+def test_fp16_features_are_cast_and_rectangular_out_size():
+    model = PixelClassifier(CHANNELS, STEPS, TEXT_DIM, d_model=D_MODEL, heads=HEADS, out_size=(40, 48))
+    feats, tokens, mask, pooled = make_inputs()
+    out = model([f.half() for f in feats], tokens, mask.bool(), pooled)
+    assert out["logits"].shape == (B, 2, 40, 48)
+    assert out["logits"].dtype == torch.float32
+
+
+def test_dict_block_channels_read_in_block_order():
+    model = PixelClassifier({16: 4, 6: 8, 12: 4, 8: 8}, STEPS, TEXT_DIM, d_model=D_MODEL, heads=HEADS, out_size=OUT)
+    assert model.block_channels == CHANNELS
+    assert model(*make_inputs())["logits"].shape == (B, 2, OUT, OUT)
+
+
+@pytest.mark.parametrize("fusion", FUSIONS)
+def test_gradients_reach_every_parameter(fusion):
+    model = make_model(fusion).train()
+    out = model(*make_inputs())
+    target = (torch.rand(B, OUT, OUT, generator=torch.Generator().manual_seed(3)) > 0.5).long()
+    weight = 0.0 if fusion == "none" else 0.1
+    loss, parts = total_loss(out, target, dice_weight=1.5, contrastive_weight=weight)
+    loss.backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None, name
+        assert torch.isfinite(p.grad).all(), name
+    if fusion == "none":
+        assert not any("text" in n or "blocks" in n for n, _ in model.named_parameters())
+
+
+@pytest.mark.parametrize("fusion", ["cross_attention", "hierarchical", "concat", "none"])
+def test_text_changes_output_unless_none(fusion):
+    model = make_model(fusion).double().eval()
+    feats, tokens, mask, pooled = make_inputs(dtype=torch.float64)
+    with torch.no_grad():
+        a = model(feats, tokens, mask, pooled)["logits"]
+        b = model(feats, tokens.flip(0) * 3, mask, pooled.flip(0) * 3)["logits"]
+    diff = (a - b).abs().max().item()
+    if fusion == "none":
+        assert diff == 0.0
+        with torch.no_grad():  # text is ignored entirely, even absent
+            assert torch.equal(model(feats, None, None, None)["logits"], a)
+    else:
+        assert diff > 1e-6 * a.abs().max().item()
+
+
+def test_masked_token_does_not_change_output():
+    model = make_model("cross_attention").double().eval()
+    feats, tokens, mask, pooled = make_inputs(dtype=torch.float64)
+    with torch.no_grad():
+        ref = model(feats, tokens, mask, pooled)["logits"]
+        padded = tokens.clone()
+        padded[0, 4] = 100.0  # a pad token of sample 0
+        same = model(feats, padded, mask, pooled)["logits"]
+        real = tokens.clone()
+        real[0, 1] = 100.0  # a real token of sample 0
+        changed = model(feats, real, mask, pooled)["logits"]
+    torch.testing.assert_close(same, ref, rtol=0, atol=1e-12)
+    assert (changed[0] - ref[0]).abs().max() > 1e-6 * ref.abs().max()
+    torch.testing.assert_close(changed[1], ref[1], rtol=0, atol=1e-12)  # other sample untouched
+
+
+def test_all_padding_row_is_finite_and_text_free():
+    model = make_model("cross_attention").double().eval()
+    feats, tokens, mask, pooled = make_inputs(dtype=torch.float64)
+    mask[0] = 0
+    with torch.no_grad():
+        a = model(feats, tokens, mask, pooled)["logits"]
+        b = model(feats, tokens * 5, mask, pooled)["logits"]
+    assert torch.isfinite(a).all()
+    torch.testing.assert_close(a[0], b[0], rtol=0, atol=1e-12)
+
+
+def test_hierarchical_has_one_block_per_scale():
+    shared = make_model("cross_attention")
+    per_scale = make_model("hierarchical")
+    n_shared = sum(p.numel() for p in shared.parameters())
+    n_per_scale = sum(p.numel() for p in per_scale.parameters())
+    block = sum(p.numel() for p in shared.blocks[0].parameters())
+    assert len(shared.blocks) == 1 and len(per_scale.blocks) == len(CHANNELS)
+    assert n_per_scale == n_shared + (len(CHANNELS) - 1) * block
+    assert per_scale.blocks[0].attn.to_q.weight.data_ptr() != per_scale.blocks[1].attn.to_q.weight.data_ptr()
+
+
+def test_chunked_eval_matches_unchunked():
+    model = make_model("cross_attention").double().eval()
+    chunked = make_model("cross_attention", chunk_tokens=100).double().eval()
+    chunked.load_state_dict(model.state_dict())
+    inputs = make_inputs(dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(chunked(*inputs)["logits"], model(*inputs)["logits"], rtol=0, atol=1e-12)
+
+
+def test_init_statistics():
+    torch.manual_seed(0)
+    model = PixelClassifier([64, 64], 3, 64, heads=4, out_size=16)
+    conv = model.decoder[0].weight
+    assert abs(conv.std().item() - 0.02) < 0.001 and abs(conv.mean().item()) < 0.001
+    q = model.blocks[0].attn.to_q.weight
+    assert abs(q.std().item() - 0.02) < 0.002
+    bn = model.decoder[1].weight
+    assert abs(bn.mean().item() - 1.0) < 0.01 and 0.01 < bn.std().item() < 0.03
+    for m in model.modules():
+        if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear, torch.nn.BatchNorm2d, torch.nn.LayerNorm)):
+            if m.bias is not None:
+                assert torch.count_nonzero(m.bias) == 0
+        if isinstance(m, torch.nn.LayerNorm):
+            assert torch.all(m.weight == 1)
+
+
+def test_bad_params_raise():
+    with pytest.raises(TextDiffError, match="cross_attention, hierarchical, concat, none"):
+        PixelClassifier(CHANNELS, STEPS, TEXT_DIM, fusion="film")
+    with pytest.raises(TextDiffError, match="divisible"):
+        PixelClassifier(CHANNELS, STEPS, TEXT_DIM, d_model=18, heads=4)
+    model = make_model("cross_attention")
+    feats, tokens, mask, pooled = make_inputs()
+    with pytest.raises(TextDiffError, match="feature blocks"):
+        model(feats[:3], tokens, mask, pooled)
+    with pytest.raises(TextDiffError, match="feature block 1"):
+        model([feats[0], feats[2], feats[2], feats[3]], tokens, mask, pooled)

@@ -1,0 +1,187 @@
+"""Metrics against hand-computed cases, edge cases, a brute-force AJI cross-check, and speed."""
+
+import time
+
+import numpy as np
+import pytest
+from skimage.measure import label
+
+from textdiff.errors import TextDiffError
+from textdiff.metrics import (
+    PixelDice,
+    aji,
+    dice_pixel,
+    image_metrics,
+    iou_dice_textdiff,
+    pq,
+    summarize,
+)
+
+E = 1e-5
+
+
+def _scene(b_pred_cols=(3, 7)):
+    """10x10 masks.
+
+    GT:   A rows 1-2, cols 1-2 (4 px);  B rows 5-6, cols 1-4 (8 px).
+    Pred: A' == A (4 px);  B' rows 5-6, cols b_pred_cols;  C' rows 8-9, cols 8-9 (4 px, false positive).
+    """
+    gt = np.zeros((10, 10), np.uint8)
+    gt[1:3, 1:3] = 1
+    gt[5:7, 1:5] = 1
+    pred = np.zeros((10, 10), np.uint8)
+    pred[1:3, 1:3] = 1
+    pred[5:7, b_pred_cols[0] : b_pred_cols[1]] = 1
+    pred[8:10, 8:10] = 1
+    return pred, gt
+
+
+def test_half_overlap_scene():
+    # B' = rows 5-6, cols 3-6 (8 px): B & B' = cols 3-4 -> 4 px, B | B' = 12 px, IoU(B, B') = 1/3.
+    pred, gt = _scene((3, 7))
+    # pixels: |P| = 16, |G| = 12, |P & G| = 4 + 4 = 8, |P | G| = 20
+    dice, iou = iou_dice_textdiff(pred, gt)
+    exp_iou = (8 + E) / (20 + E)
+    assert iou == pytest.approx(exp_iou, rel=1e-12)
+    assert dice == pytest.approx(2 * exp_iou / (1 + exp_iou), rel=1e-12)  # ~ 4/7
+    # AJI: A->A' adds 4/4, B->B' adds 4/12, unused C' adds 4 to the denominator: 8 / 20
+    assert aji(pred, gt) == pytest.approx(0.4, abs=1e-12)
+    # PQ: only (A, A') has IoU > 0.5 -> TP 1 (IoU 1); FP = B', C' = 2; FN = B = 1
+    # DQ = 1 / (1 + 1 + 0.5) = 0.4, SQ = 1, PQ = 0.4
+    dq, sq, pq_ = pq(pred, gt)
+    assert (dq, sq, pq_) == pytest.approx((0.4, 1.0, 0.4), abs=1e-12)
+
+
+def test_good_overlap_scene():
+    # B' = rows 5-6, cols 2-4 (6 px) inside B: inter 6, union 8, IoU 0.75
+    pred, gt = _scene((2, 5))
+    # AJI: (4 + 6) / (4 + 8 + 4 [C' unused]) = 10 / 16
+    assert aji(pred, gt) == pytest.approx(10 / 16, abs=1e-12)
+    # PQ: TP 2 (IoU 1, 0.75), FP 1 (C'), FN 0: DQ = 2 / 2.5 = 0.8, SQ = 0.875, PQ = 0.7
+    assert pq(pred, gt) == pytest.approx((0.8, 0.875, 0.7), abs=1e-12)
+
+
+def test_missed_nucleus_and_merged_prediction():
+    gt = np.zeros((6, 8), np.uint8)
+    gt[1:3, 1:3] = 1  # 4 px
+    gt[1:3, 4:6] = 1  # 4 px, separated by column 3
+    pred = np.zeros_like(gt)
+    pred[1:3, 1:3] = 1
+    # second GT nucleus overlaps nothing: AJI = 4 / (4 + 4) ; PQ: TP 1, FN 1 -> DQ 2/3
+    assert aji(pred, gt) == pytest.approx(0.5, abs=1e-12)
+    assert pq(pred, gt) == pytest.approx((2 / 3, 1.0, 2 / 3), abs=1e-12)
+    # one prediction covering both (rows 1-2, cols 1-5 = 10 px): each GT picks it,
+    # inter 4 + 4, union 10 + 10 (counted per GT, Kumar's definition) -> 0.4; PQ IoU 0.4 -> no TP
+    merged = np.zeros_like(gt)
+    merged[1:3, 1:6] = 1
+    assert aji(merged, gt) == pytest.approx(8 / 20, abs=1e-12)
+    assert pq(merged, gt) == pytest.approx((0.0, 0.0, 0.0), abs=1e-12)
+
+
+def test_eight_connectivity():
+    # diagonal pixels form ONE instance (2 px); predicting one of them gives IoU 0.5, not > 0.5
+    gt = np.zeros((3, 3), np.uint8)
+    gt[0, 0] = gt[1, 1] = 1
+    pred = np.zeros_like(gt)
+    pred[0, 0] = 1
+    assert pq(pred, gt)[0] == 0.0
+    assert aji(pred, gt) == pytest.approx(0.5)
+
+
+def test_empty_cases():
+    z = np.zeros((5, 5), np.uint8)
+    one = z.copy()
+    one[2, 2:4] = 1  # 2 px
+    assert iou_dice_textdiff(z, z) == (1.0, 1.0)
+    assert aji(z, z) == 1.0
+    assert pq(z, z) == (1.0, 1.0, 1.0)
+    assert dice_pixel([z], [z]) == 1.0
+    for p, g in [(z, one), (one, z)]:
+        dice, iou = iou_dice_textdiff(p, g)
+        assert iou == pytest.approx(E / (2 + E), rel=1e-12)  # TextDiff's smoothing: ~0, not exactly 0
+        assert dice < 1e-5
+        assert aji(p, g) == 0.0
+        assert pq(p, g) == (0.0, 0.0, 0.0)
+        assert dice_pixel([p], [g]) == 0.0
+
+
+def test_pixel_dice_differs_from_per_image_mean():
+    # image 1: 100 px nucleus, perfect -> dice 1; image 2: 1 px nucleus, missed -> dice ~0
+    g1 = np.zeros((20, 20), np.uint8)
+    g1[0:10, 0:10] = 1
+    g2 = np.zeros((20, 20), np.uint8)
+    g2[15, 15] = 1
+    p1, p2 = g1.copy(), np.zeros_like(g2)
+    per_image = [image_metrics(p1, g1), image_metrics(p2, g2)]
+    mean_dice = summarize(per_image)["dice"]
+    assert mean_dice == pytest.approx(0.5, abs=1e-4)
+    # pooled: 2 * 100 / (100 + 101)
+    assert dice_pixel([p1, p2], [g1, g2]) == pytest.approx(200 / 201, abs=1e-12)
+    acc = PixelDice()
+    acc.update(p1, g1)
+    acc.update(p2, g2)
+    assert acc.value() == pytest.approx(200 / 201, abs=1e-12)
+
+
+def test_summarize_means_and_skips_names():
+    rows = [{"name": "a", "dice": 0.5, "pq": 1.0}, {"name": "b", "dice": 1.0, "pq": 0.0}]
+    assert summarize(rows) == {"dice": 0.75, "pq": 0.5}
+    with pytest.raises(TextDiffError):
+        summarize([])
+    with pytest.raises(TextDiffError, match="lacks"):
+        summarize([{"dice": 1.0}, {"iou": 1.0}])
+
+
+def _aji_brute_force(pred, gt):
+    gl = label(gt > 0, connectivity=2)
+    pl = label(pred > 0, connectivity=2)
+    gs = [gl == i for i in range(1, gl.max() + 1)]
+    ps = [pl == j for j in range(1, pl.max() + 1)]
+    if not gs and not ps:
+        return 1.0
+    num = den = 0
+    used = set()
+    for g in gs:
+        ious = [(g & p).sum() / (g | p).sum() for p in ps]
+        if ious and max(ious) > 0:
+            j = int(np.argmax(ious))
+            num += (g & ps[j]).sum()
+            den += (g | ps[j]).sum()
+            used.add(j)
+        else:
+            den += g.sum()
+    den += sum(p.sum() for j, p in enumerate(ps) if j not in used)
+    return num / den if den else 0.0
+
+
+def test_aji_matches_brute_force_on_random_masks():
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        gt = rng.random((24, 24)) > 0.7
+        pred = rng.random((24, 24)) > 0.7
+        assert aji(pred, gt) == pytest.approx(_aji_brute_force(pred, gt), abs=1e-12)
+
+
+def test_large_masks_fast():
+    # 1000x1000, 484 square nuclei of 20x20 on a 45 px grid; prediction shifted by 5 px
+    gt = np.zeros((1000, 1000), np.uint8)
+    for r in range(10, 990, 45):
+        for c in range(10, 990, 45):
+            gt[r : r + 20, c : c + 20] = 1
+    pred = np.roll(gt, 5, axis=1)
+    t0 = time.perf_counter()
+    m = image_metrics(pred, gt)
+    elapsed = time.perf_counter() - t0
+    # each pair: inter 20*15 = 300, union 500 -> IoU 0.6 -> every nucleus a TP
+    assert m["aji"] == pytest.approx(0.6, abs=1e-12)
+    assert (m["dq"], m["sq"]) == pytest.approx((1.0, 0.6), abs=1e-12)
+    assert elapsed < 2.0
+
+
+def test_bad_inputs_raise():
+    with pytest.raises(TextDiffError, match="differs"):
+        aji(np.zeros((4, 4)), np.zeros((4, 5)))
+    with pytest.raises(TextDiffError, match="2-D"):
+        pq(np.zeros((2, 4, 4)), np.zeros((2, 4, 4)))
+    with pytest.raises(TextDiffError, match="iou_thresh"):
+        pq(np.zeros((4, 4)), np.zeros((4, 4)), iou_thresh=0.3)

@@ -1,0 +1,326 @@
+"""The TextDiff pixel classifier: frozen-teacher features + clinical text -> per-pixel logits.
+
+The whole trainable model lives in this one file so it can be read top to bottom.
+
+Data flow for one image (B = batch):
+
+    features[k]  [B, steps, C_k, H_k, W_k]   one tapped UNet decoder block per k (fp16 in the cache)
+      -> concat timesteps on channels          [B, steps*C_k, H_k, W_k]   (what the release does:
+                                                `torch.cat(activations[k:12:4], dim=1)`)
+      -> 1x1 conv to d_model                   [B, d, H_k, W_k]
+      -> fusion with the text                  [B, d, H_k, W_k]   (see FUSIONS below)
+      -> bilinear upsample to out_size, concatenate all scales on channels
+      -> decoder conv3x3(128)-BN-ReLU-conv3x3(32)-BN-ReLU-conv3x3(num_classes)
+
+Fusion variants (`fusion=`):
+
+- ``cross_attention`` (TextDiff): every pixel of a scale is a query token, the text tokens are the
+  keys/values. One transformer block is *shared* by all scales, as in the release (`self.cross1`
+  is applied to every scale). There is no self-attention between pixels, so every pixel is
+  processed independently given the text: that is what makes the 256x256 scale (65,536 tokens)
+  affordable, and what makes chunking over tokens exact.
+- ``hierarchical``: the same block, but an independent copy per scale.
+- ``concat`` (ablation zeta-2): the pooled sentence embedding is projected to d_model, broadcast
+  over the pixels, concatenated on channels and mixed back to d_model by a 1x1 conv. Text tokens
+  are not used.
+- ``none`` (ablation zeta-1): image only; the text arguments are ignored and no text module is
+  built (so every parameter gets a gradient in every variant).
+
+Contrastive heads (extension 2): a global image embedding (per-scale mean over pixels of the fused
+maps, *concatenated* over scales so the head can weight scales differently) and a text embedding
+(from the pooled sentence embedding), each projected to `contrastive_dim`. They are built for every
+fusion except ``none``, which by definition must not see the text.
+
+Where this differs from the released code (chunmeifeng/TextDiff, src/pixel_classifier.py and
+src/transformer.py), on purpose: the release's block, built with `only_cross_attention=True`, runs
+*two* cross-attention sublayers (attn1 and attn2 both attend to the text), ends each attention with
+Linear + LayerNorm, uses 8 heads x 64 = 512 inner width for d=768, and its "GEGLU" feed-forward is
+really GELU -> Linear(d, d) (the GEGLU and the 4x width are commented out). It never masks padding
+tokens, projects only two of the four blocks (768-channel blocks bypass the 1x1 conv) and reshapes
+with batch size 1. Here: one cross-attention with a key-padding mask, head width d_model/heads, a
+real GEGLU (4x), a 1x1 conv for every block, any batch size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from textdiff.errors import TextDiffError
+
+FUSIONS = ("cross_attention", "hierarchical", "concat", "none")
+_ATTENTION_FUSIONS = ("cross_attention", "hierarchical")
+
+
+class CrossAttention(nn.Module):
+    """Multi-head attention from image tokens (queries) to text tokens (keys/values).
+
+    q/k/v projections have no bias (the release builds its attention with `attention_bias=False`);
+    the output projection has one. Padding tokens are excluded with a boolean key mask.
+    """
+
+    def __init__(self, d_model: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.to_q = nn.Linear(d_model, d_model, bias=False)
+        self.to_k = nn.Linear(d_model, d_model, bias=False)
+        self.to_v = nn.Linear(d_model, d_model, bias=False)
+        self.to_out = nn.Linear(d_model, d_model)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """x [B, N, d] queries, context [B, L, d] text tokens, mask [B, L] bool (True = real)."""
+        B, N, D = x.shape
+        L = context.shape[1]
+        h = self.heads
+        q = self.to_q(x).view(B, N, h, D // h).transpose(1, 2)
+        k = self.to_k(context).view(B, L, h, D // h).transpose(1, 2)
+        v = self.to_v(context).view(B, L, h, D // h).transpose(1, 2)
+        # A row whose text is all padding would softmax over nothing (NaN). Let it attend to
+        # everything (finite), then zero its output below: no text means no text contribution.
+        has_text = mask.any(dim=1)
+        safe_mask = mask | ~has_text[:, None]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=safe_mask[:, None, None, :])
+        out = out.transpose(1, 2).reshape(B, N, D)
+        out = self.to_out(out)
+        return out * has_text[:, None, None].to(out.dtype)
+
+
+class FusionBlock(nn.Module):
+    """Pre-LN transformer block: cross-attention to the text, then a GEGLU feed-forward.
+
+    x = x + CrossAttn(LN(x), text);  x = x + W2(a * gelu(g)) with [a, g] = W1(LN(x)), W1: d -> 2*4d.
+    """
+
+    def __init__(self, d_model: int, heads: int, ff_mult: int = 4):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(d_model)
+        self.attn = CrossAttention(d_model, heads)
+        self.norm2 = nn.LayerNorm(d_model)
+        self.ff_in = nn.Linear(d_model, 2 * ff_mult * d_model)
+        self.ff_out = nn.Linear(ff_mult * d_model, d_model)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """x [B, N, d], context [B, L, d], mask [B, L] bool -> [B, N, d]."""
+        x = x + self.attn(self.norm1(x), context, mask)
+        a, gate = self.ff_in(self.norm2(x)).chunk(2, dim=-1)
+        return x + self.ff_out(a * F.gelu(gate))
+
+
+def _init_weights(m: nn.Module) -> None:
+    """The release's `init_weights('normal', 0.02)` (pix2pix style), plus LayerNorm at identity."""
+    if isinstance(m, (nn.Conv2d, nn.Linear)):
+        nn.init.normal_(m.weight, 0.0, 0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.BatchNorm2d):
+        nn.init.normal_(m.weight, 1.0, 0.02)
+        nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)
+
+
+def _positive_int(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise TextDiffError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+def _check_shape(name: str, t: torch.Tensor, expected: tuple[int | None, ...]) -> None:
+    """Raise a one-line TextDiffError unless t matches expected (None = any size)."""
+    ok = t.dim() == len(expected) and all(e is None or s == e for s, e in zip(t.shape, expected))
+    if not ok:
+        want = ", ".join("*" if e is None else str(e) for e in expected)
+        raise TextDiffError(f"{name} has shape {tuple(t.shape)}, expected ({want})")
+
+
+class PixelClassifier(nn.Module):
+    """Text-guided pixel classifier on multi-scale, multi-timestep diffusion features.
+
+    Args:
+        block_channels: channels of each tapped block, in block order; a dict {block index:
+            channels} is read in ascending block index.
+        num_steps: number of diffusion timesteps stacked per block.
+        text_dim: width of the text token / pooled embeddings.
+        d_model: fusion width (default: text_dim, as in the release where both are 768).
+        heads: attention heads; d_model must be divisible by it.
+        fusion: one of FUSIONS.
+        out_size: logits resolution (int or (H, W)).
+        num_classes: output classes.
+        contrastive_dim: width of the contrastive image/text embeddings.
+        decoder_channels: widths of the two hidden decoder convs (release: 128, 32).
+        chunk_tokens: in eval mode, run the fusion block on this many pixel tokens at a time to
+            bound peak memory (exact, since pixels do not attend to each other). None = all at once.
+    """
+
+    def __init__(
+        self,
+        block_channels: Mapping[int, int] | Sequence[int],
+        num_steps: int,
+        text_dim: int,
+        d_model: int | None = None,
+        heads: int = 8,
+        fusion: str = "cross_attention",
+        out_size: int | tuple[int, int] = 256,
+        num_classes: int = 2,
+        contrastive_dim: int = 128,
+        decoder_channels: Sequence[int] = (128, 32),
+        chunk_tokens: int | None = None,
+    ):
+        super().__init__()
+        if fusion not in FUSIONS:
+            raise TextDiffError(f"unknown fusion {fusion!r}; valid: {', '.join(FUSIONS)}")
+        if isinstance(block_channels, Mapping):
+            channels = [block_channels[k] for k in sorted(block_channels)]
+        else:
+            channels = list(block_channels)
+        if not channels:
+            raise TextDiffError("block_channels must name at least one block")
+        for c in channels:
+            _positive_int("block_channels entry", c)
+        _positive_int("num_steps", num_steps)
+        _positive_int("text_dim", text_dim)
+        d_model = text_dim if d_model is None else _positive_int("d_model", d_model)
+        _positive_int("heads", heads)
+        _positive_int("num_classes", num_classes)
+        _positive_int("contrastive_dim", contrastive_dim)
+        if fusion in _ATTENTION_FUSIONS and d_model % heads != 0:
+            raise TextDiffError(f"d_model {d_model} is not divisible by heads {heads}")
+        if isinstance(out_size, int):
+            out_size = (out_size, out_size)
+        out_size = tuple(out_size)
+        if len(out_size) != 2:
+            raise TextDiffError(f"out_size must be an int or (H, W), got {out_size!r}")
+        for s in out_size:
+            _positive_int("out_size", s)
+        decoder_channels = list(decoder_channels)
+        if len(decoder_channels) != 2:
+            raise TextDiffError(f"decoder_channels must have 2 entries, got {decoder_channels!r}")
+        for c in decoder_channels:
+            _positive_int("decoder_channels entry", c)
+        if chunk_tokens is not None:
+            _positive_int("chunk_tokens", chunk_tokens)
+
+        self.block_channels = channels
+        self.num_steps = num_steps
+        self.text_dim = text_dim
+        self.d_model = d_model
+        self.heads = heads
+        self.fusion = fusion
+        self.out_size: tuple[int, int] = out_size
+        self.num_classes = num_classes
+        self.chunk_tokens = chunk_tokens
+        n = len(channels)
+
+        # Per-block 1x1 conv: (timesteps x channels) -> d_model. (The release only has two such
+        # convs and skips blocks that already have 768 channels; we project every block.)
+        self.proj = nn.ModuleList(nn.Conv2d(c * num_steps, d_model, 1) for c in channels)
+
+        if fusion in _ATTENTION_FUSIONS:
+            self.text_proj = nn.Linear(text_dim, d_model) if text_dim != d_model else nn.Identity()
+            n_blocks = 1 if fusion == "cross_attention" else n
+            self.blocks = nn.ModuleList(FusionBlock(d_model, heads) for _ in range(n_blocks))
+        elif fusion == "concat":
+            self.pooled_proj = nn.Linear(text_dim, d_model)
+            self.concat_conv = nn.Conv2d(2 * d_model, d_model, 1)  # shared by all scales
+
+        c1, c2 = decoder_channels
+        self.decoder = nn.Sequential(
+            nn.Conv2d(n * d_model, c1, 3, 1, 1),
+            nn.BatchNorm2d(c1),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(c1, c2, 3, 1, 1),
+            nn.BatchNorm2d(c2),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(c2, num_classes, 3, 1, 1),
+        )
+
+        self.has_contrastive = fusion != "none"
+        if self.has_contrastive:
+            self.image_head = nn.Linear(n * d_model, contrastive_dim)
+            self.text_head = nn.Linear(text_dim, contrastive_dim)
+
+        self.apply(_init_weights)
+
+    # ------------------------------------------------------------------ forward
+
+    def forward(
+        self,
+        features: Sequence[torch.Tensor],
+        text_tokens: torch.Tensor | None = None,
+        text_mask: torch.Tensor | None = None,
+        text_pooled: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """features: per block [B, steps, C_k, H_k, W_k]; text_tokens [B, L, text_dim];
+        text_mask [B, L] (1/True = real token); text_pooled [B, text_dim].
+
+        Returns {"logits": [B, num_classes, *out_size]} plus, unless fusion is "none",
+        {"image_embedding": [B, contrastive_dim], "text_embedding": [B, contrastive_dim]}.
+        """
+        dtype = self.decoder[0].weight.dtype
+        if len(features) != len(self.block_channels):
+            raise TextDiffError(
+                f"got {len(features)} feature blocks, the classifier was built for {len(self.block_channels)}"
+            )
+        B = features[0].shape[0]
+        context = mask = pooled = None
+        if self.fusion != "none":
+            if text_pooled is None or (self.fusion in _ATTENTION_FUSIONS and text_tokens is None):
+                raise TextDiffError(f"fusion {self.fusion!r} needs text inputs, got None")
+            text_pooled = text_pooled.to(dtype)
+            _check_shape("text_pooled", text_pooled, (B, self.text_dim))
+        if self.fusion in _ATTENTION_FUSIONS:
+            _check_shape("text_tokens", text_tokens, (B, None, self.text_dim))
+            context = self.text_proj(text_tokens.to(dtype))
+            if text_mask is None:
+                mask = torch.ones(text_tokens.shape[:2], dtype=torch.bool, device=text_tokens.device)
+            else:
+                _check_shape("text_mask", text_mask, tuple(text_tokens.shape[:2]))
+                mask = text_mask.bool()
+        elif self.fusion == "concat":
+            pooled = self.pooled_proj(text_pooled)
+
+        fused = []
+        for k, feat in enumerate(features):
+            _check_shape(f"feature block {k}", feat, (B, self.num_steps, self.block_channels[k], None, None))
+            _, S, C, H, W = feat.shape
+            x = self.proj[k](feat.reshape(B, S * C, H, W).to(dtype))
+            fused.append(self._fuse(k, x, context, mask, pooled))
+
+        up = [F.interpolate(m, size=self.out_size, mode="bilinear", align_corners=False) for m in fused]
+        out = {"logits": self.decoder(torch.cat(up, dim=1))}
+        if self.has_contrastive:
+            image_global = torch.cat([m.mean(dim=(2, 3)) for m in fused], dim=1)
+            out["image_embedding"] = self.image_head(image_global)
+            out["text_embedding"] = self.text_head(text_pooled)
+        return out
+
+    def _fuse(
+        self,
+        k: int,
+        x: torch.Tensor,
+        context: torch.Tensor | None,
+        mask: torch.Tensor | None,
+        pooled: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Mix the text into one scale's map x [B, d, H, W] according to self.fusion."""
+        if self.fusion == "none":
+            return x
+        B, D, H, W = x.shape
+        if self.fusion == "concat":
+            text_map = pooled[:, :, None, None].expand(B, D, H, W)
+            return self.concat_conv(torch.cat([x, text_map], dim=1))
+
+        block = self.blocks[0 if self.fusion == "cross_attention" else k]
+        tokens = x.flatten(2).transpose(1, 2)  # [B, HW, d], a view
+        n = tokens.shape[1]
+        if self.chunk_tokens is not None and not self.training and n > self.chunk_tokens:
+            y = torch.empty_like(tokens)
+            for s in range(0, n, self.chunk_tokens):
+                y[:, s : s + self.chunk_tokens] = block(tokens[:, s : s + self.chunk_tokens], context, mask)
+        else:
+            y = block(tokens, context, mask)
+        return y.transpose(1, 2).reshape(B, D, H, W)
