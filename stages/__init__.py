@@ -1,0 +1,1 @@
+"""Pipeline glue: one thin module per DVC stage over the `textdiff` library, and the CLI."""

@@ -1,0 +1,125 @@
+"""The `textdiff` command. Each sub-command is a DVC stage or a user tool.
+
+User errors (`TextDiffError`) print one line and exit 1, never a traceback; a Ctrl-C exits 130.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+from typing import Callable
+
+import typer
+
+from textdiff.errors import TextDiffError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="TextDiff: frozen diffusion teacher + clinical text -> pixel classifier.")
+
+
+def user_errors(fn: Callable) -> Callable:
+    """Turn `TextDiffError` into a one-line message and a non-zero exit."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except TextDiffError as err:
+            typer.echo(f"error: {err}", err=True)
+            raise typer.Exit(1)
+        except KeyboardInterrupt:
+            typer.echo("interrupted", err=True)
+            raise typer.Exit(130)
+
+    return wrapper
+
+
+PARAMS = typer.Option(Path("params.yaml"), "--params", "-p", help="The params file (DVC's params.yaml).")
+
+
+@app.command()
+@user_errors
+def prepare(params: Path = PARAMS) -> None:
+    """Validate the dataset and write resized splits to data/prepared/."""
+    from stages import prepare as stage
+
+    stage.run(params)
+
+
+@app.command()
+@user_errors
+def pretrain(params: Path = PARAMS) -> None:
+    """Train the in-domain ADM teacher on unlabeled train+val images (skipped if teacher.checkpoint is set)."""
+    from stages import pretrain as stage
+
+    stage.run(params)
+
+
+@app.command()
+@user_errors
+def extract(
+    params: Path = PARAMS,
+    rebuild: bool = typer.Option(True, "--rebuild/--no-rebuild",
+                                 help="Rebuild a cache made with other params (default) or refuse it."),
+) -> None:
+    """Run the teacher once per image/view/step and cache features + text embeddings in zarr."""
+    from stages import extract as stage
+
+    stage.run(params, rebuild=rebuild)
+
+
+@app.command()
+@user_errors
+def train(params: Path = PARAMS) -> None:
+    """Train the pixel classifier on the cached features (the teacher never runs)."""
+    from stages import train as stage
+
+    stage.run(params)
+
+
+@app.command()
+@user_errors
+def evaluate(params: Path = PARAMS) -> None:
+    """Test-split Dice/IoU/AJI/PQ, overlay PNGs and probability maps (HDF5)."""
+    from stages import evaluate as stage
+
+    stage.run(params)
+
+
+@app.command()
+@user_errors
+def report(
+    out: Path = typer.Option(Path("metrics/ablation.md"), "--out", help="Where to write the markdown table."),
+    exp_json: Path = typer.Option(None, "--from-json", help="Read saved `dvc exp show --json` output instead."),
+) -> None:
+    """Turn the DVC experiments' test metrics into the ablation table (metrics/ablation.md)."""
+    from stages import report as stage
+
+    stage.run(out, exp_json)
+
+
+cache_app = typer.Typer(no_args_is_help=True, help="Inspect the feature cache.")
+app.add_typer(cache_app, name="cache")
+
+
+@cache_app.command("verify")
+@user_errors
+def cache_verify(params: Path = PARAMS) -> None:
+    """Check the cache is complete and matches params.yaml; exit 1 naming what is wrong."""
+    from stages import extract as stage
+
+    problems = stage.verify_cache(params)
+    if problems:
+        for line in problems:
+            typer.echo(f"error: {line}", err=True)
+        raise typer.Exit(1)
+    typer.echo("cache/features.zarr: complete and consistent with params.yaml")
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())

@@ -1,0 +1,621 @@
+"""The dataset reader (LViT layout) and the prepared-split format in data/prepared/.
+
+Source layout, one folder per split under `data.root`:
+
+    Train_Folder/img/<id>.png | <id>.tif     RGB images (MoNuSeg: 1000x1000; test images are .tif)
+    Train_Folder/labelcol/<id>.png           the mask, 0/255 (0/1 is accepted too)
+    Train_Folder/Train_text.xlsx             columns `Image` (the mask file name) and `Description`
+
+`read_split` checks every file of a split eagerly and fails with one `TextDiffError` line that names
+the offending file, so a broken dataset stops `prepare` and never reaches a later stage. Workbook
+rules: the first sheet is read; the header is the first row (among the first 20) holding both
+`Image` and `Description` (case and surrounding spaces ignored; extra columns are ignored); a row
+is matched to an image by the stem of its `Image` cell (`X.png`, `X.tif` and `X` all name image
+`X`); report text has its whitespace collapsed to single spaces; rows for images that are not in
+the split's img/ folder are ignored (the published workbooks are the source of truth for text, the
+img/ folder for which images exist); duplicate rows for one image are fine when their text agrees
+and an error when it differs.
+
+Prepared format (`write_prepared` / `load_prepared`), written atomically:
+
+    data/prepared/<split>.npz    images [N,S,S,3] uint8, masks [N,S,S] uint8 {0,1}, ids, texts,
+                                 image_paths (relative to the source root), all sorted by id
+    data/prepared/manifest.json  image size, absolute source root, per split the count, ids and a
+                                 sha256 of every source image and mask, the package version
+
+The .npz files are written with fixed zip timestamps, so preparing the same data twice gives
+byte-identical outputs (DVC then sees nothing new downstream).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from textdiff.errors import TextDiffError
+
+SPLITS = ("train", "val", "test")
+FOLDERS = {"train": "Train_Folder", "val": "Val_Folder", "test": "Test_Folder"}
+WORKBOOKS = {"train": "Train_text.xlsx", "val": "Val_text.xlsx", "test": "Test_text.xlsx"}
+IMAGE_SUFFIXES = (".png", ".tif", ".tiff")
+MASK_SUFFIX = ".png"
+IMAGE_COLUMN = "Image"
+TEXT_COLUMN = "Description"
+PREPARED_DIR = Path("data/prepared")
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+
+# PIL modes that convert to RGB without inventing or losing colour information (alpha is dropped).
+_RGB_MODES = {"RGB", "RGBA", "RGBX", "L", "LA", "P", "PA", "1"}
+_HEADER_SEARCH_ROWS = 20
+_ZIP_DATE = (1980, 1, 1, 0, 0, 0)
+
+
+@dataclass
+class Sample:
+    """One labelled image, as read from the source dataset (or resized from one)."""
+
+    id: str
+    image: np.ndarray  # (H, W, 3) uint8 RGB
+    mask: np.ndarray  # (H, W) uint8 in {0, 1}
+    text: str
+    image_path: Path
+    mask_path: Path
+    image_sha256: str = ""  # of the source file's bytes ("" = not computed)
+    mask_sha256: str = ""
+
+
+@dataclass
+class PreparedSplit:
+    """One split of data/prepared, in memory."""
+
+    split: str
+    images: np.ndarray  # (N, S, S, 3) uint8
+    masks: np.ndarray  # (N, S, S) uint8 {0, 1}
+    ids: list[str]
+    texts: list[str]
+    image_size: int
+    image_paths: list[str] = field(default_factory=list)  # relative to the manifest's source_root
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+# ----------------------------------------------------------------------------------------------
+# reading the source dataset
+
+
+def _check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; expected one of {', '.join(SPLITS)}")
+
+
+def _split_dir(root: str | Path, split: str) -> Path:
+    """The split's folder, checking the root and the folder exist."""
+    _check_split(split)
+    root = Path(root)
+    if not root.is_dir():
+        what = "is not a folder" if root.exists() else "not found"
+        raise TextDiffError(f"{root}: dataset root {what} (data.root in params.yaml)")
+    folder = root / FOLDERS[split]
+    if not folder.is_dir():
+        raise TextDiffError(f"{folder}: {split} split folder not found under {root}")
+    return folder
+
+
+def list_images(root: str | Path, split: str) -> list[Path]:
+    """The image files of one split, sorted by id; checks the folders exist and the split is not
+    empty. Files with other suffixes (and hidden files) in img/ are ignored."""
+    img_dir = _split_dir(root, split) / "img"
+    if not img_dir.is_dir():
+        raise TextDiffError(f"{img_dir}: img folder not found")
+    by_id: dict[str, Path] = {}
+    for path in sorted(img_dir.iterdir()):
+        if path.name.startswith(".") or path.suffix.lower() not in IMAGE_SUFFIXES or not path.is_file():
+            continue
+        if path.stem in by_id:
+            raise TextDiffError(f"{img_dir}: two images with id '{path.stem}': {by_id[path.stem].name} and {path.name}")
+        by_id[path.stem] = path
+    if not by_id:
+        raise TextDiffError(f"{img_dir}: no images ({', '.join(IMAGE_SUFFIXES)}) in the {split} split")
+    return [by_id[k] for k in sorted(by_id)]
+
+
+def _read_bytes(path: Path, what: str) -> bytes:
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise TextDiffError(f"{path}: cannot read {what} ({err.strerror or err})") from None
+    if not data:
+        raise TextDiffError(f"{path}: {what} file is empty (0 bytes)")
+    return data
+
+
+def _describe(err: BaseException) -> str:
+    text = " ".join(str(err).split())
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
+def _decode(path: Path, data: bytes, what: str) -> Image.Image:
+    """Fully decode an image file with pillow (so truncation shows up now, not later)."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()  # the first frame of a multi-page TIFF
+            return im.copy()
+    except Exception as err:  # pillow raises many types for bad files: OSError, ValueError, SyntaxError...
+        pil_error = err
+    if path.suffix.lower() in (".tif", ".tiff"):
+        # Some TIFF encodings pillow cannot decode; tifffile can.
+        try:
+            import tifffile
+
+            array = tifffile.imread(io.BytesIO(data), key=0)
+            return _array_to_pil(path, array, what)
+        except TextDiffError:
+            raise
+        except Exception:
+            pass
+    if isinstance(pil_error, UnidentifiedImageError):
+        raise TextDiffError(f"{path}: cannot read {what} (not a PNG/TIFF or other image file pillow knows)") from None
+    raise TextDiffError(f"{path}: cannot read {what} ({_describe(pil_error)})") from None
+
+
+def _array_to_pil(path: Path, array: np.ndarray, what: str) -> Image.Image:
+    if array.dtype != np.uint8:
+        raise TextDiffError(f"{path}: unsupported {what} data type {array.dtype} (expected 8-bit)")
+    if array.ndim == 2:
+        return Image.fromarray(array, "L")
+    if array.ndim == 3 and array.shape[2] in (3, 4):
+        return Image.fromarray(np.ascontiguousarray(array), "RGB" if array.shape[2] == 3 else "RGBA")
+    raise TextDiffError(f"{path}: unsupported {what} shape {array.shape}")
+
+
+def read_image(path: str | Path) -> tuple[np.ndarray, str]:
+    """One image file as (H, W, 3) uint8 RGB, and the sha256 of its bytes. Grayscale and palette
+    images are converted to RGB, an alpha channel is dropped; 16-bit or float images are refused."""
+    path = Path(path)
+    data = _read_bytes(path, "image")
+    im = _decode(path, data, "image")
+    if im.mode not in _RGB_MODES:
+        raise TextDiffError(
+            f"{path}: unsupported image mode {im.mode} (expected 8-bit RGB, RGBA, grayscale or palette)"
+        )
+    if im.mode in ("RGBA", "LA", "PA"):
+        im = im.convert("RGBA")  # the alpha channel is dropped below, not composited
+    array = np.asarray(im.convert("RGB"), dtype=np.uint8)
+    if array.size == 0:
+        raise TextDiffError(f"{path}: image has no pixels ({im.size[0]}x{im.size[1]})")
+    return np.ascontiguousarray(array), hashlib.sha256(data).hexdigest()
+
+
+def read_mask(path: str | Path) -> tuple[np.ndarray, str]:
+    """One mask file as (H, W) uint8 in {0, 1}, and the sha256 of its bytes. Values must be a subset
+    of {0, 255} or of {0, 1}; a colour mask is accepted only when its channels agree."""
+    path = Path(path)
+    data = _read_bytes(path, "mask")
+    im = _decode(path, data, "mask")
+    if im.mode in ("P", "PA"):
+        im = im.convert("RGB")  # palette indices mean nothing; the colours do
+    elif im.mode == "LA":
+        im = im.getchannel("L")
+    if im.mode == "1":
+        array = np.asarray(im, dtype=np.uint8)
+    else:
+        array = np.asarray(im)
+    if array.ndim == 3:
+        channels = array[..., : min(3, array.shape[2])]
+        if not all(np.array_equal(channels[..., 0], channels[..., c]) for c in range(1, channels.shape[2])):
+            raise TextDiffError(f"{path}: mask has colour (its channels differ); expected a binary grayscale mask")
+        array = channels[..., 0]
+    if array.ndim != 2 or array.size == 0:
+        raise TextDiffError(f"{path}: unsupported mask shape {array.shape}")
+    if array.dtype == np.uint8:
+        values = np.flatnonzero(np.bincount(array.ravel(), minlength=256))
+    else:
+        values = np.unique(array)
+    found = {int(v) for v in values}
+    if found <= {0, 1}:
+        mask = array.astype(np.uint8)
+    elif found <= {0, 255}:
+        mask = (array == 255).astype(np.uint8)
+    else:
+        shown = ", ".join(str(v) for v in sorted(found)[:8]) + (", ..." if len(found) > 8 else "")
+        raise TextDiffError(
+            f"{path}: mask is not binary: found values {shown} ({len(found)} distinct); "
+            "expected 0/255 or 0/1"
+        )
+    return np.ascontiguousarray(mask), hashlib.sha256(data).hexdigest()
+
+
+def _report_key(value: object) -> str:
+    """The image id an `Image` cell names: 'X.png', 'X.tif', 'img/X.png' and 'X' all name 'X'."""
+    name = str(value).strip().replace("\\", "/").rsplit("/", 1)[-1]
+    for suffix in IMAGE_SUFFIXES + (".jpg", ".jpeg", ".bmp"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def _cell_text(value: object) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    return " ".join(str(value).split())
+
+
+def read_reports(path: str | Path) -> dict[str, str]:
+    """A report workbook as {image id: report}. Empty reports are kept as "" (the caller decides,
+    since only rows for existing images matter); conflicting duplicates are an error."""
+    path = Path(path)
+    if not path.is_file():
+        raise TextDiffError(f"{path}: report workbook not found")
+    try:
+        import openpyxl
+
+        wb = openpyxl.load_workbook(path, read_only=True, data_only=True)
+    except Exception as err:
+        raise TextDiffError(f"{path}: cannot read the workbook ({_describe(err)})") from None
+    try:
+        if not wb.worksheets:
+            raise TextDiffError(f"{path}: workbook has no sheets")
+        ws = wb.worksheets[0]
+        rows = ws.iter_rows(values_only=True)
+        header: list[str] | None = None
+        first_header: list[str] | None = None
+        header_row = 0
+        for header_row, row in enumerate(rows, start=1):
+            cells = [_cell_text(v) for v in row]
+            if not any(cells):
+                continue
+            if first_header is None:
+                first_header = [c for c in cells if c]
+            lowered = [c.lower() for c in cells]
+            if IMAGE_COLUMN.lower() in lowered and TEXT_COLUMN.lower() in lowered:
+                header = lowered
+                break
+            if header_row >= _HEADER_SEARCH_ROWS:
+                break
+        if header is None:
+            has = ", ".join(repr(c) for c in first_header) if first_header else "none (the sheet is empty)"
+            raise TextDiffError(
+                f"{path}: sheet '{ws.title}' has no header row with the columns "
+                f"'{IMAGE_COLUMN}' and '{TEXT_COLUMN}'; its columns: {has}"
+            )
+        image_col = header.index(IMAGE_COLUMN.lower())
+        text_col = header.index(TEXT_COLUMN.lower())
+        reports: dict[str, str] = {}
+        where: dict[str, int] = {}
+        for row_number, row in enumerate(rows, start=header_row + 1):
+            image = row[image_col] if image_col < len(row) else None
+            if image is None or not str(image).strip():
+                continue  # a blank row
+            key = _report_key(image)
+            text = _cell_text(row[text_col] if text_col < len(row) else None)
+            if key in reports and reports[key] and text and reports[key] != text:
+                raise TextDiffError(
+                    f"{path}: image '{key}' has two different reports "
+                    f"(rows {where[key]} and {row_number}): {reports[key]!r} vs {text!r}"
+                )
+            if key not in reports or not reports[key]:
+                reports[key] = text
+                where[key] = row_number
+        return reports
+    finally:
+        wb.close()
+
+
+def read_split(root: str | Path, split: str, *, progress: bool = False) -> list[Sample]:
+    """Every image of one split with its mask and report, validated eagerly, sorted by id.
+
+    Any problem (missing/corrupt file, size mismatch, non-binary mask, missing or empty report, bad
+    workbook) raises one `TextDiffError` line naming the file or image.
+    """
+    image_paths = list_images(root, split)
+    folder = image_paths[0].parent.parent
+    workbook = folder / WORKBOOKS[split]
+    reports = read_reports(workbook)
+    mask_dir = folder / "labelcol"
+    # Cheap checks first, so a missing file is reported before seconds of decoding.
+    plan = []
+    for image_path in image_paths:
+        sample_id = image_path.stem
+        mask_path = mask_dir / f"{sample_id}{MASK_SUFFIX}"
+        if not mask_path.is_file():
+            raise TextDiffError(f"{image_path}: no mask (expected {mask_path})")
+        if sample_id not in reports:
+            raise TextDiffError(f"{workbook}: no report row for image '{sample_id}' ({image_path.name})")
+        if not reports[sample_id]:
+            raise TextDiffError(f"{workbook}: the report for image '{sample_id}' is empty")
+        plan.append((sample_id, image_path, mask_path))
+
+    items: Iterable = plan
+    if progress:
+        from tqdm import tqdm
+
+        items = tqdm(plan, desc=f"read {split}", unit="img", leave=False)
+    samples = []
+    for sample_id, image_path, mask_path in items:
+        image, image_sha = read_image(image_path)
+        mask, mask_sha = read_mask(mask_path)
+        if image.shape[:2] != mask.shape:
+            raise TextDiffError(
+                f"{mask_path}: mask is {mask.shape[1]}x{mask.shape[0]} but its image "
+                f"{image_path.name} is {image.shape[1]}x{image.shape[0]} (width x height)"
+            )
+        samples.append(
+            Sample(sample_id, image, mask, reports[sample_id], image_path, mask_path, image_sha, mask_sha)
+        )
+    return samples
+
+
+def read_splits(
+    root: str | Path, splits: Iterable[str] = SPLITS, *, progress: bool = False
+) -> dict[str, list[Sample]]:
+    """`read_split` for several splits, checking that no image id is in two splits (a leak)."""
+    out: dict[str, list[Sample]] = {}
+    seen: dict[str, str] = {}
+    for split in splits:
+        out[split] = read_split(root, split, progress=progress)
+        for sample in out[split]:
+            if sample.id in seen:
+                raise TextDiffError(
+                    f"{sample.image_path}: image '{sample.id}' is in both the {seen[sample.id]} "
+                    f"and the {split} split"
+                )
+            seen[sample.id] = split
+    return out
+
+
+def iter_images(
+    root: str | Path, splits: tuple[str, ...], *, allow_test: bool = False
+) -> Iterator[tuple[str, np.ndarray]]:
+    """Yield (id, full-size (H, W, 3) uint8 RGB image) for the images of `splits`, in split order
+    then id order. No masks or reports are read: this is the unlabeled-image source for the
+    teacher's pretraining, which must never see the test split, so "test" is refused unless
+    `allow_test=True`."""
+    if isinstance(splits, str) or not isinstance(splits, (tuple, list)):
+        raise ValueError(f"splits must be a tuple of split names, got {splits!r}")
+    for split in splits:
+        _check_split(split)
+    if "test" in splits and not allow_test:
+        raise ValueError("iter_images: refusing to read the test split (pass allow_test=True if you mean it)")
+    paths = [p for split in splits for p in list_images(root, split)]
+    for path in paths:
+        image, _ = read_image(path)
+        yield path.stem, image
+
+
+def resize_sample(sample: Sample, size: int) -> Sample:
+    """A copy of `sample` at size x size: the image bicubic (uint8), the mask nearest (stays {0,1}).
+    Non-square images are squashed, as the published 256x256 protocol does."""
+    if size <= 0:
+        raise ValueError(f"size must be > 0, got {size}")
+    image = Image.fromarray(sample.image, "RGB").resize((size, size), Image.Resampling.BICUBIC)
+    mask = Image.fromarray(sample.mask, "L").resize((size, size), Image.Resampling.NEAREST)
+    return Sample(
+        id=sample.id,
+        image=np.asarray(image, dtype=np.uint8).copy(),
+        mask=np.asarray(mask, dtype=np.uint8).copy(),
+        text=sample.text,
+        image_path=sample.image_path,
+        mask_path=sample.mask_path,
+        image_sha256=sample.image_sha256,
+        mask_sha256=sample.mask_sha256,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# the prepared format
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _relative(path: Path, root: Path | None) -> str:
+    path = Path(path)
+    if root is not None:
+        try:
+            return path.resolve().relative_to(root).as_posix()
+        except ValueError:
+            pass
+    return str(path.resolve())
+
+
+def _save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """np.savez_compressed, but with fixed zip timestamps so equal data gives equal bytes."""
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        for name, array in arrays.items():
+            info = zipfile.ZipInfo(f"{name}.npy", date_time=_ZIP_DATE)
+            info.compress_type = zipfile.ZIP_DEFLATED
+            with zf.open(info, "w", force_zip64=True) as f:
+                np.lib.format.write_array(f, np.asanyarray(array), allow_pickle=False)
+
+
+def _split_arrays(samples: list[Sample], size: int, root: Path | None) -> dict[str, np.ndarray]:
+    for s in samples:
+        if s.image.shape != (size, size, 3) or s.image.dtype != np.uint8:
+            raise ValueError(f"{s.id}: image is {s.image.shape} {s.image.dtype}, expected ({size}, {size}, 3) uint8")
+        if s.mask.shape != (size, size) or s.mask.dtype != np.uint8 or s.mask.max(initial=0) > 1:
+            raise ValueError(f"{s.id}: mask is {s.mask.shape} {s.mask.dtype}, expected ({size}, {size}) uint8 in {{0,1}}")
+    ids = [s.id for s in samples]
+    if ids != sorted(ids) or len(set(ids)) != len(ids):
+        raise ValueError("samples must be sorted by id with unique ids")
+    return {
+        "images": np.stack([s.image for s in samples]) if samples else np.zeros((0, size, size, 3), np.uint8),
+        "masks": np.stack([s.mask for s in samples]) if samples else np.zeros((0, size, size), np.uint8),
+        "ids": np.array(ids, dtype=str),
+        "texts": np.array([s.text for s in samples], dtype=str),
+        "image_paths": np.array([_relative(s.image_path, root) for s in samples], dtype=str),
+    }
+
+
+def _remove_stale(out_dir: Path) -> None:
+    """Delete temp/old folders that a killed earlier run (a process no longer alive) left behind."""
+    for path in out_dir.parent.glob(f".{out_dir.name}.*-*"):
+        kind, _, pid = path.name[len(out_dir.name) + 2 :].partition("-")
+        if kind not in ("tmp", "old") or not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+            continue  # still running (another prepare): not ours to touch
+        except ProcessLookupError:
+            pass
+        except OSError:
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def write_prepared(out_dir: str | Path, splits: dict[str, list[Sample]], meta: dict) -> Path:
+    """Write `<split>.npz` and manifest.json into `out_dir`, atomically.
+
+    Everything goes to a sibling temp folder first, which replaces `out_dir` only once complete;
+    on any failure the temp folder is removed and an existing `out_dir` is left as it was. `meta`
+    is merged into the manifest; its `source_root` (made absolute) roots the stored image paths,
+    and its `image_size`, if given, must match the samples. Returns `out_dir`.
+    """
+    out_dir = Path(out_dir)
+    if not splits:
+        raise ValueError("write_prepared: no splits given")
+    for split in splits:
+        _check_split(split)
+    sizes = {s.image.shape[0] for samples in splits.values() for s in samples}
+    size = int(meta["image_size"]) if meta.get("image_size") else (sizes.pop() if len(sizes) == 1 else None)
+    if size is None:
+        raise ValueError(f"write_prepared: samples have several sizes {sorted(sizes)}; resize them first")
+    root = Path(meta["source_root"]).resolve() if meta.get("source_root") else None
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale(out_dir)
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
+    old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir()
+        manifest_splits = {}
+        for split, samples in splits.items():
+            arrays = _split_arrays(samples, size, root)
+            _save_npz(tmp / f"{split}.npz", arrays)
+            manifest_splits[split] = {
+                "count": len(samples),
+                "ids": [s.id for s in samples],
+                "files": {
+                    s.id: {
+                        "image": _relative(s.image_path, root),
+                        "image_sha256": s.image_sha256 or _sha256_file(s.image_path),
+                        "mask": _relative(s.mask_path, root),
+                        "mask_sha256": s.mask_sha256 or _sha256_file(s.mask_path),
+                    }
+                    for s in samples
+                },
+            }
+        from textdiff import __version__
+
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "package_version": __version__,
+            **{k: v for k, v in meta.items() if k not in ("image_size", "source_root", "splits")},
+            "image_size": size,
+            "source_root": str(root) if root is not None else None,
+            "splits": manifest_splits,
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        # Swap in: move the old folder aside, move the new one in, then delete the old one, so
+        # a failed rename can put the old one back.
+        shutil.rmtree(old, ignore_errors=True)
+        if out_dir.exists():
+            os.replace(out_dir, old)
+        try:
+            os.replace(tmp, out_dir)
+        except BaseException:
+            if old.exists() and not out_dir.exists():
+                os.replace(old, out_dir)
+            raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+    return out_dir
+
+
+def read_manifest(out_dir: str | Path) -> dict:
+    """data/prepared/manifest.json, with one-line errors when it is missing or unreadable."""
+    out_dir = Path(out_dir)
+    if not out_dir.is_dir():
+        raise TextDiffError(f"{out_dir}: prepared data not found; run `textdiff prepare` first")
+    path = out_dir / MANIFEST
+    if not path.is_file():
+        raise TextDiffError(f"{path}: manifest not found (incomplete prepared data); run `textdiff prepare` first")
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise TextDiffError(f"{path}: unreadable manifest ({_describe(err)}); run `textdiff prepare` again") from None
+    if not isinstance(manifest, dict) or manifest.get("format_version") != FORMAT_VERSION:
+        raise TextDiffError(f"{path}: unknown prepared-data format; run `textdiff prepare` again")
+    return manifest
+
+
+def load_prepared(out_dir: str | Path, split: str) -> PreparedSplit:
+    """One split of the prepared data, checked against the manifest."""
+    _check_split(split)
+    out_dir = Path(out_dir)
+    manifest = read_manifest(out_dir)
+    if split not in manifest.get("splits", {}):
+        raise TextDiffError(f"{out_dir / MANIFEST}: no '{split}' split; run `textdiff prepare` again")
+    path = out_dir / f"{split}.npz"
+    if not path.is_file():
+        raise TextDiffError(f"{path}: not found; run `textdiff prepare` first")
+    if not zipfile.is_zipfile(path):
+        raise TextDiffError(f"{path}: not a valid .npz file (corrupt or truncated); run `textdiff prepare` again")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            images, masks = npz["images"], npz["masks"]
+            ids, texts = [str(x) for x in npz["ids"]], [str(x) for x in npz["texts"]]
+            paths = [str(x) for x in npz["image_paths"]] if "image_paths" in npz.files else []
+    except Exception as err:
+        raise TextDiffError(f"{path}: unreadable prepared split ({_describe(err)}); run `textdiff prepare` again") from None
+    size = int(manifest["image_size"])
+    n = len(ids)
+    if (
+        ids != list(manifest["splits"][split]["ids"])
+        or images.shape != (n, size, size, 3)
+        or masks.shape != (n, size, size)
+        or len(texts) != n
+    ):
+        raise TextDiffError(f"{path}: does not match {out_dir / MANIFEST}; run `textdiff prepare` again")
+    return PreparedSplit(split, images, masks, ids, texts, size, paths)
+
+
+__all__ = [
+    "FOLDERS",
+    "PREPARED_DIR",
+    "SPLITS",
+    "PreparedSplit",
+    "Sample",
+    "iter_images",
+    "list_images",
+    "load_prepared",
+    "read_image",
+    "read_manifest",
+    "read_mask",
+    "read_reports",
+    "read_split",
+    "read_splits",
+    "resize_sample",
+    "write_prepared",
+]

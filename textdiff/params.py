@@ -1,0 +1,334 @@
+"""params.yaml: one section per stage, validated before any work.
+
+DVC hands every stage the same file (and `dvc exp run -S key=value` edits it), so a typo such as
+`train.fusoin` or a negative epoch count must stop the stage with one line naming the key, not run
+for an hour on defaults. Each stage loads only the sections it declares in dvc.yaml, so changing
+`train.*` can never invalidate `extract`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from textdiff.errors import TextDiffError
+
+FUSIONS = ("cross_attention", "hierarchical", "concat", "none")
+DTYPES = ("float16", "bfloat16", "float32")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def _positive(name: str, value: float) -> None:
+    if value <= 0:
+        raise ValueError(f"{name} must be > 0, got {value}")
+
+
+def _non_negative(name: str, value: float) -> None:
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0, got {value}")
+
+
+def _one_of(name: str, value: Any, choices: tuple) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(str, choices))}; got {value!r}")
+
+
+@dataclass(frozen=True)
+class DataParams:
+    """Where the LViT-layout dataset lives and how it is sized for the teacher."""
+
+    root: str = "../shared/data/MoNuSeg"
+    image_size: int = 256
+    mode: str = "resize"
+    tile: int = 256
+    stride: int = 192
+
+    def check(self) -> None:
+        _positive("data.image_size", self.image_size)
+        if self.image_size % 8:
+            raise ValueError(f"data.image_size must be a multiple of 8, got {self.image_size}")
+        _one_of("data.mode", self.mode, ("resize", "tiles"))
+        _positive("data.tile", self.tile)
+        _positive("data.stride", self.stride)
+        if self.stride > self.tile:
+            raise ValueError(f"data.stride ({self.stride}) must be <= data.tile ({self.tile})")
+
+
+@dataclass(frozen=True)
+class TeacherParams:
+    """The frozen diffusion UNet whose decoder activations are the image features."""
+
+    checkpoint: str = ""
+    config: dict = field(default_factory=dict)
+    steps: tuple[int, ...] = (50, 150, 250)
+    blocks: tuple[int, ...] = (6, 8, 12, 16)
+    schedule: str = "linear"
+    diffusion_steps: int = 1000
+    noise_seed: int = 0
+
+    def check(self) -> None:
+        if not self.steps:
+            raise ValueError("teacher.steps must not be empty")
+        if not self.blocks:
+            raise ValueError("teacher.blocks must not be empty")
+        if list(self.blocks) != sorted(set(self.blocks)):
+            raise ValueError(f"teacher.blocks must be increasing and unique, got {list(self.blocks)}")
+        _one_of("teacher.schedule", self.schedule, ("linear", "cosine"))
+        _positive("teacher.diffusion_steps", self.diffusion_steps)
+        for t in self.steps:
+            if not 0 <= t < self.diffusion_steps:
+                raise ValueError(f"teacher.steps: {t} is outside [0, {self.diffusion_steps})")
+
+
+@dataclass(frozen=True)
+class TextParams:
+    """The frozen BERT-family report encoder ("" = the bundled all-MiniLM-L6-v2)."""
+
+    encoder: str = ""
+    max_length: int = 10
+
+    def check(self) -> None:
+        _positive("text.max_length", self.max_length)
+
+
+@dataclass(frozen=True)
+class PretrainParams:
+    """Training the in-domain teacher on unlabeled train+val images (skipped when
+    `teacher.checkpoint` names a file)."""
+
+    config: dict = field(default_factory=dict)
+    steps: int = 2000
+    batch_size: int = 4
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    ema_decay: float = 0.999
+    grad_clip: float = 1.0
+    warmup: int = 100
+    checkpoint_every: int = 500
+    samples: int = 4
+    sample_steps: int = 50
+    seed: int = 0
+    device: str = "auto"
+    out: str = "models/pretrain"
+
+    def check(self) -> None:
+        _non_negative("pretrain.steps", self.steps)
+        _positive("pretrain.batch_size", self.batch_size)
+        _positive("pretrain.lr", self.lr)
+        _non_negative("pretrain.weight_decay", self.weight_decay)
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"pretrain.ema_decay must be in [0, 1), got {self.ema_decay}")
+        _non_negative("pretrain.grad_clip", self.grad_clip)
+        _non_negative("pretrain.warmup", self.warmup)
+        _positive("pretrain.checkpoint_every", self.checkpoint_every)
+        _non_negative("pretrain.samples", self.samples)
+        _positive("pretrain.sample_steps", self.sample_steps)
+        _one_of("pretrain.device", self.device, DEVICES)
+
+
+@dataclass(frozen=True)
+class ExtractParams:
+    """Running the teacher once per image, view and timestep into cache/features.zarr."""
+
+    views: int = 1
+    dtype: str = "float16"
+    batch_size: int = 4
+    device: str = "auto"
+
+    def check(self) -> None:
+        _one_of("extract.views", self.views, (1, 8))
+        _one_of("extract.dtype", self.dtype, DTYPES)
+        _positive("extract.batch_size", self.batch_size)
+        _one_of("extract.device", self.device, DEVICES)
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    """The pixel classifier: the only trained part of TextDiff."""
+
+    fusion: str = "cross_attention"
+    contrastive_weight: float = 0.0
+    epochs: int = 50
+    num_labeled: int = 0
+    seed: int = 40
+    lr: float = 1e-4
+    milestones: tuple[int, ...] = (60,)
+    gamma: float = 0.1
+    dice_weight: float = 1.5
+    batch_size: int = 1
+    d_model: int = 0
+    heads: int = 8
+    augment: bool = True
+    device: str = "auto"
+
+    def check(self) -> None:
+        _one_of("train.fusion", self.fusion, FUSIONS)
+        _non_negative("train.contrastive_weight", self.contrastive_weight)
+        _positive("train.epochs", self.epochs)
+        _non_negative("train.num_labeled", self.num_labeled)
+        _positive("train.lr", self.lr)
+        for m in self.milestones:
+            _positive("train.milestones", m)
+        _positive("train.gamma", self.gamma)
+        _non_negative("train.dice_weight", self.dice_weight)
+        _positive("train.batch_size", self.batch_size)
+        _non_negative("train.d_model", self.d_model)
+        _positive("train.heads", self.heads)
+        _one_of("train.device", self.device, DEVICES)
+
+
+@dataclass(frozen=True)
+class EvaluateParams:
+    """Test-split metrics, overlays and probability maps."""
+
+    overlays: int = 14
+    device: str = "auto"
+
+    def check(self) -> None:
+        _non_negative("evaluate.overlays", self.overlays)
+        _one_of("evaluate.device", self.device, DEVICES)
+
+
+SECTIONS: dict[str, type] = {
+    "data": DataParams,
+    "teacher": TeacherParams,
+    "text": TextParams,
+    "pretrain": PretrainParams,
+    "extract": ExtractParams,
+    "train": TrainParams,
+    "evaluate": EvaluateParams,
+}
+
+
+@dataclass(frozen=True)
+class Params:
+    data: DataParams = field(default_factory=DataParams)
+    teacher: TeacherParams = field(default_factory=TeacherParams)
+    text: TextParams = field(default_factory=TextParams)
+    pretrain: PretrainParams = field(default_factory=PretrainParams)
+    extract: ExtractParams = field(default_factory=ExtractParams)
+    train: TrainParams = field(default_factory=TrainParams)
+    evaluate: EvaluateParams = field(default_factory=EvaluateParams)
+    path: Path | None = None
+
+
+def _coerce(key: str, value: Any, annotation: Any) -> Any:
+    """Check one YAML value against the dataclass field's type; YAML ints are fine for floats."""
+    origin = typing.get_origin(annotation)
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"{key} must be true or false, got {value!r}")
+        return value
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{key} must be an integer, got {value!r}")
+        return value
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{key} must be a number, got {value!r}")
+        return float(value)
+    if annotation is str:
+        if value is None:
+            return ""
+        if not isinstance(value, str):
+            raise ValueError(f"{key} must be a string, got {value!r}")
+        return value
+    if annotation is dict:
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise ValueError(f"{key} must be a mapping, got {value!r}")
+        return dict(value)
+    if origin is tuple:
+        if isinstance(value, int) and not isinstance(value, bool):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{key} must be a list of integers, got {value!r}")
+        for v in value:
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise ValueError(f"{key} must be a list of integers, got {value!r}")
+        return tuple(value)
+    raise TypeError(f"unsupported annotation {annotation} for {key}")  # a bug, not user input
+
+
+def _build_section(name: str, cls: type, raw: Any, source: str) -> Any:
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise TextDiffError(f"{source}: section '{name}' must be a mapping, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise TextDiffError(
+            f"{source}: unknown key '{name}.{unknown[0]}' (known {name} keys: {', '.join(sorted(known))})"
+        )
+    try:
+        values = {k: _coerce(f"{name}.{k}", v, hints[k]) for k, v in raw.items()}
+        section = cls(**values)
+        section.check()
+    except ValueError as err:
+        raise TextDiffError(f"{source}: {err}") from None
+    return section
+
+
+def parse_params(raw: Any, source: str = "params.yaml") -> Params:
+    """Validate a params mapping (as read from YAML) into typed, frozen sections."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise TextDiffError(f"{source}: expected a mapping of sections, got {type(raw).__name__}")
+    unknown = sorted(set(raw) - set(SECTIONS))
+    if unknown:
+        raise TextDiffError(
+            f"{source}: unknown section '{unknown[0]}' (known sections: {', '.join(SECTIONS)})"
+        )
+    sections = {name: _build_section(name, cls, raw.get(name), source) for name, cls in SECTIONS.items()}
+    for name in ("teacher", "pretrain"):
+        if sections[name].config:
+            from textdiff.teacher import normalize_config
+
+            try:
+                normalize_config(sections[name].config)
+            except TextDiffError as err:
+                raise TextDiffError(f"{source}: {name}.config: {err}") from None
+    return Params(**sections)
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and validate params.yaml; every problem is one line naming the file and key."""
+    path = Path(path)
+    if not path.is_file():
+        raise TextDiffError(f"{path}: params file not found")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark is not None else ""
+        raise TextDiffError(f"{path}: not valid YAML{where}") from None
+    params = parse_params(raw, source=str(path))
+    return dataclasses.replace(params, path=path)
+
+
+def section_dict(section: Any) -> dict:
+    """A JSON-friendly copy of one section, for metadata and cache attrs."""
+    out = {}
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        out[f.name] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+__all__ = [
+    "DTYPES",
+    "FUSIONS",
+    "Params",
+    "load_params",
+    "parse_params",
+    "section_dict",
+]

@@ -1,0 +1,31 @@
+"""The dihedral group D4 acting on images: the 8 flips and 90-degree rotations.
+
+Extraction runs the teacher on every view of an image (`extract.views: 8`) so that training can
+augment with flips/rotations and still see the teacher's *real* features of the transformed image,
+rather than flipped features of the original (the teacher is not equivariant).
+"""
+
+from __future__ import annotations
+
+import torch
+
+NUM_VIEWS = 8
+
+
+def apply_view(x: torch.Tensor, view: int) -> torch.Tensor:
+    """View k of x [..., H, W]: a horizontal flip when k >= 4, then k % 4 quarter turns."""
+    if not 0 <= view < NUM_VIEWS:
+        raise ValueError(f"view must be in [0, {NUM_VIEWS}), got {view}")
+    if view >= 4:
+        x = torch.flip(x, dims=(-1,))
+    return torch.rot90(x, k=view % 4, dims=(-2, -1))
+
+
+def invert_view(x: torch.Tensor, view: int) -> torch.Tensor:
+    """Undo `apply_view`: back to the original frame."""
+    if not 0 <= view < NUM_VIEWS:
+        raise ValueError(f"view must be in [0, {NUM_VIEWS}), got {view}")
+    x = torch.rot90(x, k=-(view % 4), dims=(-2, -1))
+    if view >= 4:
+        x = torch.flip(x, dims=(-1,))
+    return x
