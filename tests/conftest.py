@@ -105,3 +105,67 @@ def tiny_monuseg(tmp_path: Path) -> Callable[..., Path]:
         return root
 
     return make
+
+
+# ---------------------------------------------------------------- a tiny pipeline workspace
+
+TINY_TEACHER = {
+    "image_size": 32,
+    "num_channels": 32,
+    "num_res_blocks": 1,
+    "channel_mult": "1,2",
+    "attention_resolutions": "16",
+    "num_head_channels": 16,
+    "learn_sigma": True,
+    "use_scale_shift_norm": True,
+    "resblock_updown": True,
+}
+
+
+def _deep_update(base: dict, overrides: dict) -> dict:
+    out = dict(base)
+    for key, value in overrides.items():
+        out[key] = _deep_update(out.get(key, {}), value) if isinstance(value, dict) and key != "config" else value
+    return out
+
+
+class TinyProject:
+    """A working directory laid out like the repo: params.yaml, data/prepared, a teacher file."""
+
+    def __init__(self, root: Path, data_root: Path, teacher: Path):
+        self.root, self.data_root, self.teacher = root, data_root, teacher
+        self.params_path = root / "params.yaml"
+        self.base = {
+            "data": {"root": str(data_root), "image_size": 32},
+            "teacher": {"checkpoint": str(teacher), "steps": [10, 100], "blocks": [0, 3]},
+            "text": {"max_length": 8},
+            "extract": {"views": 1, "batch_size": 2},
+            "train": {"epochs": 2, "d_model": 16, "heads": 2},
+            "evaluate": {"overlays": 2},
+        }
+
+    def write_params(self, **overrides) -> Path:
+        import yaml
+
+        self.params_path.write_text(yaml.safe_dump(_deep_update(self.base, overrides), sort_keys=False))
+        return self.params_path
+
+
+@pytest.fixture
+def tiny_project(tiny_monuseg, tmp_path: Path, monkeypatch) -> TinyProject:
+    """tiny_monuseg + a randomly initialised tiny ADM teacher + params.yaml, prepared, cwd = it."""
+    import torch
+
+    from stages import prepare
+    from textdiff.teacher import build_adm, save_checkpoint
+
+    data_root = tiny_monuseg(counts={"train": 3, "val": 2, "test": 2}, size=40)
+    work = tmp_path / "work"
+    work.mkdir()
+    torch.manual_seed(0)
+    teacher = save_checkpoint(build_adm(TINY_TEACHER), work / "models" / "tiny_teacher.safetensors")
+    monkeypatch.chdir(work)
+    project = TinyProject(work, data_root, teacher)
+    project.write_params()
+    prepare.run(project.params_path)
+    return project

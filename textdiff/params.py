@@ -180,6 +180,8 @@ class TrainParams:
         _non_negative("train.d_model", self.d_model)
         _positive("train.heads", self.heads)
         _one_of("train.device", self.device, DEVICES)
+        if self.fusion == "none" and self.contrastive_weight > 0:
+            raise ValueError("train.contrastive_weight > 0 needs text, but train.fusion is none (image only)")
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,109 @@
+"""`textdiff extract`: teacher features + report embeddings -> cache/features.zarr (DVC stage one)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from textdiff.cache import SplitSpec, open_for_writing, verify
+from textdiff.data import SPLITS, load_prepared
+from textdiff.errors import TextDiffError
+from textdiff.extract import data_fingerprint, extract_split, write_text
+from textdiff.params import Params, load_params
+from textdiff.teacher import Diffusion, FeatureExtractor, load_teacher, normalize_config, sha256_file
+from textdiff.teacher.features import block_shapes
+from textdiff.text import TextEncoder, resolve_encoder
+
+from stages.common import CACHE_PATH, PREPARED_DIR, provenance, resolve_device, resolve_teacher
+
+
+def text_hidden_size(encoder: str) -> tuple[str, int]:
+    """(encoder id, hidden size) from the model's config alone: cheap, for verify."""
+    from transformers import AutoConfig
+
+    source, encoder_id = resolve_encoder(encoder)
+    try:
+        config = AutoConfig.from_pretrained(source, local_files_only=True)
+    except Exception:  # noqa: BLE001
+        # Not local: the full load will give the one-line "hub unreachable" message.
+        return encoder_id, TextEncoder(encoder).hidden_size
+    return encoder_id, int(config.hidden_size)
+
+
+def expected_cache(params: Params, cache_path: Path = CACHE_PATH) -> tuple[dict, dict[str, SplitSpec], object]:
+    """The fingerprint and per-split layout the params call for (no model is run)."""
+    teacher = resolve_teacher(params)
+    config = normalize_config(teacher.config)
+    encoder_id, hidden = text_hidden_size(params.text.encoder)
+    prepared = {split: load_prepared(PREPARED_DIR, split) for split in SPLITS}
+    size = params.data.image_size
+    for split, data in prepared.items():
+        if data.image_size != size:
+            raise TextDiffError(
+                f"{PREPARED_DIR}: prepared at {data.image_size} px but data.image_size is {size}; run `textdiff prepare`"
+            )
+    shapes = block_shapes(config, list(params.teacher.blocks), image_size=size)
+    specs = {
+        split: SplitSpec(
+            ids=list(data.ids), texts=list(data.texts), image_size=size, views=params.extract.views,
+            steps=len(params.teacher.steps), block_shapes=shapes, text_length=params.text.max_length,
+            text_dim=hidden, dtype=params.extract.dtype,
+        )
+        for split, data in prepared.items()
+    }
+    fingerprint = {
+        "teacher_sha256": sha256_file(teacher.path),
+        "teacher_config": config,
+        "steps": list(params.teacher.steps),
+        "blocks": list(params.teacher.blocks),
+        "noise_seed": params.teacher.noise_seed,
+        "schedule": params.teacher.schedule,
+        "diffusion_steps": params.teacher.diffusion_steps,
+        "image_size": size,
+        "views": params.extract.views,
+        "dtype": params.extract.dtype,
+        "text_encoder": encoder_id,
+        "text_hidden_size": hidden,
+        "text_max_length": params.text.max_length,
+        "data": {split: data_fingerprint(list(d.ids), list(d.texts), d.images, d.masks) for split, d in prepared.items()},
+    }
+    return fingerprint, specs, (teacher, prepared)
+
+
+def run(params_path: Path, rebuild: bool = True, cache_path: Path = CACHE_PATH) -> None:
+    params = load_params(params_path)
+    fingerprint, specs, (teacher, prepared) = expected_cache(params, cache_path)
+    device = resolve_device(params.extract.device)
+    # Load both models first: a bad checkpoint or encoder must fail before the cache is touched.
+    model = load_teacher(teacher.path, teacher.config).to(device)
+    encoder = TextEncoder(params.text.encoder, params.text.max_length, device)
+    info = dict(provenance(), teacher_path=str(teacher.path), device=str(device))
+    root = open_for_writing(cache_path, fingerprint, specs, info, rebuild=rebuild)
+
+    diffusion = Diffusion(params.teacher.schedule, params.teacher.diffusion_steps)
+    extractor = FeatureExtractor(
+        model, diffusion, steps=params.teacher.steps, blocks=params.teacher.blocks,
+        noise_seed=params.teacher.noise_seed, device=device,
+    )
+    for split in SPLITS:
+        group, data = root[split], prepared[split]
+        if not group.attrs.get("text_complete", False):
+            emb = encoder.encode(list(data.texts))
+            write_text(group, emb.tokens, emb.mask, emb.pooled)
+        stats = extract_split(group, specs[split], data.images, data.masks, extractor,
+                              params.extract.batch_size, device, desc=f"extract {split}")
+        rate = stats["done"] / stats["seconds"] if stats["done"] and stats["seconds"] > 0 else 0.0
+        print(f"{split}: {stats['done']} extracted, {stats['skipped']} already cached"
+              + (f", {rate:.2f} img/s" if stats["done"] else ""))
+
+    problems = verify(cache_path, fingerprint, specs)
+    if problems:
+        raise TextDiffError(problems[0])
+    size = sum(f.stat().st_size for f in Path(cache_path).rglob("*") if f.is_file())
+    n = sum(spec.n for spec in specs.values())
+    print(f"{cache_path}: {n} images, {size / 2**20:.1f} MiB on disk ({size / n / 2**20:.2f} MiB per image)")
+
+
+def verify_cache(params_path: Path, cache_path: Path = CACHE_PATH) -> list[str]:
+    params = load_params(params_path)
+    fingerprint, specs, _ = expected_cache(params, cache_path)
+    return verify(cache_path, fingerprint, specs)

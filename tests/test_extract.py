@@ -1,0 +1,132 @@
+"""Stage one: the zarr cache holds exactly what the teacher gave, resumes, and verifies itself."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from typer.testing import CliRunner
+
+from stages import extract as extract_stage
+from stages.cli import app
+from textdiff.cache import FeatureCache
+from textdiff.data import load_prepared
+from textdiff.extract import images_to_model_range
+from textdiff.teacher import Diffusion, FeatureExtractor, load_teacher
+from textdiff.text import TextEncoder
+
+runner = CliRunner()
+CACHE = Path("cache/features.zarr")
+
+
+def _extract(*args):
+    return runner.invoke(app, ["extract", *args])
+
+
+def test_round_trip_equals_the_teacher(tiny_project):
+    result = _extract()
+    assert result.exit_code == 0, result.output
+    cache = FeatureCache(CACHE)
+    assert cache.fingerprint["steps"] == [10, 100] and cache.fingerprint["blocks"] == [0, 3]
+
+    teacher = load_teacher(tiny_project.teacher)
+    extractor = FeatureExtractor(teacher, Diffusion(), steps=[10, 100], blocks=[0, 3], noise_seed=0)
+    for split in ("train", "test"):
+        prepared = load_prepared("data/prepared", split)
+        expected = extractor(images_to_model_range(prepared.images))
+        cached = cache.split(split)
+        assert cached.ids == list(prepared.ids)
+        for i in range(len(prepared)):
+            for b, got in zip([0, 3], cached.features(i)):
+                assert got.dtype == torch.float16
+                assert got.shape == (1, *expected[b][i].shape)  # [views, steps, C, H, W]
+                torch.testing.assert_close(got[0].float(), expected[b][i], atol=2e-3, rtol=2e-3)
+            np.testing.assert_array_equal(cached.mask(i, 0).numpy(), prepared.masks[i])
+            np.testing.assert_array_equal(cached.image(i), prepared.images[i])
+    # text: what the encoder gives, stored unchanged
+    emb = TextEncoder("", max_length=8).encode(list(load_prepared("data/prepared", "val").texts))
+    tokens, mask, pooled = cache.split("val").text(1)
+    np.testing.assert_allclose(tokens.numpy(), emb.tokens[1], atol=1e-5)
+    np.testing.assert_array_equal(mask.numpy(), emb.mask[1])
+    np.testing.assert_allclose(pooled.numpy(), emb.pooled[1], atol=1e-5)
+    attrs = zarr.open_group(str(CACHE), mode="r").attrs
+    assert len(attrs["fingerprint"]["teacher_sha256"]) == 64
+    assert "torch" in attrs["provenance"]
+
+
+def test_eight_views_store_the_transformed_masks(tiny_project):
+    tiny_project.write_params(extract={"views": 8, "batch_size": 2})
+    assert _extract().exit_code == 0
+    split = FeatureCache(CACHE).split("train")
+    masks = split.mask(0)
+    assert masks.shape[0] == 8
+    assert torch.equal(masks[1], torch.rot90(masks[0], 1, (-2, -1)))
+    assert torch.equal(masks[4], torch.flip(masks[0], (-1,)))
+
+
+def test_resume_after_a_kill_redoes_only_unfinished_images(tiny_project, monkeypatch):
+    calls = {"n": 0, "images": 0}
+    real_call = FeatureExtractor.__call__
+
+    def dying(self, images):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt  # the second batch of train dies mid-run
+        calls["images"] += images.shape[0]
+        return real_call(self, images)
+
+    monkeypatch.setattr(FeatureExtractor, "__call__", dying)
+    killed = _extract()
+    assert killed.exit_code == 130
+    flags = zarr.open_group(str(CACHE), mode="r")["train"]["complete"][:]
+    assert flags.tolist() == [1, 1, 0]
+    assert extract_stage.verify_cache(Path("params.yaml"))  # incomplete -> problems reported
+
+    calls.update(n=10, images=0)
+    assert _extract().exit_code == 0
+    assert calls["images"] == 1 + 2 + 2  # the unfinished train image, then val and test
+    assert extract_stage.verify_cache(Path("params.yaml")) == []
+
+
+def test_verify_catches_a_missing_chunk_and_a_param_mismatch(tiny_project):
+    assert _extract().exit_code == 0
+    ok = runner.invoke(app, ["cache", "verify"])
+    assert ok.exit_code == 0, ok.output
+
+    chunk = CACHE / "test" / "block_3" / "c" / "1" / "0" / "0" / "0" / "0" / "0"
+    assert chunk.is_file()
+    chunk.unlink()
+    bad = runner.invoke(app, ["cache", "verify"])
+    assert bad.exit_code == 1
+    assert "block_3" in bad.output and "img_test_1" in bad.output and "Traceback" not in bad.output
+
+    tiny_project.write_params(teacher={"steps": [10, 200]})
+    mismatch = runner.invoke(app, ["cache", "verify"])
+    assert mismatch.exit_code == 1 and "steps" in mismatch.output
+
+
+def test_other_params_rebuild_or_refuse_never_mix(tiny_project):
+    assert _extract().exit_code == 0
+    tiny_project.write_params(teacher={"steps": [20, 100]})
+    refused = _extract("--no-rebuild")
+    assert refused.exit_code == 1 and "other params" in refused.output and "steps" in refused.output
+    assert FeatureCache(CACHE).fingerprint["steps"] == [10, 100]  # untouched
+    rebuilt = _extract()
+    assert rebuilt.exit_code == 0 and "rebuilding" in rebuilt.output
+    assert FeatureCache(CACHE).fingerprint["steps"] == [20, 100]
+
+
+def test_bad_teacher_checkpoint_is_one_line(tiny_project):
+    garbage = tiny_project.root / "models" / "garbage.pt"
+    garbage.write_bytes(b"not a checkpoint at all")
+    tiny_project.write_params(teacher={"checkpoint": str(garbage), "config": {"image_size": 32, "num_channels": 32,
+                                                                            "num_res_blocks": 1, "channel_mult": "1,2"}})
+    result = _extract()
+    assert result.exit_code == 1
+    assert "garbage.pt" in result.output and "Traceback" not in result.output
+    assert not CACHE.exists()
+
+    tiny_project.write_params(teacher={"checkpoint": "models/missing.safetensors"})
+    result = _extract()
+    assert result.exit_code == 1 and "missing.safetensors" in result.output

@@ -1,0 +1,44 @@
+"""`textdiff report`: dvc exp show --json -> the ablation table."""
+
+from textdiff.report import markdown_table, rows_from_exp_show
+
+
+def _record(name, fusion, lam, dice, iou, aji):
+    return {
+        "rev": name + "0" * 33,
+        "name": name,
+        "data": {
+            "params": {"params.yaml": {"data": {"train": {"fusion": fusion, "contrastive_weight": lam}}}},
+            "metrics": {"metrics/test.json": {"data": {"dice": dice, "iou": iou, "aji": aji}}},
+        },
+    }
+
+
+EXP_SHOW = [
+    {"rev": "workspace", "name": None, "data": {"params": {}, "metrics": {}}},
+    {
+        **_record("main", "cross_attention", 0.0, 0.7867, 0.6498, 0.55),
+        "experiments": [
+            {"revs": [_record("zeta1", "none", 0.0, 0.70, 0.55, 0.40)]},
+            {"revs": [_record("zeta2", "concat", 0.0, 0.74, 0.60, 0.45)]},
+            {"revs": [_record("hier", "hierarchical", 0.0, 0.79, 0.66, 0.56)]},
+            {"revs": [_record("lam", "cross_attention", 0.1, 0.80, 0.67, 0.57)]},
+            {"revs": [{"rev": "queued", "name": "q", "data": {"params": {}, "metrics": {}}}]},
+        ],
+    },
+]
+
+
+def test_rows_from_exp_show_skip_runs_without_metrics():
+    rows = rows_from_exp_show(EXP_SHOW)
+    assert sorted(r["name"] for r in rows) == ["hier", "lam", "main", "zeta1", "zeta2"]
+
+
+def test_markdown_table_orders_and_labels_variations():
+    table = markdown_table(rows_from_exp_show(EXP_SHOW))
+    lines = table.strip().splitlines()
+    assert lines[0].startswith("| Variation | Description | Dice (%) | IoU (%) | AJI (%)")
+    labels = [line.split("|")[1].strip() for line in lines[2:]]
+    assert labels == ["ζ1", "ζ2", "TextDiff", "Ext. 1", "Ext. 2"]
+    assert "| 78.67 | 64.98 | 55.00 |" in lines[4]
+    assert "λ = 0.1" in lines[6]

@@ -1,0 +1,79 @@
+"""Stage two end to end on a tiny cache: train reads only the cache, evaluate writes metrics."""
+
+import json
+from pathlib import Path
+
+import h5py
+import pytest
+from typer.testing import CliRunner
+
+from stages.cli import app
+from textdiff.train import labeled_subset
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def extracted(tiny_project):
+    result = runner.invoke(app, ["extract"])
+    assert result.exit_code == 0, result.output
+    return tiny_project
+
+
+def test_train_then_evaluate(extracted, monkeypatch):
+    # The teacher must never run in stage two.
+    import textdiff.teacher.features as features
+
+    monkeypatch.setattr(features.FeatureExtractor, "__call__", lambda *a: pytest.fail("teacher ran in stage two"))
+    trained = runner.invoke(app, ["train"])
+    assert trained.exit_code == 0, trained.output
+    assert Path("models/classifier/model.pt").is_file()
+    meta = json.loads(Path("models/classifier/model.json").read_text())
+    assert meta["classifier"]["fusion"] == "cross_attention" and 1 <= meta["best_epoch"] <= 2
+    train_metrics = json.loads(Path("metrics/train.json").read_text())
+    assert 0 <= train_metrics["val_dice"] <= 1
+    assert Path("dvclive/train/plots/metrics/val/dice.tsv").is_file()
+
+    evaluated = runner.invoke(app, ["evaluate"])
+    assert evaluated.exit_code == 0, evaluated.output
+    metrics = json.loads(Path("metrics/test.json").read_text())
+    for key in ("dice", "iou", "dice_pixel", "aji", "pq"):
+        assert 0.0 <= metrics[key] <= 1.0, key
+    assert metrics["num_images"] == 2
+    with h5py.File("metrics/predictions.h5") as h5:
+        assert sorted(h5) == ["img_test_0", "img_test_1"]
+        assert h5["img_test_0"].shape == (32, 32)
+        assert h5.attrs["fusion"] == "cross_attention"
+        prob = h5["img_test_0"][:]
+        assert prob.min() >= 0 and prob.max() <= 1
+    assert sorted(p.name for p in Path("metrics/overlays").iterdir()) == ["img_test_0.png", "img_test_1.png"]
+
+
+@pytest.mark.parametrize("fusion", ["none", "concat", "hierarchical"])
+def test_each_fusion_trains(extracted, fusion):
+    extracted.write_params(train={"epochs": 1, "d_model": 16, "heads": 2, "fusion": fusion, "num_labeled": 2,
+                                  "contrastive_weight": 0.0 if fusion == "none" else 0.5})
+    trained = runner.invoke(app, ["train"])
+    assert trained.exit_code == 0, trained.output
+    meta = json.loads(Path("models/classifier/model.json").read_text())
+    assert meta["classifier"]["fusion"] == fusion and len(meta["train_ids"]) == 2
+
+
+def test_evaluate_without_a_classifier_is_one_line(extracted):
+    result = runner.invoke(app, ["evaluate"])
+    assert result.exit_code == 1
+    assert "models/classifier/model.pt" in result.output and "Traceback" not in result.output
+
+
+def test_contrastive_with_fusion_none_is_refused(extracted):
+    extracted.write_params(train={"fusion": "none", "contrastive_weight": 0.1})
+    result = runner.invoke(app, ["train"])
+    assert result.exit_code == 1 and "train.contrastive_weight" in result.output
+    assert not Path("models/classifier").exists()
+
+
+def test_labeled_subsets_are_nested_and_seeded():
+    a, b = labeled_subset(24, 6, 40), labeled_subset(24, 12, 40)
+    assert set(a) <= set(b) and len(a) == 6 and len(b) == 12
+    assert labeled_subset(24, 6, 40) == a and labeled_subset(24, 6, 41) != a
+    assert labeled_subset(24, 0, 40) == list(range(24))

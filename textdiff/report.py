@@ -1,0 +1,81 @@
+"""The ablation table: DVC experiments' params and test metrics -> markdown.
+
+Rows follow the seed README's layout (variation, description, Dice, IoU, AJI); a row's variation
+is named from its params, so the table stays right whatever the experiments were called.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+DESCRIPTIONS = {
+    "none": ("ζ1", "image only: diffusion features, no text"),
+    "concat": ("ζ2", "pooled report embedding concatenated to every pixel, no attention"),
+    "cross_attention": ("TextDiff", "pixels cross-attend to the report tokens (one block shared by all scales)"),
+    "hierarchical": ("Ext. 1", "hierarchical: an independent cross-attention block per scale"),
+}
+
+
+def _walk(node: Any) -> Iterator[dict]:
+    """Every record with params+metrics in `dvc exp show --json` output (baseline and experiments)."""
+    if isinstance(node, list):
+        for item in node:
+            yield from _walk(item)
+    elif isinstance(node, dict):
+        data = node.get("data")
+        if isinstance(data, dict) and "params" in data:
+            yield {"rev": node.get("rev"), "name": node.get("name") or data.get("name"), "data": data}
+        for key in ("experiments", "revs"):
+            if node.get(key):
+                yield from _walk(node[key])
+
+
+def rows_from_exp_show(exp_show: Any, params_file: str = "params.yaml",
+                       metrics_file: str = "metrics/test.json") -> list[dict]:
+    rows, seen = [], set()
+    for record in _walk(exp_show):
+        data = record["data"]
+        params = ((data.get("params") or {}).get(params_file) or {}).get("data") or {}
+        metrics = ((data.get("metrics") or {}).get(metrics_file) or {}).get("data") or {}
+        if not metrics or "dice" not in metrics:
+            continue
+        train = params.get("train") or {}
+        key = (record["name"] or record["rev"], train.get("fusion"), train.get("contrastive_weight"))
+        if key in seen:
+            continue
+        seen.add(key)
+        rows.append({
+            "name": record["name"] or str(record["rev"])[:7],
+            "fusion": train.get("fusion", "cross_attention"),
+            "contrastive_weight": float(train.get("contrastive_weight", 0.0) or 0.0),
+            "num_labeled": train.get("num_labeled", 0),
+            "dice": metrics.get("dice"),
+            "iou": metrics.get("iou"),
+            "aji": metrics.get("aji"),
+        })
+    return rows
+
+
+def variation(row: dict) -> tuple[str, str]:
+    label, text = DESCRIPTIONS.get(row["fusion"], (row["fusion"], row["fusion"]))
+    if row["contrastive_weight"] > 0:
+        label = "Ext. 2" if row["fusion"] == "cross_attention" else f"{label} + Ext. 2"
+        text = f"{text}; + contrastive image-text loss, λ = {row['contrastive_weight']:g}"
+    return label, text
+
+
+def _pct(value: Any) -> str:
+    return "–" if value is None else f"{100 * float(value):.2f}"
+
+
+def markdown_table(rows: list[dict]) -> str:
+    order = {"none": 0, "concat": 1, "cross_attention": 2, "hierarchical": 3}
+    rows = sorted(rows, key=lambda r: (r["contrastive_weight"] > 0, order.get(r["fusion"], 9), r["name"]))
+    lines = [
+        "| Variation | Description | Dice (%) | IoU (%) | AJI (%) | Experiment |",
+        "|---|---|---:|---:|---:|---|",
+    ]
+    for row in rows:
+        label, text = variation(row)
+        lines.append(f"| {label} | {text} | {_pct(row['dice'])} | {_pct(row['iou'])} | {_pct(row['aji'])} | {row['name']} |")
+    return "\n".join(lines) + "\n"
