@@ -1,0 +1,170 @@
+"""Feature taps: equal to a plain full forward, shared noise, early stop, clean hooks, shapes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from textdiff.errors import TextDiffError
+from textdiff.teacher import Diffusion, FeatureExtractor, block_shapes, build_adm
+
+FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "adm"
+TINY = dict(image_size=32, num_channels=32, num_res_blocks=1, channel_mult="1,2,2", attention_resolutions="8",
+            use_scale_shift_norm=True, resblock_updown=True, learn_sigma=True, num_head_channels=32)
+
+
+def _model(**overrides):
+    torch.manual_seed(0)
+    model = build_adm({**TINY, **overrides})
+    for p in model.parameters():
+        p.data.normal_(0, 0.05)
+    return model.eval()
+
+
+def _reference(model, diffusion, images, steps, blocks, seed):
+    """Straightforward version: full forward per step with hooks, noise from the seeded generator."""
+    noise = torch.randn(3, *images.shape[-2:], generator=torch.Generator().manual_seed(seed))
+    feats = {b: [] for b in blocks}
+    for step in steps:
+        acts = {}
+        handles = [
+            model.output_blocks[b].register_forward_hook(lambda _m, _i, out, b=b: acts.__setitem__(b, out))
+            for b in blocks
+        ]
+        t = torch.full((images.shape[0],), step)
+        with torch.no_grad():
+            model(diffusion.q_sample(images, t, noise.expand_as(images)), t)
+        for h in handles:
+            h.remove()
+        for b in blocks:
+            feats[b].append(acts[b])
+    return {b: torch.stack(v, dim=1) for b, v in feats.items()}
+
+
+def test_features_equal_full_forward_and_stop_early():
+    model, diffusion = _model(), Diffusion()
+    images = torch.rand(2, 3, 32, 32) * 2 - 1
+    steps, blocks = (50, 250), (1, 3, 4)
+    ref = _reference(model, diffusion, images, steps, blocks, seed=0)
+
+    calls = {"late": 0, "head": 0}
+    model.output_blocks[5].register_forward_hook(lambda *_: calls.__setitem__("late", calls["late"] + 1))
+    model.out.register_forward_hook(lambda *_: calls.__setitem__("head", calls["head"] + 1))
+    extractor = FeatureExtractor(model, diffusion, steps=steps, blocks=blocks, noise_seed=0)
+    feats = extractor(images)
+    assert calls == {"late": 0, "head": 0}  # nothing after the deepest tap (block 4) ran
+
+    shapes = block_shapes(model.config, blocks)
+    assert sorted(feats) == list(blocks)
+    for b in blocks:
+        assert feats[b].shape == (2, len(steps), *shapes[b])
+        assert feats[b].dtype == torch.float32 and feats[b].device.type == "cpu"
+        assert torch.equal(feats[b], ref[b]), b
+    for b in blocks:
+        assert len(model.output_blocks[b]._forward_hooks) == 0
+
+
+def test_noise_is_shared_across_images_and_seeded():
+    model, diffusion = _model(), Diffusion()
+    image = torch.rand(1, 3, 32, 32) * 2 - 1
+    extractor = FeatureExtractor(model, diffusion, steps=(100,), blocks=(2,), noise_seed=5)
+    batch = extractor(image.repeat(3, 1, 1, 1))[2]
+    single = extractor(image)[2]
+    assert torch.equal(batch[0], batch[2]) and torch.allclose(batch[1], single[0], atol=1e-5)
+    other_seed = FeatureExtractor(model, diffusion, steps=(100,), blocks=(2,), noise_seed=6)(image)[2]
+    assert not torch.allclose(single, other_seed)
+    expected = torch.randn(3, 32, 32, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(extractor.noise(32, 32), expected)
+
+
+def test_hooks_are_removed_when_the_forward_fails():
+    model, diffusion = _model(), Diffusion()
+    blocks = (0, 2, 4)
+    extractor = FeatureExtractor(model, diffusion, steps=(10,), blocks=blocks)
+
+    def boom(*_args):
+        raise RuntimeError("boom")
+
+    handle = model.output_blocks[1].register_forward_pre_hook(boom)
+    with pytest.raises(RuntimeError, match="boom"):
+        extractor(torch.zeros(1, 3, 32, 32))
+    handle.remove()
+    assert all(len(model.output_blocks[b]._forward_hooks) == 0 for b in blocks)
+    assert extractor(torch.zeros(1, 3, 32, 32))[4].shape[0] == 1  # still usable
+
+
+def test_validation_errors():
+    model, diffusion = _model(), Diffusion("linear", 100)
+    n = len(model.output_blocks)
+    with pytest.raises(TextDiffError, match=f"blocks: {n} is not an output block"):
+        FeatureExtractor(model, diffusion, steps=(1,), blocks=(0, n))
+    with pytest.raises(TextDiffError, match="blocks: -1"):
+        FeatureExtractor(model, diffusion, steps=(1,), blocks=(-1,))
+    with pytest.raises(TextDiffError, match=r"steps: 100 is not a timestep in \[0, 100\)"):
+        FeatureExtractor(model, diffusion, steps=(100,), blocks=(1,))
+    with pytest.raises(TextDiffError, match="duplicate"):
+        FeatureExtractor(model, diffusion, steps=(1,), blocks=(1, 1))
+    with pytest.raises(TextDiffError, match="autocast_dtype"):
+        FeatureExtractor(model, diffusion, steps=(1,), blocks=(1,), autocast_dtype=torch.int8)
+    extractor = FeatureExtractor(model, diffusion, steps=(1,), blocks=(1,))
+    with pytest.raises(TextDiffError, match=r"\[B, 3, H, W\]"):
+        extractor(torch.zeros(1, 1, 32, 32))
+    with pytest.raises(TextDiffError, match="multiples of 4"):
+        extractor(torch.zeros(1, 3, 30, 32))
+    with pytest.raises(TextDiffError, match=r"\[-1, 1\]"):
+        extractor(torch.full((1, 3, 32, 32), 255.0))
+    with pytest.raises(TextDiffError, match="dtype"):
+        extractor(torch.zeros(1, 3, 32, 32, dtype=torch.uint8))
+
+
+def test_non_square_and_other_sizes_and_channels_last():
+    model, diffusion = _model(), Diffusion()
+    images = torch.rand(1, 3, 16, 24) * 2 - 1
+    plain = FeatureExtractor(model, diffusion, steps=(30,), blocks=(0, 5))(images)
+    assert plain[0].shape == (1, 1, 64, 4, 6) and plain[5].shape == (1, 1, 32, 16, 24)
+    cl = FeatureExtractor(model, diffusion, steps=(30,), blocks=(0, 5), channels_last=True)(images)
+    for b in plain:
+        torch.testing.assert_close(cl[b], plain[b], atol=1e-4, rtol=1e-4)
+    bf16 = FeatureExtractor(model, diffusion, steps=(30,), blocks=(0,), autocast_dtype="bfloat16")(images)
+    assert bf16[0].dtype == torch.float32 and torch.allclose(bf16[0], plain[0], atol=0.2)
+
+
+SHAPE_CONFIGS = {
+    "tiny": TINY,
+    "conv-updown-2-res": dict(TINY, num_res_blocks=2, resblock_updown=False, channel_mult="1,2"),
+    "64-default-mult": dict(
+        image_size=64, num_channels=32, num_res_blocks=1, channel_mult="", attention_resolutions="8"
+    ),
+    "half-mult": dict(
+        image_size=32, num_channels=64, num_res_blocks=1, channel_mult=[0.5, 1, 2], attention_resolutions=""
+    ),
+}
+
+
+@pytest.mark.parametrize("config", SHAPE_CONFIGS.values(), ids=SHAPE_CONFIGS.keys())
+def test_block_shapes_match_real_forward(config):
+    with torch.device("meta"):
+        model = build_adm(config)
+        size = model.config["image_size"]
+        acts = {}
+        for i, block in enumerate(model.output_blocks):
+            block.register_forward_hook(lambda _m, _i, out, i=i: acts.__setitem__(i, tuple(out.shape[1:])))
+        model(torch.empty(1, 3, size, size), torch.zeros(1, dtype=torch.long))
+    assert block_shapes(config, range(len(acts))) == acts
+
+
+def test_block_shapes_of_the_256_model_and_default_blocks():
+    spec_path = FIXTURES / "adm256_uncond_keys.json"
+    if not spec_path.is_file():
+        pytest.skip(f"fixture {spec_path} not found")
+    spec = json.loads(spec_path.read_text())
+    shapes = block_shapes(spec["config"], range(18))
+    assert {str(i): [1, *s] for i, s in shapes.items()} == spec["output_block_shapes_for_1x3x256x256"]
+    assert block_shapes(spec["config"], (6, 8, 12, 16)) == {
+        6: (512, 32, 32), 8: (512, 64, 64), 12: (256, 128, 128), 16: (256, 256, 256)
+    }
+    with pytest.raises(TextDiffError, match="18"):
+        block_shapes(spec["config"], (18,))
