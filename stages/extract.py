@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from textdiff.cache import SplitSpec, open_for_writing, verify
 from textdiff.data import SPLITS, load_prepared
 from textdiff.errors import TextDiffError
@@ -31,8 +33,6 @@ def text_hidden_size(encoder: str) -> tuple[str, int]:
 
 def expected_cache(params: Params, cache_path: Path = CACHE_PATH) -> tuple[dict, dict[str, SplitSpec], object]:
     """The fingerprint and per-split layout the params call for (no model is run)."""
-    teacher = resolve_teacher(params)
-    config = normalize_config(teacher.config)
     encoder_id, hidden = text_hidden_size(params.text.encoder)
     prepared = {split: load_prepared(PREPARED_DIR, split) for split in SPLITS}
     size = params.data.image_size
@@ -41,23 +41,35 @@ def expected_cache(params: Params, cache_path: Path = CACHE_PATH) -> tuple[dict,
             raise TextDiffError(
                 f"{PREPARED_DIR}: prepared at {data.image_size} px but data.image_size is {size}; run `textdiff prepare`"
             )
-    shapes = block_shapes(config, list(params.teacher.blocks), image_size=size)
+    if params.teacher.kind == "rgb":
+        # The control: the classifier sees the image itself as its only "feature block".
+        teacher, shapes, steps, blocks = None, {0: (3, size, size)}, [0], [0]
+        identity = {"teacher_kind": "rgb"}
+    else:
+        teacher = resolve_teacher(params)
+        config = normalize_config(teacher.config)
+        steps, blocks = list(params.teacher.steps), list(params.teacher.blocks)
+        shapes = block_shapes(config, blocks, image_size=size)
+        identity = {
+            "teacher_kind": "adm",
+            "teacher_sha256": sha256_file(teacher.path),
+            "teacher_config": config,
+            "noise_seed": params.teacher.noise_seed,
+            "schedule": params.teacher.schedule,
+            "diffusion_steps": params.teacher.diffusion_steps,
+        }
     specs = {
         split: SplitSpec(
             ids=list(data.ids), texts=list(data.texts), image_size=size, views=params.extract.views,
-            steps=len(params.teacher.steps), block_shapes=shapes, text_length=params.text.max_length,
+            steps=len(steps), block_shapes=shapes, text_length=params.text.max_length,
             text_dim=hidden, dtype=params.extract.dtype,
         )
         for split, data in prepared.items()
     }
     fingerprint = {
-        "teacher_sha256": sha256_file(teacher.path),
-        "teacher_config": config,
-        "steps": list(params.teacher.steps),
-        "blocks": list(params.teacher.blocks),
-        "noise_seed": params.teacher.noise_seed,
-        "schedule": params.teacher.schedule,
-        "diffusion_steps": params.teacher.diffusion_steps,
+        **identity,
+        "steps": steps,
+        "blocks": blocks,
         "image_size": size,
         "views": params.extract.views,
         "dtype": params.extract.dtype,
@@ -69,21 +81,31 @@ def expected_cache(params: Params, cache_path: Path = CACHE_PATH) -> tuple[dict,
     return fingerprint, specs, (teacher, prepared)
 
 
+class PixelFeatures:
+    """The raw-RGB control in the teacher's place: images [B, 3, H, W] -> {0: [B, 1, 3, H, W]}."""
+
+    def __call__(self, images: torch.Tensor) -> dict[int, torch.Tensor]:
+        return {0: images.detach().float().cpu()[:, None]}
+
+
 def run(params_path: Path, rebuild: bool = True, cache_path: Path = CACHE_PATH) -> None:
     params = load_params(params_path)
     fingerprint, specs, (teacher, prepared) = expected_cache(params, cache_path)
     device = resolve_device(params.extract.device)
     # Load both models first: a bad checkpoint or encoder must fail before the cache is touched.
-    model = load_teacher(teacher.path, teacher.config).to(device)
+    if teacher is None:
+        extractor = PixelFeatures()
+    else:
+        model = load_teacher(teacher.path, teacher.config).to(device)
+        diffusion = Diffusion(params.teacher.schedule, params.teacher.diffusion_steps)
+        extractor = FeatureExtractor(
+            model, diffusion, steps=params.teacher.steps, blocks=params.teacher.blocks,
+            noise_seed=params.teacher.noise_seed, device=device,
+        )
     encoder = TextEncoder(params.text.encoder, params.text.max_length, device)
-    info = dict(provenance(), teacher_path=str(teacher.path), device=str(device))
+    info = dict(provenance(), teacher_path=str(teacher.path) if teacher else "rgb", device=str(device))
     root = open_for_writing(cache_path, fingerprint, specs, info, rebuild=rebuild)
 
-    diffusion = Diffusion(params.teacher.schedule, params.teacher.diffusion_steps)
-    extractor = FeatureExtractor(
-        model, diffusion, steps=params.teacher.steps, blocks=params.teacher.blocks,
-        noise_seed=params.teacher.noise_seed, device=device,
-    )
     for split in SPLITS:
         group, data = root[split], prepared[split]
         if not group.attrs.get("text_complete", False):

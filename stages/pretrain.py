@@ -36,11 +36,13 @@ def run(params_path: Path, prepared_dir: Path = PREPARED_DIR) -> None:
     p = params.pretrain
     out = Path(p.out)
     out.mkdir(parents=True, exist_ok=True)
-    if params.teacher.checkpoint:
-        for stale in (out / TEACHER_FILE, out / "teacher.json", out / "state.pt"):
+    if params.teacher.checkpoint or params.teacher.kind == "rgb":
+        reason = (f"teacher.checkpoint is set ({params.teacher.checkpoint})" if params.teacher.checkpoint
+                  else "teacher.kind is rgb (the raw-pixel control needs no teacher)")
+        for stale in (out / TEACHER_FILE, out / "teacher.json", out / "state.pt", out / "state.json"):
             stale.unlink(missing_ok=True)
-        write_json(out / "summary.json", {"skipped": True, "reason": f"teacher.checkpoint is set ({params.teacher.checkpoint})"})
-        print(f"pretrain: skipped, teacher.checkpoint = {params.teacher.checkpoint}")
+        write_json(out / "summary.json", {"skipped": True, "reason": reason})
+        print(f"pretrain: skipped, {reason}")
         return
     if not p.config:
         raise TextDiffError(f"{params_path}: pretrain.config is empty (the ADM to train); see README")

@@ -130,3 +130,45 @@ def test_bad_teacher_checkpoint_is_one_line(tiny_project):
     tiny_project.write_params(teacher={"checkpoint": "models/missing.safetensors"})
     result = _extract()
     assert result.exit_code == 1 and "missing.safetensors" in result.output
+
+
+def test_rgb_control_caches_the_pixels_themselves(tiny_project):
+    tiny_project.write_params(teacher={"kind": "rgb", "checkpoint": ""})
+    result = _extract()
+    assert result.exit_code == 0, result.output
+    cache = FeatureCache(CACHE)
+    assert cache.fingerprint["teacher_kind"] == "rgb" and cache.blocks == [0]
+    assert cache.block_channels() == [3] and cache.num_steps == 1
+    prepared = load_prepared("data/prepared", "train")
+    (got,) = cache.split("train").features(0, view=0)
+    expected = images_to_model_range(prepared.images[:1])[0]
+    torch.testing.assert_close(got[0].float(), expected, atol=1e-2, rtol=0)
+    assert runner.invoke(app, ["train"]).exit_code == 0
+
+
+def test_guided_diffusion_pt_checkpoint_with_teacher_config(tiny_project):
+    """The paper's route: an OpenAI-style .pt state dict (no sidecar) + teacher.config."""
+    from conftest import TINY_TEACHER
+    from textdiff.teacher import build_adm
+
+    torch.manual_seed(1)
+    model = build_adm(TINY_TEACHER)
+    pt = tiny_project.root / "models" / "256x256_diffusion_uncond.pt"
+    torch.save(model.state_dict(), pt)
+    tiny_project.write_params(teacher={"checkpoint": str(pt), "config": dict(TINY_TEACHER)})
+    result = _extract()
+    assert result.exit_code == 0, result.output
+    cache = FeatureCache(CACHE)
+    assert cache.fingerprint["teacher_config"]["num_channels"] == 32
+
+    # Without teacher.config an OpenAI .pt has no architecture: one clear line.
+    tiny_project.write_params(teacher={"checkpoint": str(pt), "config": {}})
+    result = _extract()
+    assert result.exit_code == 1 and "teacher.config" in result.output
+
+    # A config that does not match the weights: counts and key names, one line.
+    wrong = dict(TINY_TEACHER, num_channels=64, num_head_channels=32)
+    tiny_project.write_params(teacher={"checkpoint": str(pt), "config": wrong})
+    result = _extract()
+    assert result.exit_code == 1 and "256x256_diffusion_uncond.pt" in result.output
+    assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1

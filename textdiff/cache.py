@@ -280,7 +280,8 @@ class FeatureCache:
 
     @property
     def num_steps(self) -> int:
-        return len(self.fingerprint["steps"])
+        group = next(iter(self.root.group_keys()))
+        return int(self.root[group][f"block_{self.blocks[0]}"].shape[2])
 
     @property
     def text_dim(self) -> int:

@@ -63,6 +63,7 @@ class DataParams:
 class TeacherParams:
     """The frozen diffusion UNet whose decoder activations are the image features."""
 
+    kind: str = "adm"
     checkpoint: str = ""
     config: dict = field(default_factory=dict)
     steps: tuple[int, ...] = (50, 150, 250)
@@ -72,6 +73,7 @@ class TeacherParams:
     noise_seed: int = 0
 
     def check(self) -> None:
+        _one_of("teacher.kind", self.kind, ("adm", "rgb"))
         if not self.steps:
             raise ValueError("teacher.steps must not be empty")
         if not self.blocks:

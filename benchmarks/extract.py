@@ -1,0 +1,116 @@
+"""Stage one's costs: bytes on disk per image, images/s, peak RSS, and resume vs full run.
+
+    python benchmarks/extract.py --config paper --images 2          # the 256 ADM, fp16: bytes/image
+    python benchmarks/extract.py --config pipeline --images 8       # the params.yaml teacher: speed, resume
+
+Reads the images of data/prepared/train.npz (run `textdiff prepare` first) and writes a throw-away
+cache in a temp folder. Random teacher weights (speed and sizes do not depend on them; compression
+does a little: trained features compress somewhat better than random ones). Prints measured numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from textdiff.cache import SplitSpec, open_for_writing  # noqa: E402
+from textdiff.data import load_prepared  # noqa: E402
+from textdiff.extract import extract_split  # noqa: E402
+from textdiff.params import load_params  # noqa: E402
+from textdiff.teacher import Diffusion, FeatureExtractor, block_shapes, build_adm  # noqa: E402
+
+PAPER = dict(image_size=256, num_channels=256, num_res_blocks=2, channel_mult="", learn_sigma=True,
+             attention_resolutions="32,16,8", num_heads=4, num_head_channels=64, use_scale_shift_norm=True,
+             resblock_updown=True)
+
+
+class Killed(Exception):
+    pass
+
+
+def dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", choices=["paper", "pipeline"], default="pipeline")
+    ap.add_argument("--images", type=int, default=8)
+    ap.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--batch-size", type=int, default=2)
+    ap.add_argument("--no-resume", action="store_true", help="skip the kill-and-resume measurement")
+    args = ap.parse_args()
+
+    params = load_params("params.yaml")
+    config = PAPER if args.config == "paper" else dict(params.pretrain.config)
+    size, steps, blocks = params.data.image_size, list(params.teacher.steps), list(params.teacher.blocks)
+    prepared = load_prepared("data/prepared", "train")
+    n = min(args.images, len(prepared))
+    images, masks = prepared.images[:n], prepared.masks[:n]
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    model = build_adm(config).to(device)
+    extractor = FeatureExtractor(model, Diffusion(), steps=steps, blocks=blocks, device=device)
+    shapes = block_shapes(config, blocks, image_size=size)
+    spec = SplitSpec(ids=list(prepared.ids[:n]), texts=list(prepared.texts[:n]), image_size=size, views=1,
+                     steps=len(steps), block_shapes=shapes, text_length=10, text_dim=384, dtype=args.dtype)
+    raw = sum(c * h * w for c, h, w in shapes.values()) * len(steps) * (4 if args.dtype == "float32" else 2)
+    print(f"teacher {args.config}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M params, "
+          f"{size}px, blocks {blocks} {list(shapes.values())}, steps {steps}, {args.dtype}, device {device}")
+    print(f"uncompressed features per image and view: {raw / 1e6:.1f} MB")
+
+    work = Path(tempfile.mkdtemp(prefix="textdiff-bench-"))
+    try:
+        path = work / "features.zarr"
+
+        def fresh():
+            shutil.rmtree(path, ignore_errors=True)
+            return open_for_writing(path, {"bench": args.config}, {"train": spec}, {})["train"]
+
+        group = fresh()
+        t0 = time.perf_counter()
+        extract_split(group, spec, images, masks, extractor, args.batch_size, device, desc="full run")
+        full = time.perf_counter() - t0
+        per_image = (dir_bytes(path / "train") - 0) / n
+        print(f"full run: {n} images in {full:.1f} s = {n / full:.3f} img/s ({full / n / len(steps):.2f} s per image-timestep)")
+        print(f"bytes on disk per image: {per_image / 1e6:.1f} MB (zstd; {per_image / raw:.0%} of uncompressed)")
+        print(f"peak RSS so far: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
+
+        if not args.no_resume:
+            group = fresh()
+            half, seen = n // 2, {"n": 0}
+
+            def dying(x):
+                if seen["n"] >= half:
+                    raise Killed
+                seen["n"] += x.shape[0]
+                return extractor(x)
+
+            t0 = time.perf_counter()
+            try:
+                extract_split(group, spec, images, masks, dying, 1, device, desc="killed at 50%")
+            except Killed:
+                pass
+            before_kill = time.perf_counter() - t0
+            group = open_for_writing(path, {"bench": args.config}, {"train": spec}, {})["train"]
+            t0 = time.perf_counter()
+            stats = extract_split(group, spec, images, masks, extractor, args.batch_size, device, desc="resume")
+            resume = time.perf_counter() - t0
+            print(f"kill at {half}/{n} after {before_kill:.1f} s; resume redid {stats['done']} images, skipped "
+                  f"{stats['skipped']}, in {resume:.1f} s = {resume / full:.2f} x the full run")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
