@@ -39,7 +39,9 @@ def run(params_path: Path, prepared_dir: Path = PREPARED_DIR) -> None:
     if params.teacher.checkpoint or params.teacher.kind == "rgb":
         reason = (f"teacher.checkpoint is set ({params.teacher.checkpoint})" if params.teacher.checkpoint
                   else "teacher.kind is rgb (the raw-pixel control needs no teacher)")
-        for stale in (out / TEACHER_FILE, out / "teacher.json", out / "state.pt", out / "state.json"):
+        # Only the exported teacher goes (extract must not pick it up); the resumable training
+        # state stays, so switching back to the in-domain teacher costs nothing.
+        for stale in (out / TEACHER_FILE, out / "teacher.json", out / "samples.png"):
             stale.unlink(missing_ok=True)
         write_json(out / "summary.json", {"skipped": True, "reason": reason})
         print(f"pretrain: skipped, {reason}")
@@ -58,11 +60,12 @@ def run(params_path: Path, prepared_dir: Path = PREPARED_DIR) -> None:
     if state_path.is_file() and identity_path.is_file():
         old = json.loads(identity_path.read_text())
         old_resumable = {k: v for k, v in old.get("pretrain", {}).items() if k in resumable}
-        if old.get("config") == config and old_resumable == resumable:
-            resume_state(state, state_path, sampler)
+        if old.get("config") != config or old_resumable != resumable:
+            print(f"pretrain: {state_path} was made with another config; starting over")
+        elif resume_state(state, state_path, sampler, max_step=p.steps):
             print(f"pretrain: resuming at step {state.step} from {state_path}")
         else:
-            print(f"pretrain: {state_path} was made with another config; starting over")
+            print(f"pretrain: {state_path} is past pretrain.steps={p.steps}; starting over")
     write_json(identity_path, identity)
 
     def checkpoint(s: PretrainState) -> None:
@@ -90,11 +93,16 @@ def run(params_path: Path, prepared_dir: Path = PREPARED_DIR) -> None:
         "steps": state.step,
         "steps_this_run": trained,
         "seconds_this_run": round(seconds, 1),
-        "steps_per_second": round(trained / seconds, 3) if seconds > 0 else None,
+        "steps_per_second": round(trained / seconds, 3) if trained and seconds > 0 else None,
         "device": str(device),
         "final_loss_mean_last_100": float(np.mean(losses[-100:])),
         "parameters": sum(t.numel() for t in state.ema.parameters()),
     }
+    previous = out / "summary.json"
+    if not trained and previous.is_file():  # nothing left to train: keep the measured rate
+        old = json.loads(previous.read_text())
+        for key in ("steps_per_second", "device", "seconds_this_run", "steps_this_run"):
+            summary[key] = old.get(key, summary[key])
     save_checkpoint(state.ema, out / TEACHER_FILE,
                     extra_metadata={"steps": state.step, "ema_decay": p.ema_decay, "trained_on": list(PRETRAIN_SPLITS),
                                     "provenance": provenance()})
@@ -103,5 +111,5 @@ def run(params_path: Path, prepared_dir: Path = PREPARED_DIR) -> None:
         save_png(out / "samples.png", grid)
     np.savetxt(out / "loss.tsv", np.asarray(state.losses), header="loss", comments="", fmt="%.6f")
     write_json(out / "summary.json", summary)
-    print(f"pretrain: {state.step} steps ({summary['steps_per_second']} steps/s on {device}); "
-          f"EMA teacher -> {out / TEACHER_FILE}")
+    rate = f", {trained} this run at {summary['steps_per_second']} steps/s on {device}" if trained else ", already trained"
+    print(f"pretrain: {state.step} steps{rate}; EMA teacher -> {out / TEACHER_FILE}")

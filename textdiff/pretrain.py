@@ -88,10 +88,17 @@ def new_state(config: dict, lr: float, weight_decay: float, seed: int, device: t
     return PretrainState(model, ema, optimizer, 0, [])
 
 
-def resume_state(state: PretrainState, path: Path, sampler: CropSampler) -> None:
-    """Continue from a checkpoint of the same config (the caller checks the config)."""
+def resume_state(state: PretrainState, path: Path, sampler: CropSampler, max_step: int) -> bool:
+    """Continue from a checkpoint of the same config (the caller checks the config).
+
+    A checkpoint already past `max_step` is not used (training cannot be undone: a budget of 0
+    steps must give the randomly initialised control, not yesterday's teacher); returns whether
+    the state was resumed.
+    """
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
+        if int(blob["step"]) > max_step:
+            return False
         state.model.load_state_dict(blob["model"])
         state.ema.load_state_dict(blob["ema"])
         state.optimizer.load_state_dict(blob["optimizer"])
@@ -101,6 +108,7 @@ def resume_state(state: PretrainState, path: Path, sampler: CropSampler) -> None
     state.losses = list(blob.get("losses", []))
     sampler.gen.set_state(blob["sampler_rng"])
     torch.set_rng_state(blob["torch_rng"])
+    return True
 
 
 def lr_at(step: int, base: float, warmup: int) -> float:

@@ -1,0 +1,121 @@
+"""The in-domain teacher: DDPM training lowers the loss, resumes, exports a loadable teacher,
+and never sees a test image."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from typer.testing import CliRunner
+
+from stages.cli import app
+from textdiff.cache import FeatureCache
+from textdiff.pretrain import CropSampler, new_state, pretrain
+from textdiff.teacher import Diffusion, load_teacher, sha256_file
+
+runner = CliRunner()
+
+TINY_PRETRAIN = {"image_size": 16, "num_channels": 32, "num_res_blocks": 1, "channel_mult": "1,2",
+                 "attention_resolutions": "8", "num_head_channels": 16, "learn_sigma": True,
+                 "use_scale_shift_norm": True, "resblock_updown": True}
+
+
+def _pretrain_params(project, steps, **extra):
+    return project.write_params(
+        teacher={"checkpoint": "", "steps": [10, 100], "blocks": [0, 3]},
+        pretrain={"config": TINY_PRETRAIN, "steps": steps, "batch_size": 4, "lr": 1e-3, "warmup": 0,
+                  "checkpoint_every": 2, "samples": 2, "sample_steps": 3, **extra},
+    )
+
+
+def test_a_few_steps_lower_the_loss():
+    rng = np.random.default_rng(0)
+    images = np.zeros((4, 32, 32, 3), np.uint8)
+    images[..., 0] = 200
+    images[:, 8:20, 8:20] = (60, 20, 120)
+    images = np.clip(images + rng.integers(0, 10, images.shape), 0, 255).astype(np.uint8)
+    diffusion = Diffusion()
+    sampler = CropSampler(images, 16, seed=0)
+    state = new_state(TINY_PRETRAIN, lr=2e-3, weight_decay=0.0, seed=0, device=torch.device("cpu"))
+
+    gen = torch.Generator().manual_seed(1)
+    x0 = sampler.sample(8)
+    t = torch.randint(1000, (8,), generator=gen)
+    noise = torch.randn(x0.shape, generator=gen)
+
+    def held_out_mse():
+        with torch.no_grad():
+            return diffusion.training_losses(state.model.eval(), x0, t, noise)["mse"].mean().item()
+
+    before = held_out_mse()
+    pretrain(state, diffusion, sampler, total_steps=40, batch_size=8, lr=2e-3, warmup=0, ema_decay=0.9,
+             grad_clip=1.0, device=torch.device("cpu"), progress=False)
+    after = held_out_mse()
+    assert state.step == 40 and len(state.losses) == 40
+    assert after < 0.6 * before, (before, after)
+
+
+def test_stage_resumes_exports_and_never_reads_test(tiny_project, monkeypatch):
+    import stages.pretrain as stage
+
+    read = []
+    real = stage.load_prepared
+    monkeypatch.setattr(stage, "load_prepared", lambda d, split: read.append(split) or real(d, split))
+    Path("data/prepared/test.npz").unlink()  # pretraining must not need it
+
+    _pretrain_params(tiny_project, steps=4)
+    first = runner.invoke(app, ["pretrain"])
+    assert first.exit_code == 0, first.output
+    assert set(read) == {"train", "val"}
+    summary = json.loads(Path("models/pretrain/summary.json").read_text())
+    assert summary["steps"] == 4 and summary["steps_this_run"] == 4
+
+    _pretrain_params(tiny_project, steps=6)  # a longer budget continues where it stopped
+    second = runner.invoke(app, ["pretrain"])
+    assert second.exit_code == 0, second.output
+    assert "resuming at step 4" in second.output
+    summary = json.loads(Path("models/pretrain/summary.json").read_text())
+    assert summary["steps"] == 6 and summary["steps_this_run"] == 2
+    assert len(Path("models/pretrain/loss.tsv").read_text().split()) == 1 + 6
+    assert Path("models/pretrain/samples.png").is_file()
+
+    teacher = load_teacher("models/pretrain/teacher.safetensors")
+    assert teacher.config["num_channels"] == 32
+    meta = json.loads(Path("models/pretrain/teacher.json").read_text())
+    assert meta["config"]["image_size"] == 16 and meta["steps"] == 6
+
+
+def test_exported_teacher_feeds_extract(tiny_project):
+    _pretrain_params(tiny_project, steps=2)
+    assert runner.invoke(app, ["pretrain"]).exit_code == 0
+    result = runner.invoke(app, ["extract"])
+    assert result.exit_code == 0, result.output
+    fp = FeatureCache("cache/features.zarr").fingerprint
+    assert fp["teacher_sha256"] == sha256_file("models/pretrain/teacher.safetensors")
+    assert fp["teacher_config"]["image_size"] == 16  # a 16 px teacher applied to 32 px images
+
+
+def test_brought_teacher_skips_pretraining(tiny_project):
+    result = runner.invoke(app, ["pretrain"])  # tiny_project sets teacher.checkpoint
+    assert result.exit_code == 0 and "skipped" in result.output
+    assert not Path("models/pretrain/teacher.safetensors").exists()
+    assert json.loads(Path("models/pretrain/summary.json").read_text())["skipped"] is True
+
+
+def test_a_random_teacher_control_is_zero_steps(tiny_project):
+    _pretrain_params(tiny_project, steps=0, samples=0)
+    result = runner.invoke(app, ["pretrain"])
+    assert result.exit_code == 0, result.output
+    assert load_teacher("models/pretrain/teacher.safetensors").config["num_channels"] == 32
+
+
+def test_zero_steps_after_training_starts_over_rather_than_reusing(tiny_project):
+    _pretrain_params(tiny_project, steps=2)
+    assert runner.invoke(app, ["pretrain"]).exit_code == 0
+    trained = load_teacher("models/pretrain/teacher.safetensors").state_dict()
+    _pretrain_params(tiny_project, steps=0, samples=0)
+    result = runner.invoke(app, ["pretrain"])
+    assert result.exit_code == 0 and "starting over" in result.output
+    control = load_teacher("models/pretrain/teacher.safetensors").state_dict()
+    assert json.loads(Path("models/pretrain/summary.json").read_text())["steps"] == 0
+    assert any(not torch.equal(trained[k], control[k]) for k in trained)
