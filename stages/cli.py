@@ -89,6 +89,28 @@ def evaluate(params: Path = PARAMS) -> None:
 
 @app.command()
 @user_errors
+def predict(
+    inputs: list[Path] = typer.Argument(..., help="Image files and/or folders of images (.png, .tif, .jpg)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder."),
+    text: str = typer.Option(None, "--text", help="One report sentence used for every image."),
+    reports: Path = typer.Option(None, "--reports", help="Workbook with Image/Description rows, matched by file stem."),
+    model: Path = typer.Option(Path("models/classifier"), "--model", help="Trained classifier folder (or its model.pt)."),
+    teacher: Path = typer.Option(None, "--teacher", help="The teacher checkpoint, if it moved since training."),
+    scale: float = typer.Option(None, "--scale", help="Rescale by this factor and slide the training-size window "
+                                "(default: resize each image to the training size, the paper's protocol)."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+) -> None:
+    """Segment images: masks, overlays, probability maps (HDF5) and a per-nucleus CSV."""
+    from stages import predict as stage
+
+    failed = stage.run(inputs, out, text=text, reports=reports, model=model, teacher=teacher, scale=scale,
+                       device=device)
+    if failed:
+        raise typer.Exit(1)
+
+
+@app.command()
+@user_errors
 def report(
     out: Path = typer.Option(Path("metrics/ablation.md"), "--out", help="Where to write the markdown table."),
     exp_json: Path = typer.Option(None, "--from-json", help="Read saved `dvc exp show --json` output instead."),

@@ -19,6 +19,26 @@ METRICS_DIR = Path("metrics")
 TEACHER_FILE = "teacher.safetensors"
 
 
+def resolve_data_root(root: str, cwd: Path | None = None) -> Path:
+    """`data.root` as a path: absolute as given; relative to the repo root otherwise.
+
+    A queued `dvc exp run` executes in a temporary copy under `<repo>/.dvc/tmp/exps/...`, where
+    the default `../shared/data/MoNuSeg` would point inside `.dvc/`; there the path is taken
+    relative to the repository that queued the experiment instead.
+    """
+    path = Path(root).expanduser()
+    if path.is_absolute():
+        return path
+    cwd = (cwd or Path.cwd()).resolve()
+    candidates = [cwd / path]
+    parts = cwd.parts
+    for i in range(len(parts) - 2):
+        if parts[i : i + 3] == (".dvc", "tmp", "exps"):
+            candidates.append(Path(*parts[:i]) / path)
+            break
+    return next((c for c in candidates if c.exists()), candidates[0])
+
+
 def resolve_device(name: str) -> torch.device:
     """`auto` = the GPU when there is one; asking for `cuda` without one is an error, not a fallback."""
     if name == "auto":

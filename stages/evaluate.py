@@ -14,6 +14,7 @@ from textdiff.errors import TextDiffError
 from textdiff.metrics import dice_pixel, image_metrics, summarize
 from textdiff.overlays import overlay, save_png
 from textdiff.params import load_params
+from textdiff.tiles import blend_tiles
 from textdiff.train import SplitData, load_classifier, predict_split
 
 from stages.artifacts import atomic_dir, atomic_file, write_json
@@ -39,6 +40,28 @@ def load_trained(model_dir: Path, device: torch.device):
     return model, meta
 
 
+def stitch_windows(split, window_probs: list[np.ndarray], overlays: int):
+    """Tiles mode: blend the window probabilities of each source image (Gaussian weights, as
+    predict does) and pair them with the full-size masks; rebuild the first images for overlays."""
+    image_ids, index, origins = split.tile_layout()
+    probs, gts, images = [], [], []
+    for k, image_id in enumerate(image_ids):
+        windows = np.flatnonzero(index == k)
+        size = split.full_mask(k).shape
+        prob = blend_tiles([torch.from_numpy(window_probs[w]) for w in windows],
+                           [tuple(map(int, origins[w])) for w in windows], *size)
+        probs.append(prob.numpy().astype(np.float32))
+        gts.append(split.full_mask(k))
+        if k < overlays:
+            image = np.zeros((*size, 3), np.uint8)
+            for w in windows:
+                y, x = map(int, origins[w])
+                tile = split.image(int(w))
+                image[y : y + tile.shape[0], x : x + tile.shape[1]] = tile
+            images.append(image)
+    return image_ids, probs, gts, images
+
+
 def run(params_path: Path, cache_path: Path = CACHE_PATH, model_dir: Path = CLASSIFIER_DIR) -> dict:
     params = load_params(params_path)
     device = resolve_device(params.evaluate.device)
@@ -49,9 +72,13 @@ def run(params_path: Path, cache_path: Path = CACHE_PATH, model_dir: Path = CLAS
     test = cache.split("test")
     data = SplitData(test)
     preds, gts, probs = predict_split(model, data, device, keep_probs=True)
+    ids, images = test.ids, [test.image(k) for k in range(min(params.evaluate.overlays, len(test)))]
+    if test.tiled:  # score whole images at native resolution, not windows
+        ids, probs, gts, images = stitch_windows(test, probs, params.evaluate.overlays)
+        preds = [(p > 0.5).astype(np.uint8) for p in probs]
 
     per_image = []
-    for image_id, p, g in zip(test.ids, preds, gts):
+    for image_id, p, g in zip(ids, preds, gts):
         per_image.append({"id": image_id, **image_metrics(p, g)})
     summary = summarize(per_image)
     metrics = {
@@ -64,12 +91,12 @@ def run(params_path: Path, cache_path: Path = CACHE_PATH, model_dir: Path = CLAS
     with atomic_file(PREDICTIONS) as tmp:
         with h5py.File(tmp, "w") as h5:
             h5.attrs.update(attrs)
-            for image_id, prob in zip(test.ids, probs):
+            for image_id, prob in zip(ids, probs):
                 ds = h5.create_dataset(image_id, data=prob.astype(np.float32), compression="gzip")
                 ds.attrs["description"] = "foreground probability (softmax class 1), test view 0"
     with atomic_dir(OVERLAY_DIR) as tmp:
-        for k in range(min(params.evaluate.overlays, len(per_image))):
-            save_png(tmp / f"{test.ids[k]}.png", overlay(test.image(k), preds[k], gts[k]))
+        for k, image in enumerate(images):
+            save_png(tmp / f"{ids[k]}.png", overlay(image, preds[k], gts[k]))
     write_json(METRICS_DIR / "test_per_image.json", {"images": per_image})
     write_json(METRICS_DIR / "test.json", metrics)
     print(f"test ({len(per_image)} images): dice {metrics['dice']:.4f}  iou {metrics['iou']:.4f}  "

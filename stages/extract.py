@@ -7,9 +7,9 @@ from pathlib import Path
 import torch
 
 from textdiff.cache import SplitSpec, open_for_writing, verify
-from textdiff.data import SPLITS, load_prepared
+from textdiff.data import SPLITS, load_prepared, read_manifest
 from textdiff.errors import TextDiffError
-from textdiff.extract import data_fingerprint, extract_split, write_text
+from textdiff.extract import cut_tiles, data_fingerprint, extract_split, write_text
 from textdiff.params import Params, load_params
 from textdiff.teacher import Diffusion, FeatureExtractor, load_teacher, normalize_config, sha256_file
 from textdiff.teacher.features import block_shapes
@@ -35,12 +35,20 @@ def expected_cache(params: Params, cache_path: Path = CACHE_PATH) -> tuple[dict,
     """The fingerprint and per-split layout the params call for (no model is run)."""
     encoder_id, hidden = text_hidden_size(params.text.encoder)
     prepared = {split: load_prepared(PREPARED_DIR, split) for split in SPLITS}
-    size = params.data.image_size
+    tiled = params.data.mode == "tiles"
+    size = params.data.tile if tiled else params.data.image_size
+    prepared_mode = read_manifest(PREPARED_DIR).get("data_params", {}).get("mode", "resize")
     for split, data in prepared.items():
-        if data.image_size != size:
+        if prepared_mode != params.data.mode or (not tiled and data.image_size != size):
             raise TextDiffError(
-                f"{PREPARED_DIR}: prepared at {data.image_size} px but data.image_size is {size}; run `textdiff prepare`"
+                f"{PREPARED_DIR}: prepared with data.mode={prepared_mode} at {data.image_size} px, but params ask for "
+                f"data.mode={params.data.mode}" + ("" if tiled else f" at {size} px") + "; run `textdiff prepare`"
             )
+    windows = {}
+    if tiled:
+        for split, d in prepared.items():
+            windows[split] = cut_tiles(d.images, d.masks, list(d.ids), list(d.texts), params.data.tile,
+                                       params.data.stride)
     if params.teacher.kind == "rgb":
         # The control: the classifier sees the image itself as its only "feature block".
         teacher, shapes, steps, blocks = None, {0: (3, size, size)}, [0], [0]
@@ -60,9 +68,11 @@ def expected_cache(params: Params, cache_path: Path = CACHE_PATH) -> tuple[dict,
         }
     specs = {
         split: SplitSpec(
-            ids=list(data.ids), texts=list(data.texts), image_size=size, views=params.extract.views,
+            ids=windows[split][3] if tiled else list(data.ids),
+            texts=windows[split][4] if tiled else list(data.texts),
+            image_size=size, views=params.extract.views,
             steps=len(steps), block_shapes=shapes, text_length=params.text.max_length,
-            text_dim=hidden, dtype=params.extract.dtype,
+            text_dim=hidden, dtype=params.extract.dtype, tiles=windows[split][2] if tiled else None,
         )
         for split, data in prepared.items()
     }
@@ -78,7 +88,12 @@ def expected_cache(params: Params, cache_path: Path = CACHE_PATH) -> tuple[dict,
         "text_max_length": params.text.max_length,
         "data": {split: data_fingerprint(list(d.ids), list(d.texts), d.images, d.masks) for split, d in prepared.items()},
     }
-    return fingerprint, specs, (teacher, prepared)
+    if tiled:  # (resize-mode fingerprints stay as they were: existing caches remain valid)
+        fingerprint.update(mode="tiles", tile=params.data.tile, stride=params.data.stride,
+                           full_size=int(prepared["train"].images.shape[1]))
+    inputs = {split: (windows[split][0], windows[split][1]) if tiled else (d.images, d.masks)
+              for split, d in prepared.items()}
+    return fingerprint, specs, (teacher, prepared, inputs)
 
 
 class PixelFeatures:
@@ -90,7 +105,7 @@ class PixelFeatures:
 
 def run(params_path: Path, rebuild: bool = True, cache_path: Path = CACHE_PATH) -> None:
     params = load_params(params_path)
-    fingerprint, specs, (teacher, prepared) = expected_cache(params, cache_path)
+    fingerprint, specs, (teacher, prepared, inputs) = expected_cache(params, cache_path)
     device = resolve_device(params.extract.device)
     # Load both models first: a bad checkpoint or encoder must fail before the cache is touched.
     if teacher is None:
@@ -107,11 +122,14 @@ def run(params_path: Path, rebuild: bool = True, cache_path: Path = CACHE_PATH) 
     root = open_for_writing(cache_path, fingerprint, specs, info, rebuild=rebuild)
 
     for split in SPLITS:
-        group, data = root[split], prepared[split]
+        group, data, spec = root[split], prepared[split], specs[split]
         if not group.attrs.get("text_complete", False):
             emb = encoder.encode(list(data.texts))
-            write_text(group, emb.tokens, emb.mask, emb.pooled)
-        stats = extract_split(group, specs[split], data.images, data.masks, extractor,
+            if spec.tiles is not None:  # one report per source image, repeated for its windows
+                emb.tokens, emb.mask, emb.pooled = (a[spec.tiles.image_index] for a in (emb.tokens, emb.mask, emb.pooled))
+            write_text(group, emb.tokens, emb.mask, emb.pooled, spec, data.masks)
+        images, masks = inputs[split]
+        stats = extract_split(group, spec, images, masks, extractor,
                               params.extract.batch_size, device, desc=f"extract {split}")
         rate = stats["done"] / stats["seconds"] if stats["done"] and stats["seconds"] > 0 else 0.0
         print(f"{split}: {stats['done']} extracted, {stats['skipped']} already cached"

@@ -47,6 +47,7 @@ def run(params_path: Path, cache_path: Path = CACHE_PATH, out_dir: Path = CLASSI
         "train_ids": result["train_ids"],
         "cache": str(cache_path),
         "cache_fingerprint": cache.fingerprint,
+        "teacher_path": dict(cache.root.attrs.get("provenance", {})).get("teacher_path"),
         "provenance": provenance(),
     }
     with atomic_dir(out_dir) as tmp:

@@ -16,8 +16,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 
 TINY = {
-    "data": {"image_size": 64},
-    "teacher": {"steps": [50, 150], "blocks": [1, 5]},
+    "data": {"image_size": 64, "mode": "resize"},
     "pretrain": {
         "config": {"image_size": 32, "num_channels": 32, "num_res_blocks": 1, "channel_mult": "1,2,2",
                    "attention_resolutions": "8", "num_head_channels": 16, "learn_sigma": True,
@@ -25,7 +24,9 @@ TINY = {
         "steps": 3, "batch_size": 2, "checkpoint_every": 3, "samples": 1, "sample_steps": 2,
     },
     "extract": {"batch_size": 8},
-    "train": {"epochs": 2, "d_model": 16, "heads": 2, "num_labeled": 6},
+    "teacher": {"kind": "adm", "checkpoint": "", "config": {}, "steps": [50, 150], "blocks": [1, 5]},
+    "train": {"fusion": "cross_attention", "contrastive_weight": 0.0, "epochs": 2, "d_model": 16, "heads": 2,
+              "num_labeled": 6},
     "evaluate": {"overlays": 2},
 }
 

@@ -107,3 +107,17 @@ def test_prepare_real_data_small(monuseg_root, tmp_path, monkeypatch):
         assert got.masks.shape == (n, 64, 64) and set(np.unique(got.masks)) == {0, 1}
         assert got.ids == sorted(got.ids) and all(t.strip() for t in got.texts)
     assert sum(p.stat().st_size for p in out.iterdir()) < 4 * 2**20
+
+
+def test_relative_root_inside_a_queued_experiment_copy(tmp_path):
+    """`dvc queue start` runs stages in <repo>/.dvc/tmp/exps/<tmp>: ../shared must still resolve."""
+    from stages.common import resolve_data_root
+
+    repo = tmp_path / "repo"
+    (tmp_path / "shared" / "data").mkdir(parents=True)
+    temp = repo / ".dvc" / "tmp" / "exps" / "tmpabc123"
+    temp.mkdir(parents=True)
+    assert resolve_data_root("../shared/data", cwd=temp) == repo / "../shared/data"
+    assert resolve_data_root("../shared/data", cwd=repo) == repo / "../shared/data"
+    assert resolve_data_root("/abs/path") == Path("/abs/path")
+    assert resolve_data_root("../missing", cwd=temp) == temp / "../missing"  # error names the literal path

@@ -37,6 +37,17 @@ _CHUNK_KEYS = {"name": "default", "configuration": {"separator": "/"}}
 
 
 @dataclass
+class TileLayout:
+    """Tiles mode: which source image each cached window comes from, and where it sits."""
+
+    image_ids: list[str]
+    image_texts: list[str]
+    image_index: list[int]  # per window
+    origins: list[tuple[int, int]]  # per window, (y, x)
+    full_size: int  # the source images' (square) side
+
+
+@dataclass
 class SplitSpec:
     """What one split's group must hold; derived from the prepared data and the params."""
 
@@ -49,6 +60,7 @@ class SplitSpec:
     text_length: int
     text_dim: int
     dtype: str
+    tiles: TileLayout | None = None
 
     @property
     def n(self) -> int:
@@ -66,6 +78,11 @@ class SplitSpec:
         out["text_mask"] = ((n, self.text_length), (max(n, 1), self.text_length), np.uint8)
         out["text_pooled"] = ((n, self.text_dim), (max(n, 1), self.text_dim), np.float32)
         out["complete"] = ((n,), (1,), np.uint8)
+        if self.tiles is not None:
+            m, full = len(self.tiles.image_ids), self.tiles.full_size
+            out["tile_image"] = ((n,), (max(n, 1),), np.int32)
+            out["tile_origin"] = ((n, 2), (max(n, 1), 2), np.int32)
+            out["full_masks"] = ((m, full, full), (1, full, full), np.uint8)
         return out
 
 
@@ -145,6 +162,8 @@ def _create(path: Path, fingerprint: dict, specs: dict[str, SplitSpec], provenan
             group.create_array(name, shape=shape, chunks=chunks, dtype=dtype, fill_value=0,
                                chunk_key_encoding=_CHUNK_KEYS)
         group.attrs.update({"ids": spec.ids, "texts": spec.texts, "text_complete": False})
+        if spec.tiles is not None:
+            group.attrs.update({"image_ids": spec.tiles.image_ids, "image_texts": spec.tiles.image_texts})
     # Written last: a cache without its fingerprint is treated as foreign and rebuilt.
     root.attrs.update({"format": FORMAT_VERSION, "fingerprint": fingerprint, "provenance": provenance})
     return root
@@ -244,6 +263,18 @@ class CachedSplit:
 
     def image(self, index: int) -> np.ndarray:
         return np.asarray(self.group["images"][index])
+
+    @property
+    def tiled(self) -> bool:
+        return "tile_image" in self.group
+
+    def tile_layout(self) -> tuple[list[str], np.ndarray, np.ndarray]:
+        """(source image ids, per-window image index, per-window (y, x) origin)."""
+        return (list(self.group.attrs["image_ids"]), np.asarray(self.group["tile_image"][:]),
+                np.asarray(self.group["tile_origin"][:]))
+
+    def full_mask(self, image_index: int) -> np.ndarray:
+        return np.asarray(self.group["full_masks"][image_index])
 
     def text(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if not self._text:

@@ -15,7 +15,7 @@ import torch
 import zarr
 from tqdm import tqdm
 
-from textdiff.cache import SplitSpec, to_storage
+from textdiff.cache import SplitSpec, TileLayout, to_storage
 from textdiff.views import apply_view
 
 
@@ -35,11 +35,42 @@ def images_to_model_range(images: np.ndarray) -> torch.Tensor:
     return x / 127.5 - 1.0
 
 
-def write_text(group: zarr.Group, tokens: np.ndarray, mask: np.ndarray, pooled: np.ndarray) -> None:
+def write_text(group: zarr.Group, tokens: np.ndarray, mask: np.ndarray, pooled: np.ndarray,
+               spec: SplitSpec | None = None, full_masks: np.ndarray | None = None) -> None:
+    """The per-split arrays written once (text; in tiles mode also the window layout), then the
+    flag that says they are complete."""
     group["text_tokens"][:] = tokens
     group["text_mask"][:] = mask
     group["text_pooled"][:] = pooled
+    if spec is not None and spec.tiles is not None:
+        group["tile_image"][:] = np.asarray(spec.tiles.image_index, np.int32)
+        group["tile_origin"][:] = np.asarray(spec.tiles.origins, np.int32).reshape(-1, 2)
+        group["full_masks"][:] = full_masks
     group.attrs["text_complete"] = True
+
+
+def cut_tiles(images: np.ndarray, masks: np.ndarray, ids: list[str], texts: list[str], tile: int,
+              stride: int) -> tuple[np.ndarray, np.ndarray, TileLayout, list[str], list[str]]:
+    """Native-resolution windows of square images [N, S, S, 3]: tiles, their masks, the layout,
+    and per-window ids (`<image>@<y>,<x>`) and texts (the image's report)."""
+    from textdiff.tiles import tile_grid
+
+    size = images.shape[1]
+    grid = tile_grid(size, size, tile, stride)
+    tiles, tile_masks, index, origins, tile_ids, tile_texts = [], [], [], [], [], []
+    for k in range(len(images)):
+        for y, x in grid:
+            tiles.append(images[k, y : y + tile, x : x + tile])
+            tile_masks.append(masks[k, y : y + tile, x : x + tile])
+            index.append(k)
+            origins.append((y, x))
+            tile_ids.append(f"{ids[k]}@{y},{x}")
+            tile_texts.append(texts[k])
+    layout = TileLayout(image_ids=list(ids), image_texts=list(texts), image_index=index, origins=origins,
+                        full_size=size)
+    empty = np.zeros((0, tile, tile, 3), np.uint8)
+    return (np.stack(tiles) if tiles else empty, np.stack(tile_masks) if tiles else empty[..., 0],
+            layout, tile_ids, tile_texts)
 
 
 def extract_split(

@@ -1,0 +1,178 @@
+"""`textdiff predict`: any image size, bad files skipped, CSV/HDF5 contents, exact stitching."""
+
+import csv
+import shutil
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from stages.cli import app
+from textdiff.predict import nucleus_table, sliding_window
+from textdiff.tiles import blend_tiles, gaussian_window, tile_grid, window_starts
+
+runner = CliRunner()
+
+
+def test_window_starts_cover_the_image():
+    assert window_starts(256, 256, 192) == [0]
+    assert window_starts(100, 256, 192) == [0]
+    assert window_starts(1000, 256, 192) == [0, 192, 384, 576, 744]
+    for length in (257, 500, 1000, 1023):
+        starts = window_starts(length, 256, 192)
+        covered = np.zeros(length, bool)
+        for s in starts:
+            covered[s : s + 256] = True
+        assert covered.all() and starts[-1] + 256 == length
+
+
+def test_stitching_a_pixelwise_model_is_exact():
+    """For a model whose output at a pixel depends only on that pixel, any tiling must give the
+    whole-image answer: the Gaussian blend is a normalised weighted mean of identical values."""
+    torch.manual_seed(0)
+    image = torch.rand(3, 70, 90) * 2 - 1
+
+    def pixelwise(x):
+        return torch.sigmoid(3 * x[0, 0] - 2 * x[0, 1] + x[0, 2])
+
+    whole = pixelwise(image[None])
+    tiled = sliding_window(image, tile=32, stride=20, predict_tile=pixelwise)
+    torch.testing.assert_close(tiled, whole, atol=1e-6, rtol=0)
+    small = sliding_window(image[:, :20, :25], tile=32, stride=20, predict_tile=pixelwise)  # padded, cropped
+    torch.testing.assert_close(small, whole[:20, :25], atol=1e-6, rtol=0)
+    w = gaussian_window(32)
+    assert w.max() == 1 and w.min() > 0 and w[16, 16] > w[0, 0]
+
+
+def test_nucleus_table_rows_are_connected_components():
+    mask = np.zeros((20, 20), np.uint8)
+    mask[2:5, 2:5] = 1  # 9 px
+    mask[10:12, 10:16] = 1  # 12 px
+    rows = nucleus_table("img", mask)
+    assert [r["area"] for r in rows] == [9, 12]
+    assert rows[0]["centroid_y"] == 3.0 and rows[0]["centroid_x"] == 3.0
+    assert 0 <= rows[1]["eccentricity"] < 1
+
+
+@pytest.fixture
+def trained(tiny_project):
+    assert runner.invoke(app, ["extract"]).exit_code == 0
+    tiny_project.write_params(train={"epochs": 1, "d_model": 16, "heads": 2})
+    result = runner.invoke(app, ["train"])
+    assert result.exit_code == 0, result.output
+    return tiny_project
+
+
+def test_predict_folder_with_a_corrupt_file(trained, tmp_path):
+    folder = tmp_path / "slides"
+    folder.mkdir()
+    src = trained.data_root / "Test_Folder" / "img"
+    for f in sorted(src.iterdir()):
+        shutil.copy(f, folder / f.name)
+    big = np.asarray(Image.open(sorted(src.iterdir())[0]).convert("RGB").resize((57, 45)))
+    Image.fromarray(big).save(folder / "odd_size.png")  # any size, not square
+    (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    out = tmp_path / "pred"
+    result = runner.invoke(app, ["predict", str(folder), "--out", str(out), "--text", "Many nuclei."])
+    assert result.exit_code == 1, result.output
+    assert "broken.png" in result.output and "Traceback" not in result.output
+    ids = ["img_test_0", "img_test_1", "odd_size"]
+    for image_id in ids:
+        mask = np.asarray(Image.open(out / f"{image_id}_mask.png"))
+        assert set(np.unique(mask)) <= {0, 255}
+        assert (out / f"{image_id}_overlay.png").is_file()
+    assert np.asarray(Image.open(out / "odd_size_mask.png")).shape == (45, 57)
+    with h5py.File(out / "predictions.h5") as h5:
+        assert sorted(h5) == ids
+        assert h5["odd_size"].shape == (45, 57)
+        assert h5["img_test_0"].attrs["text"] == "Many nuclei."
+        assert h5["img_test_0"].attrs["source"].endswith("img_test_0.tif")
+        assert "fusion" in h5.attrs["classifier"]
+        probs = {k: h5[k][:] for k in h5}
+    with open(out / "nuclei.csv") as f:
+        rows = list(csv.DictReader(f))
+    for image_id in ids:
+        mask = np.asarray(Image.open(out / f"{image_id}_mask.png")) > 0
+        assert np.array_equal(mask, probs[image_id] > 0.5)
+        mine = [r for r in rows if r["image"] == image_id]
+        assert sum(int(r["area"]) for r in mine) == int(mask.sum())
+        from skimage.measure import label
+
+        assert len(mine) == label(mask, connectivity=2).max()
+    assert "img_test_0:" in result.output and "nuclei" in result.output
+
+
+def test_tiled_prediction_equals_single_pass_where_it_fits(trained):
+    """A 32 px image with 32 px windows: the sliding-window path gives the single-pass answer."""
+    from stages.predict import build_segmenter
+
+    segmenter, _ = build_segmenter(Path("models/classifier"), torch.device("cpu"), None, None)
+    image = np.asarray(Image.open(trained.data_root / "Train_Folder/img/img_train_0.png").convert("RGB").resize((32, 32)))
+    single = segmenter.probabilities(image, "Few nuclei.")
+    segmenter.mode, segmenter.tile, segmenter.stride = "tiles", 32, 16
+    tiled = segmenter.probabilities(image, "Few nuclei.")
+    np.testing.assert_allclose(tiled, single, atol=1e-6)
+    segmenter.mode, segmenter.scale = "resize", 1.0  # scale 1: slide 32 px windows over a 32 px image
+    np.testing.assert_allclose(segmenter.probabilities(image, "Few nuclei."), single, atol=1e-6)
+
+
+def test_predict_needs_text_for_a_text_model(trained, tmp_path):
+    img = trained.data_root / "Test_Folder" / "img" / "img_test_0.tif"
+    result = runner.invoke(app, ["predict", str(img), "--out", str(tmp_path / "p")])
+    assert result.exit_code == 1 and "--text" in result.output
+
+
+def test_predict_reports_workbook_missing_row(trained, tmp_path, xlsx_writer):
+    book = xlsx_writer(tmp_path / "r.xlsx", [("img_test_0.png", "Dense nuclei.")])
+    folder = trained.data_root / "Test_Folder" / "img"
+    result = runner.invoke(app, ["predict", str(folder), "--out", str(tmp_path / "p"), "--reports", str(book)])
+    assert result.exit_code == 1
+    assert "img_test_1" in result.output and "no report row" in result.output
+    with h5py.File(tmp_path / "p" / "predictions.h5") as h5:
+        assert list(h5) == ["img_test_0"] and h5["img_test_0"].attrs["text"] == "Dense nuclei."
+
+
+def test_blend_tiles_needs_full_coverage_and_keeps_constants():
+    origins = tile_grid(50, 40, 32, 24)
+    probs = [torch.full((32, 32), 0.25) for _ in origins]
+    torch.testing.assert_close(blend_tiles(probs, origins, 50, 40), torch.full((50, 40), 0.25))
+    with pytest.raises(ValueError, match="cover"):
+        blend_tiles(probs[:1], origins[:1], 50, 40)
+
+
+def test_tiles_mode_end_to_end(tiny_project, tmp_path):
+    """Native resolution: 40 px images cut into 32 px windows (stride 16 -> 2x2 windows each);
+    evaluation scores the stitched full-size masks; predict slides the same windows."""
+    import json
+
+    tiny_project.write_params(data={"mode": "tiles", "tile": 32, "stride": 16})
+    assert runner.invoke(app, ["prepare"]).exit_code == 0
+    result = runner.invoke(app, ["extract"])
+    assert result.exit_code == 0, result.output
+    from textdiff.cache import FeatureCache
+
+    cache = FeatureCache("cache/features.zarr")
+    assert cache.fingerprint["mode"] == "tiles" and cache.fingerprint["full_size"] == 40
+    test = cache.split("test")
+    assert len(test) == 2 * 4 and test.ids[1] == "img_test_0@0,8"
+    image_ids, index, origins = test.tile_layout()
+    assert image_ids == ["img_test_0", "img_test_1"] and index.tolist() == [0, 0, 0, 0, 1, 1, 1, 1]
+    assert runner.invoke(app, ["train"]).exit_code == 0
+    evaluated = runner.invoke(app, ["evaluate"])
+    assert evaluated.exit_code == 0, evaluated.output
+    with h5py.File("metrics/predictions.h5") as h5:
+        assert sorted(h5) == ["img_test_0", "img_test_1"] and h5["img_test_0"].shape == (40, 40)
+        stitched = h5["img_test_0"][:]
+    assert np.asarray(Image.open("metrics/overlays/img_test_0.png")).shape == (40, 40, 3)
+    assert json.loads(Path("metrics/test.json").read_text())["num_images"] == 2
+
+    out = tmp_path / "pred"
+    img = tiny_project.data_root / "Test_Folder" / "img" / "img_test_0.tif"
+    predicted = runner.invoke(app, ["predict", str(img), "--out", str(out), "--text", "The nuclei are evenly distributed."])
+    assert predicted.exit_code == 0, predicted.output
+    with h5py.File(out / "predictions.h5") as h5:
+        np.testing.assert_allclose(h5["img_test_0"][:], stitched, atol=1e-3)  # fp16 cache vs fp32 live

@@ -1,0 +1,112 @@
+"""Segmenting new images with a trained pipeline: teacher -> features -> classifier, per image.
+
+An image of any size is brought to the scale the classifier was trained at, cut into windows of
+the training size (one window when it fits), and the foreground probabilities of overlapping
+windows are blended with a Gaussian weight that trusts window centres over window borders (where
+the UNet and the decoder see zero padding). The blended map is resized back to the image's size.
+
+- `resize` models (the paper's protocol): the whole image is resized to `image_size`, exactly as
+  `prepare` resized the training images; one window. `scale` instead rescales by a fixed factor
+  and slides the window, for inputs larger than the training tiles (MoNuSeg: 256/1000 = 0.256).
+- `tiles` models: scale 1 (native resolution), windows of `data.tile` with `data.stride`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from textdiff.classifier import PixelClassifier
+from textdiff.extract import images_to_model_range
+from textdiff.tiles import blend_tiles, tile_grid
+
+
+def sliding_window(image: torch.Tensor, tile: int, stride: int, predict_tile) -> torch.Tensor:
+    """Blend `predict_tile([1, 3, tile, tile]) -> [tile, tile]` over image [3, H, W] -> [H, W].
+
+    An image smaller than a tile is reflect-padded up to it and the result cropped back.
+    """
+    _, h, w = image.shape
+    ph, pw = max(0, tile - h), max(0, tile - w)
+    if ph or pw:
+        mode = "reflect" if ph < h and pw < w else "replicate"
+        image = F.pad(image[None], (0, pw, 0, ph), mode=mode)[0]
+    H, W = image.shape[1:]
+    origins = tile_grid(H, W, tile, stride)
+    probs = [predict_tile(image[None, :, y : y + tile, x : x + tile]) for y, x in origins]
+    return blend_tiles(probs, origins, H, W)[:h, :w]
+
+
+@dataclass
+class Segmenter:
+    """Everything needed to segment an image: the frozen parts and the trained classifier."""
+
+    extractor: object  # FeatureExtractor or the RGB control: [B,3,h,w] in [-1,1] -> {block: [B,S,C,hb,wb]}
+    blocks: list[int]
+    classifier: PixelClassifier
+    encoder: object | None  # TextEncoder, None when the classifier ignores text
+    image_size: int
+    mode: str = "resize"
+    tile: int = 256
+    stride: int = 192
+    scale: float | None = None
+    device: torch.device = torch.device("cpu")
+
+    def __post_init__(self) -> None:
+        self._text_cache: dict[str, tuple] = {}
+
+    def text_inputs(self, text: str):
+        if self.encoder is None:
+            return None, None, None
+        if text not in self._text_cache:
+            emb = self.encoder.encode([text])
+            self._text_cache[text] = tuple(torch.from_numpy(a).to(self.device) for a in (emb.tokens, emb.mask, emb.pooled))
+        return self._text_cache[text]
+
+    @torch.no_grad()
+    def probabilities(self, image: np.ndarray, text: str = "") -> np.ndarray:
+        """Foreground probability [H, W] float32 for an RGB uint8 image [H, W, 3] of any size."""
+        h, w = image.shape[:2]
+        tokens, mask, pooled = self.text_inputs(text)
+        self.classifier.eval()
+
+        def predict_tile(x: torch.Tensor) -> torch.Tensor:
+            feats = self.extractor(x.to(self.device))
+            out = self.classifier([feats[b].to(self.device) for b in self.blocks], tokens, mask, pooled)
+            return torch.softmax(out["logits"].float(), dim=1)[0, 1]
+
+        if self.mode == "resize" and self.scale is None:
+            size, tile, stride = (self.image_size, self.image_size), self.image_size, self.image_size
+        else:
+            factor = 1.0 if self.mode == "tiles" else float(self.scale)
+            size = (max(1, round(h * factor)), max(1, round(w * factor)))
+            tile = self.tile if self.mode == "tiles" else self.image_size
+            stride = self.stride if self.mode == "tiles" else max(1, (3 * self.image_size) // 4)
+        resized = image if size == (h, w) else np.array(Image.fromarray(image).resize(size[::-1], Image.BICUBIC))
+        x = images_to_model_range(np.array(resized[None]))[0]  # a writable copy for torch
+        prob = sliding_window(x, tile, stride, predict_tile)
+        if prob.shape != (h, w):
+            prob = F.interpolate(prob[None, None], size=(h, w), mode="bilinear", align_corners=False)[0, 0]
+        return prob.clamp(0, 1).numpy().astype(np.float32)
+
+
+def nucleus_table(image_id: str, mask: np.ndarray) -> list[dict]:
+    """One row per connected component (8-connectivity) of a binary mask: what a pathologist counts."""
+    from skimage.measure import label, regionprops
+
+    rows = []
+    for region in regionprops(label(mask.astype(bool), connectivity=2)):
+        cy, cx = region.centroid
+        rows.append({"image": image_id, "label": int(region.label), "area": int(region.area),
+                     "centroid_y": round(float(cy), 2), "centroid_x": round(float(cx), 2),
+                     "eccentricity": round(float(region.eccentricity), 4)})
+    return rows
+
+
+def megapixels(shape: tuple[int, ...]) -> float:
+    return math.prod(shape[:2]) / 1e6
