@@ -114,11 +114,13 @@ def predict(
 def report(
     out: Path = typer.Option(Path("metrics/ablation.md"), "--out", help="Where to write the markdown table."),
     exp_json: Path = typer.Option(None, "--from-json", help="Read saved `dvc exp show --json` output instead."),
+    all_commits: bool = typer.Option(False, "--all-commits", "-A",
+                                     help="Include experiments of earlier commits (newest run of each variation)."),
 ) -> None:
     """Turn the DVC experiments' test metrics into the ablation table (metrics/ablation.md)."""
     from stages import report as stage
 
-    stage.run(out, exp_json)
+    stage.run(out, exp_json, all_commits)
 
 
 cache_app = typer.Typer(no_args_is_help=True, help="Inspect the feature cache.")

@@ -12,7 +12,7 @@ from textdiff.report import markdown_table, rows_from_exp_show
 from stages.artifacts import atomic_file
 
 
-def run(out: Path = Path("metrics/ablation.md"), exp_json: Path | None = None) -> str:
+def run(out: Path = Path("metrics/ablation.md"), exp_json: Path | None = None, all_commits: bool = False) -> str:
     if exp_json is not None:
         try:
             exp_show = json.loads(Path(exp_json).read_text())
@@ -20,7 +20,8 @@ def run(out: Path = Path("metrics/ablation.md"), exp_json: Path | None = None) -
             raise TextDiffError(f"{exp_json}: not readable `dvc exp show --json` output") from None
     else:
         try:
-            done = subprocess.run(["dvc", "exp", "show", "--json"], capture_output=True, text=True, check=False)
+            cmd = ["dvc", "exp", "show", "--json"] + (["--all-commits"] if all_commits else [])
+            done = subprocess.run(cmd, capture_output=True, text=True, check=False)
         except FileNotFoundError:
             raise TextDiffError("dvc is not on PATH (pip install dvc)") from None
         if done.returncode != 0:

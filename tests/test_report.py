@@ -42,3 +42,21 @@ def test_markdown_table_orders_and_labels_variations():
     assert labels == ["ζ1", "ζ2", "TextDiff", "Ext. 1", "Ext. 2"]
     assert "| 78.67 | 64.98 | 55.00 |" in lines[4]
     assert "λ = 0.1" in lines[6]
+
+
+def test_controls_and_duplicates_keep_the_newest():
+    base = _record("main", "cross_attention", 0.0, 0.70, 0.55, 0.40)
+    base["data"]["timestamp"] = "2026-11-25T07:00:00"
+    newer = _record("main2", "cross_attention", 0.0, 0.76, 0.61, 0.39)
+    newer["data"]["timestamp"] = "2026-11-25T08:00:00"
+    rgb = _record("rgb", "cross_attention", 0.0, 0.60, 0.45, 0.2)
+    rgb["data"]["params"]["params.yaml"]["data"]["teacher"] = {"kind": "rgb"}
+    rnd = _record("rnd", "cross_attention", 0.0, 0.65, 0.5, 0.3)
+    rnd["data"]["params"]["params.yaml"]["data"]["teacher"] = {"kind": "adm", "checkpoint": ""}
+    rnd["data"]["params"]["params.yaml"]["data"]["pretrain"] = {"steps": 0}
+    rows = rows_from_exp_show([base, newer, rgb, rnd])
+    assert sorted(r["name"] for r in rows) == ["main2", "rgb", "rnd"]
+    table = markdown_table(rows)
+    assert "| TextDiff |" in table and "76.00" in table
+    assert "| Control (c) |" in table and "| Control (b), TextDiff |" in table
+    assert table.strip().splitlines()[-1].startswith("| Control")

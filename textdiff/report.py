@@ -32,7 +32,8 @@ def _walk(node: Any) -> Iterator[dict]:
 
 def rows_from_exp_show(exp_show: Any, params_file: str = "params.yaml",
                        metrics_file: str = "metrics/test.json") -> list[dict]:
-    rows, seen = [], set()
+    rows: list[dict] = []
+    seen: dict[tuple, dict] = {}
     for record in _walk(exp_show):
         data = record["data"]
         params = ((data.get("params") or {}).get(params_file) or {}).get("data") or {}
@@ -40,24 +41,40 @@ def rows_from_exp_show(exp_show: Any, params_file: str = "params.yaml",
         if not metrics or "dice" not in metrics:
             continue
         train = params.get("train") or {}
-        key = (record["name"] or record["rev"], train.get("fusion"), train.get("contrastive_weight"))
-        if key in seen:
-            continue
-        seen.add(key)
-        rows.append({
+        teacher = params.get("teacher") or {}
+        pretrain = params.get("pretrain") or {}
+        row = {
             "name": record["name"] or str(record["rev"])[:7],
+            "timestamp": str(data.get("timestamp") or ""),
             "fusion": train.get("fusion", "cross_attention"),
             "contrastive_weight": float(train.get("contrastive_weight", 0.0) or 0.0),
             "num_labeled": train.get("num_labeled", 0),
+            "teacher_kind": teacher.get("kind", "adm"),
+            "random_teacher": teacher.get("kind", "adm") == "adm" and not teacher.get("checkpoint")
+            and pretrain.get("steps") == 0,
             "dice": metrics.get("dice"),
             "iou": metrics.get("iou"),
             "aji": metrics.get("aji"),
-        })
+        }
+        key = variation(row)
+        if key in seen:  # the same variation twice (e.g. across commits): keep the newest run
+            old = seen[key]
+            if row["timestamp"] > old["timestamp"]:
+                rows[rows.index(old)] = row
+                seen[key] = row
+            continue
+        seen[key] = row
+        rows.append(row)
     return rows
 
 
 def variation(row: dict) -> tuple[str, str]:
+    if row.get("teacher_kind") == "rgb":
+        label, text = "Control (c)", f"raw RGB pixels instead of teacher features; classifier: {row['fusion']}"
+        return label, text
     label, text = DESCRIPTIONS.get(row["fusion"], (row["fusion"], row["fusion"]))
+    if row.get("random_teacher"):
+        label, text = f"Control (b), {label}", f"randomly initialised teacher (pretrain.steps = 0); {text}"
     if row["contrastive_weight"] > 0:
         label = "Ext. 2" if row["fusion"] == "cross_attention" else f"{label} + Ext. 2"
         text = f"{text}; + contrastive image-text loss, λ = {row['contrastive_weight']:g}"
@@ -70,7 +87,12 @@ def _pct(value: Any) -> str:
 
 def markdown_table(rows: list[dict]) -> str:
     order = {"none": 0, "concat": 1, "cross_attention": 2, "hierarchical": 3}
-    rows = sorted(rows, key=lambda r: (r["contrastive_weight"] > 0, order.get(r["fusion"], 9), r["name"]))
+
+    def rank(r: dict) -> tuple:
+        control = r.get("teacher_kind") == "rgb" or r.get("random_teacher", False)
+        return (control, r["contrastive_weight"] > 0, order.get(r["fusion"], 9), r["name"])
+
+    rows = sorted(rows, key=rank)
     lines = [
         "| Variation | Description | Dice (%) | IoU (%) | AJI (%) | Experiment |",
         "|---|---|---:|---:|---:|---|",
