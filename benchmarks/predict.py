@@ -1,0 +1,58 @@
+"""Throughput of `textdiff predict`: megapixels per second for the trained pipeline.
+
+    python benchmarks/predict.py --images 6                  # resize protocol (one window per image)
+    python benchmarks/predict.py --images 2 --scale 0.512    # sliding windows at 2x the training scale
+
+Segments the first N MoNuSeg test images (1000x1000) with models/classifier and prints the median
+seconds per image and megapixels/s (model loading excluded; the first image is a warm-up).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from stages.common import CLASSIFIER_DIR, resolve_data_root, resolve_device  # noqa: E402
+from stages.predict import build_segmenter  # noqa: E402
+from textdiff.data import list_images, read_image  # noqa: E402
+from textdiff.params import load_params  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--images", type=int, default=6)
+    ap.add_argument("--scale", type=float, default=None)
+    ap.add_argument("--device", default="auto")
+    args = ap.parse_args()
+
+    device = resolve_device(args.device)
+    segmenter, meta = build_segmenter(CLASSIFIER_DIR, device, None, args.scale)
+    root = resolve_data_root(load_params("params.yaml").data.root)
+    paths = list_images(root, "test")[: args.images + 1]
+    images = [read_image(p)[0] for p in paths]
+    segmenter.probabilities(images[0], "warm-up")
+    times = []
+    for image in images[1:]:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        segmenter.probabilities(image, "The nuclei are sparsely distributed.")
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    mp = images[1].shape[0] * images[1].shape[1] / 1e6
+    med = statistics.median(times)
+    print(f"{len(times)} images of {images[1].shape[1]}x{images[1].shape[0]}, mode {segmenter.mode}, "
+          f"scale {args.scale}, fusion {meta['classifier']['fusion']}, device {device}, threads {torch.get_num_threads()}")
+    print(f"median {med:.2f} s/image (min {min(times):.2f}, max {max(times):.2f}) = {mp / med:.3f} megapixels/s")
+
+
+if __name__ == "__main__":
+    main()
