@@ -72,10 +72,11 @@ def run(params_path: Path, cache_path: Path = CACHE_PATH, model_dir: Path = CLAS
     test = cache.split("test")
     data = SplitData(test)
     preds, gts, probs = predict_split(model, data, device, keep_probs=True)
-    ids, images = test.ids, [test.image(k) for k in range(min(params.evaluate.overlays, len(test)))]
     if test.tiled:  # score whole images at native resolution, not windows
         ids, probs, gts, images = stitch_windows(test, probs, params.evaluate.overlays)
         preds = [(p > 0.5).astype(np.uint8) for p in probs]
+    else:
+        ids, images = test.ids, [test.image(k) for k in range(min(params.evaluate.overlays, len(test)))]
 
     per_image = []
     for image_id, p, g in zip(ids, preds, gts):
