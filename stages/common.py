@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import platform
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,6 +9,7 @@ from pathlib import Path
 import torch
 
 from textdiff.errors import TextDiffError
+from textdiff.teacher.checkpoint import read_sidecar_config
 from textdiff.params import Params
 
 PREPARED_DIR = Path("data/prepared")
@@ -52,21 +52,6 @@ def resolve_device(name: str) -> torch.device:
 class TeacherSpec:
     path: Path
     config: dict
-
-
-def read_sidecar_config(checkpoint: Path) -> dict | None:
-    """The `<checkpoint stem>.json` written next to our exported teachers, if any."""
-    sidecar = checkpoint.with_suffix(".json")
-    if not sidecar.is_file():
-        return None
-    try:
-        data = json.loads(sidecar.read_text())
-    except (OSError, json.JSONDecodeError):
-        raise TextDiffError(f"{sidecar}: not valid JSON (the teacher's config sidecar)") from None
-    config = data.get("config") if isinstance(data, dict) else None
-    if not isinstance(config, dict):
-        raise TextDiffError(f"{sidecar}: has no 'config' mapping")
-    return config
 
 
 def resolve_teacher(params: Params) -> TeacherSpec:

@@ -118,7 +118,8 @@ def load_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def _read_sidecar(path: Path) -> dict[str, Any] | None:
+def read_sidecar_config(path: str | Path) -> dict[str, Any] | None:
+    """The architecture in the `<stem>.json` beside a checkpoint we exported, or None."""
     side = sidecar_path(path)
     if not side.is_file():
         return None
@@ -155,7 +156,7 @@ def load_teacher(path: str | Path, config: Mapping[str, Any] | None = None) -> t
     path = Path(path)
     source = "config"
     if config is None:
-        config = _read_sidecar(path)
+        config = read_sidecar_config(path)
         source = str(sidecar_path(path))
         if config is None:
             config = _safetensors_config(path)
