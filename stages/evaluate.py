@@ -17,7 +17,7 @@ from textdiff.params import load_params
 from textdiff.tiles import blend_tiles
 from textdiff.train import SplitData, load_classifier, predict_split
 
-from stages.artifacts import atomic_dir, atomic_file, write_json
+from textdiff.atomic import atomic_dir, atomic_file, write_json
 from stages.common import CACHE_PATH, CLASSIFIER_DIR, METRICS_DIR, resolve_device
 
 OVERLAY_DIR = METRICS_DIR / "overlays"

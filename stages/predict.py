@@ -25,7 +25,7 @@ from textdiff.predict import Segmenter, megapixels, nucleus_table
 from textdiff.teacher import Diffusion, FeatureExtractor, load_teacher, sha256_file
 from textdiff.text import TextEncoder
 
-from stages.artifacts import atomic_file
+from textdiff.atomic import atomic_file
 from stages.common import CLASSIFIER_DIR, resolve_device
 from stages.evaluate import load_trained
 from stages.extract import PixelFeatures

@@ -20,7 +20,7 @@ from textdiff.params import load_params, section_dict
 from textdiff.pretrain import CropSampler, PretrainState, new_state, pretrain, resume_state, sample_grid
 from textdiff.teacher import Diffusion, normalize_config, save_checkpoint
 
-from stages.artifacts import atomic_file, write_json
+from textdiff.atomic import atomic_file, write_json
 from stages.common import PREPARED_DIR, TEACHER_FILE, provenance, resolve_device
 
 PRETRAIN_SPLITS = ("train", "val")
@@ -56,7 +56,8 @@ def run(params_path: Path, prepared_dir: Path = PREPARED_DIR) -> None:
 
     state_path, identity = out / "state.pt", {"config": config, "pretrain": section_dict(p)}
     identity_path = out / "state.json"
-    resumable = {k: v for k, v in identity["pretrain"].items() if k not in ("steps", "checkpoint_every", "samples", "sample_steps", "device")}
+    resumable = {k: v for k, v in identity["pretrain"].items()
+                 if k not in ("steps", "checkpoint_every", "samples", "sample_steps", "device", "export_dtype")}
     if state_path.is_file() and identity_path.is_file():
         old = json.loads(identity_path.read_text())
         old_resumable = {k: v for k, v in old.get("pretrain", {}).items() if k in resumable}
@@ -85,8 +86,7 @@ def run(params_path: Path, prepared_dir: Path = PREPARED_DIR) -> None:
         pretrain(state, diffusion, sampler, p.steps, p.batch_size, p.lr, p.warmup, p.ema_decay, p.grad_clip,
                  device, checkpoint=checkpoint, checkpoint_every=p.checkpoint_every, on_step=log)
 
-    trained = getattr(state, "trained_steps", 0)
-    seconds = getattr(state, "seconds", 0.0)
+    trained, seconds = state.trained_steps, state.seconds
     losses = state.losses or [float("nan")]
     summary = {
         "skipped": False,
@@ -105,7 +105,8 @@ def run(params_path: Path, prepared_dir: Path = PREPARED_DIR) -> None:
             summary[key] = old.get(key, summary[key])
     save_checkpoint(state.ema, out / TEACHER_FILE,
                     extra_metadata={"steps": state.step, "ema_decay": p.ema_decay, "trained_on": list(PRETRAIN_SPLITS),
-                                    "provenance": provenance()})
+                                    "provenance": provenance()},
+                    dtype=p.export_dtype)
     if p.samples:
         grid = sample_grid(state.ema, diffusion, p.samples, config["image_size"], p.sample_steps, device, seed=p.seed)
         save_png(out / "samples.png", grid)

@@ -9,7 +9,7 @@ from pathlib import Path
 from textdiff.errors import TextDiffError
 from textdiff.report import markdown_table, rows_from_exp_show
 
-from stages.artifacts import atomic_file
+from textdiff.atomic import atomic_file
 
 
 def run(out: Path = Path("metrics/ablation.md"), exp_json: Path | None = None, all_commits: bool = False) -> str:

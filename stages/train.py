@@ -13,7 +13,7 @@ from textdiff.cache import FeatureCache
 from textdiff.params import load_params, section_dict
 from textdiff.train import train_classifier
 
-from stages.artifacts import atomic_dir, write_json
+from textdiff.atomic import atomic_dir, write_json
 from stages.common import CACHE_PATH, CLASSIFIER_DIR, METRICS_DIR, provenance, resolve_device
 
 LIVE_DIR = Path("dvclive/train")

@@ -117,6 +117,9 @@ class PretrainParams:
     seed: int = 0
     device: str = "auto"
     out: str = "models/pretrain"
+    # The exported EMA's storage type. bfloat16 halves the file (what ships under models/teacher/);
+    # loading casts back to float32 either way.
+    export_dtype: str = "float32"
 
     def check(self) -> None:
         _non_negative("pretrain.steps", self.steps)
@@ -131,6 +134,7 @@ class PretrainParams:
         _non_negative("pretrain.samples", self.samples)
         _positive("pretrain.sample_steps", self.sample_steps)
         _one_of("pretrain.device", self.device, DEVICES)
+        _one_of("pretrain.export_dtype", self.export_dtype, ("float32", "bfloat16", "float16"))
 
 
 @dataclass(frozen=True)

@@ -67,6 +67,9 @@ class PretrainState:
     optimizer: torch.optim.Optimizer
     step: int = 0
     losses: list | None = None
+    # What the last `pretrain` call did, for the steps/s figure (not saved: a resume starts a new run).
+    trained_steps: int = 0
+    seconds: float = 0.0
 
     def state_dict(self, sampler: CropSampler) -> dict:
         return {
@@ -166,8 +169,8 @@ def pretrain(
         if checkpoint is not None and (state.step % checkpoint_every == 0 or state.step == total_steps):
             checkpoint(state)
     bar.close()
-    state.seconds = time.perf_counter() - started  # type: ignore[attr-defined]
-    state.trained_steps = remaining  # type: ignore[attr-defined]
+    state.seconds = time.perf_counter() - started
+    state.trained_steps = remaining
     return state
 
 

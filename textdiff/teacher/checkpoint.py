@@ -16,15 +16,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from textdiff.atomic import atomic_file
 from textdiff.errors import TextDiffError
 from textdiff.teacher.adm import build_adm
 
@@ -195,21 +194,6 @@ def load_teacher(path: str | Path, config: Mapping[str, Any] | None = None) -> t
     return model
 
 
-def _atomic_write(path: Path, write: Any) -> None:
-    """Call write(tmp_path) on a temp file beside `path`, then rename it over `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a shared model file must be readable by others
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def save_checkpoint(model: torch.nn.Module, path: str | Path, extra_metadata: Mapping[str, Any] | None = None,
                     dtype: torch.dtype | str | None = None) -> Path:
     """Write ``<stem>.safetensors`` (+ sidecar ``<stem>.json``) for a model built by build_adm.
@@ -249,9 +233,10 @@ def save_checkpoint(model: torch.nn.Module, path: str | Path, extra_metadata: Ma
         tensors[key] = value.contiguous().clone()
     metadata = {"format": "pt", "config": json.dumps(config, sort_keys=True), "extra": extra_json}
 
-    _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
-    sidecar = json.dumps({"config": config, **extra}, indent=2, sort_keys=False) + "\n"
-    _atomic_write(sidecar_path(path), lambda tmp: Path(tmp).write_text(sidecar))
+    with atomic_file(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+    with atomic_file(sidecar_path(path)) as tmp:
+        tmp.write_text(json.dumps({"config": config, **extra}, indent=2, sort_keys=False) + "\n")
     return path
 
 
