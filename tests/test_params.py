@@ -44,6 +44,7 @@ def test_defaults_when_sections_absent():
         ({"teacher": {"config": {"image_size": 64, "num_channels": 32, "num_res_blocks": 1, "bogus": 1}}},
          ["teacher.config", "bogus"]),
         ({"train": "cross_attention"}, ["train", "mapping"]),
+        ({"pretrain": {"export_dtype": "int8"}}, ["pretrain.export_dtype", "int8"]),
     ],
 )
 def test_bad_values_are_one_line_errors(raw, words):

@@ -95,6 +95,23 @@ def test_exported_teacher_feeds_extract(tiny_project):
     assert fp["teacher_config"]["image_size"] == 16  # a 16 px teacher applied to 32 px images
 
 
+def test_bf16_export_halves_the_file_and_loads_as_float32(tiny_project):
+    _pretrain_params(tiny_project, steps=2, samples=0)
+    assert runner.invoke(app, ["pretrain"]).exit_code == 0
+    full = Path("models/pretrain/teacher.safetensors")
+    fp32 = load_teacher(full)
+    size32 = full.stat().st_size
+
+    _pretrain_params(tiny_project, steps=2, samples=0, export_dtype="bfloat16")  # same state, re-exported
+    result = runner.invoke(app, ["pretrain"])
+    assert result.exit_code == 0 and "starting over" not in result.output, result.output
+    assert full.stat().st_size < 0.55 * size32
+    bf16 = load_teacher(full)
+    for (name, a), b in zip(fp32.state_dict().items(), bf16.state_dict().values()):
+        assert b.dtype == a.dtype, name
+        assert torch.equal(b, a.to(torch.bfloat16).float()), name
+
+
 def test_brought_teacher_skips_pretraining(tiny_project):
     result = runner.invoke(app, ["pretrain"])  # tiny_project sets teacher.checkpoint
     assert result.exit_code == 0 and "skipped" in result.output
