@@ -184,6 +184,18 @@ def test_load_teacher_without_config_or_sidecar_and_bad_sidecar(tmp_path):
     assert load_teacher(path).config["num_channels"] == 32
 
 
+def test_sidecar_that_disagrees_with_the_stored_config_is_refused(tmp_path):
+    """Head count changes no weight shape: a stale sidecar would load strictly and compute garbage."""
+    path = save_checkpoint(_model(), tmp_path / "t.safetensors")
+    sidecar = json.loads((tmp_path / "t.json").read_text())
+    sidecar["config"]["num_head_channels"] = 32
+    (tmp_path / "t.json").write_text(json.dumps(sidecar))
+    with pytest.raises(TextDiffError) as err:
+        load_teacher(path)
+    _one_line(err, "t.json", "differs", "t.safetensors")
+    assert load_teacher(path, TINY).config["num_head_channels"] == 16  # an explicit config is the user's word
+
+
 def test_save_checkpoint_rejects_bad_arguments(tmp_path):
     model = _model()
     with pytest.raises(TextDiffError, match="safetensors"):

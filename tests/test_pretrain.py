@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from stages.cli import app
 from textdiff.cache import FeatureCache
-from textdiff.pretrain import CropSampler, new_state, pretrain
+from textdiff.pretrain import CropSampler, new_state, pretrain, resume_state
 from textdiff.teacher import Diffusion, load_teacher, sha256_file
 
 runner = CliRunner()
@@ -112,18 +112,104 @@ def test_bf16_export_halves_the_file_and_loads_as_float32(tiny_project):
         assert torch.equal(b, a.to(torch.bfloat16).float()), name
 
 
-def test_brought_teacher_skips_pretraining(tiny_project):
-    result = runner.invoke(app, ["pretrain"])  # tiny_project sets teacher.checkpoint
+def test_brought_teacher_skips_pretraining_and_removes_only_the_export(tiny_project):
+    _pretrain_params(tiny_project, steps=2)
+    assert runner.invoke(app, ["pretrain"]).exit_code == 0
+    tiny_project.write_params()  # tiny_project's own params bring a teacher
+    result = runner.invoke(app, ["pretrain"])
     assert result.exit_code == 0 and "skipped" in result.output
-    assert not Path("models/pretrain/teacher.safetensors").exists()
+    for gone in ("teacher.safetensors", "teacher.json", "samples.png"):
+        assert not Path("models/pretrain", gone).exists(), gone  # extract must not pick these up
+    assert Path("models/pretrain/state.pt").is_file()  # switching back costs nothing
     assert json.loads(Path("models/pretrain/summary.json").read_text())["skipped"] is True
+
+
+def test_a_checkpoint_named_as_the_brought_teacher_is_kept(tiny_project):
+    _pretrain_params(tiny_project, steps=2)
+    assert runner.invoke(app, ["pretrain"]).exit_code == 0
+    tiny_project.write_params(teacher={"checkpoint": "models/pretrain/teacher.safetensors"})
+    assert runner.invoke(app, ["pretrain"]).exit_code == 0
+    assert load_teacher("models/pretrain/teacher.safetensors").config["image_size"] == 16
 
 
 def test_a_random_teacher_control_is_zero_steps(tiny_project):
     _pretrain_params(tiny_project, steps=0, samples=0)
     result = runner.invoke(app, ["pretrain"])
     assert result.exit_code == 0, result.output
-    assert load_teacher("models/pretrain/teacher.safetensors").config["num_channels"] == 32
+    exported = load_teacher("models/pretrain/teacher.safetensors").state_dict()
+    init = new_state(TINY_PRETRAIN, 1e-3, 0.0, seed=0, device=torch.device("cpu")).model.state_dict()
+    assert all(torch.equal(exported[k], init[k]) for k in init)  # the seeded initialisation, untrained
+
+
+def test_a_killed_run_resumes_to_the_same_weights_as_an_uninterrupted_one(tmp_path):
+    images = np.random.default_rng(0).integers(0, 256, (3, 24, 24, 3), dtype=np.uint8)
+    cpu, diffusion = torch.device("cpu"), Diffusion()
+    kwargs = dict(batch_size=2, lr=1e-3, warmup=2, ema_decay=0.9, grad_clip=1.0, device=cpu, progress=False)
+
+    def fresh():
+        return new_state(TINY_PRETRAIN, 1e-3, 0.0, seed=0, device=cpu), CropSampler(images, 16, seed=0)
+
+    state, sampler = fresh()
+    saved = tmp_path / "state.pt"
+    pretrain(state, diffusion, sampler, total_steps=5, checkpoint_every=2,
+             checkpoint=lambda s: s.step == 2 and torch.save(s.state_dict(sampler, "same"), saved), **kwargs)
+
+    resumed, sampler2 = fresh()
+    assert resume_state(resumed, saved, sampler2, max_step=5, identity="other") == "different"
+    assert resume_state(resumed, saved, sampler2, max_step=1, identity="same") == "past"
+    assert resumed.step == 0
+    assert resume_state(resumed, saved, sampler2, max_step=5, identity="same") == "resumed"
+    assert resumed.step == 2
+    pretrain(resumed, diffusion, sampler2, total_steps=5, **kwargs)
+    assert resumed.losses == state.losses
+    for (name, a), b in zip(state.ema.state_dict().items(), resumed.ema.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_changed_settings_never_resume_even_if_killed_before_the_first_checkpoint(tiny_project, monkeypatch):
+    import stages.pretrain as stage
+
+    _pretrain_params(tiny_project, steps=4)
+    assert runner.invoke(app, ["pretrain"]).exit_code == 0
+
+    _pretrain_params(tiny_project, steps=6, lr=5e-4)
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(stage, "pretrain", killed)
+        assert runner.invoke(app, ["pretrain"]).exit_code == 130
+    result = runner.invoke(app, ["pretrain"])  # the old state.pt is still there: it must not be used
+    assert result.exit_code == 0, result.output
+    assert "resuming" not in result.output and "starting over" in result.output
+
+    tiny_project.write_params(  # the diffusion schedule is part of what was trained, too
+        teacher={"checkpoint": "", "steps": [10, 100], "blocks": [0, 3], "diffusion_steps": 500},
+        pretrain={"config": TINY_PRETRAIN, "steps": 8, "batch_size": 4, "lr": 5e-4, "warmup": 0,
+                  "checkpoint_every": 2, "samples": 0, "sample_steps": 3})
+    result = runner.invoke(app, ["pretrain"])
+    assert result.exit_code == 0 and "starting over" in result.output, result.output
+    meta = json.loads(Path("models/pretrain/teacher.json").read_text())
+    assert meta["diffusion_steps"] == 500 and len(meta["images_sha256"]) == 64
+
+
+def test_trim_dvclive_drops_rows_past_the_resumed_step(tmp_path):
+    from stages.pretrain import trim_dvclive
+
+    tsv = tmp_path / "plots" / "metrics" / "pretrain" / "loss.tsv"
+    tsv.parent.mkdir(parents=True)
+    tsv.write_text("timestamp\tstep\tloss\n1\t2\t0.9\n2\t4\t0.8\n3\t6\t0.7\n")
+    trim_dvclive(tmp_path, max_step=4)
+    assert tsv.read_text() == "timestamp\tstep\tloss\n1\t2\t0.9\n2\t4\t0.8\n"
+
+
+def test_stale_temporaries_of_a_killed_run_are_removed(tiny_project):
+    _pretrain_params(tiny_project, steps=2, samples=0)
+    Path("models/pretrain").mkdir(parents=True, exist_ok=True)
+    Path("models/pretrain/.state.pt.tmp-12345").write_bytes(b"torn")
+    assert runner.invoke(app, ["pretrain"]).exit_code == 0
+    assert not list(Path("models/pretrain").glob(".*.tmp-*"))
 
 
 def test_zero_steps_after_training_starts_over_rather_than_reusing(tiny_project):

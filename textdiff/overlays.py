@@ -22,6 +22,7 @@ def overlay(image: np.ndarray, pred: np.ndarray | None = None, gt: np.ndarray | 
     return out
 
 
-def save_png(path: Path, array: np.ndarray) -> None:
+def save_png(path: Path, array: np.ndarray, format: str | None = None) -> None:
+    """`format` for paths without a .png suffix (atomic temp files)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(array).save(path)
+    Image.fromarray(array).save(path, format=format)

@@ -71,8 +71,14 @@ class PretrainState:
     trained_steps: int = 0
     seconds: float = 0.0
 
-    def state_dict(self, sampler: CropSampler) -> dict:
+    def state_dict(self, sampler: CropSampler, identity: str) -> dict:
+        """Everything a resumed run needs to continue exactly where this one stopped.
+
+        `identity` (a JSON string of what was trained: config, hyper-parameters, schedule, data)
+        lives inside the same file, so a checkpoint can never be resumed under other settings.
+        """
         return {
+            "identity": identity,
             "model": self.model.state_dict(),
             "ema": self.ema.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -91,27 +97,29 @@ def new_state(config: dict, lr: float, weight_decay: float, seed: int, device: t
     return PretrainState(model, ema, optimizer, 0, [])
 
 
-def resume_state(state: PretrainState, path: Path, sampler: CropSampler, max_step: int) -> bool:
-    """Continue from a checkpoint of the same config (the caller checks the config).
+def resume_state(state: PretrainState, path: Path, sampler: CropSampler, max_step: int, identity: str) -> str:
+    """Continue from the checkpoint at `path` if it was made with the same `identity`.
 
-    A checkpoint already past `max_step` is not used (training cannot be undone: a budget of 0
-    steps must give the randomly initialised control, not yesterday's teacher); returns whether
-    the state was resumed.
+    Returns "resumed", or why not: "different" (other config, hyper-parameters, schedule or
+    images) or "past" (a checkpoint beyond `max_step` is not used: training cannot be undone, and a
+    budget of 0 steps must give the randomly initialised control, not yesterday's teacher).
     """
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
+        if blob.get("identity") != identity:
+            return "different"
         if int(blob["step"]) > max_step:
-            return False
+            return "past"
         state.model.load_state_dict(blob["model"])
         state.ema.load_state_dict(blob["ema"])
         state.optimizer.load_state_dict(blob["optimizer"])
+        sampler.gen.set_state(blob["sampler_rng"])
+        torch.set_rng_state(blob["torch_rng"])
+        state.step = int(blob["step"])
+        state.losses = [float(v) for v in blob.get("losses", [])]
     except Exception as err:  # noqa: BLE001 - a torn or foreign file: say which
         raise TextDiffError(f"{path}: cannot resume pretraining from this checkpoint ({type(err).__name__}); delete it to start over") from None
-    state.step = int(blob["step"])
-    state.losses = list(blob.get("losses", []))
-    sampler.gen.set_state(blob["sampler_rng"])
-    torch.set_rng_state(blob["torch_rng"])
-    return True
+    return "resumed"
 
 
 def lr_at(step: int, base: float, warmup: int) -> float:
@@ -142,12 +150,16 @@ def pretrain(
                dynamic_ncols=True)
     started, window = time.perf_counter(), []
     while state.step < total_steps:
-        x0 = sampler.sample(batch_size).to(device)
-        t = torch.randint(diffusion.num_timesteps, (batch_size,), device=device)
+        # Timesteps and noise come from the CPU generator, whose state the checkpoint saves: a run
+        # resumed on a GPU then continues the same random stream as one that was never stopped.
+        x0 = sampler.sample(batch_size)
+        t = torch.randint(diffusion.num_timesteps, (batch_size,))
+        noise = torch.randn(x0.shape)
+        x0, t, noise = x0.to(device), t.to(device), noise.to(device)
         for group in state.optimizer.param_groups:
             group["lr"] = lr_at(state.step, lr, warmup)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-            losses = diffusion.training_losses(model, x0, t)
+            losses = diffusion.training_losses(model, x0, t, noise)
         loss = losses["loss"].mean()
         if not torch.isfinite(loss):
             raise TextDiffError(f"pretraining diverged at step {state.step} (loss {loss.item()}); lower pretrain.lr")

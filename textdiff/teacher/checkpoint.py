@@ -25,7 +25,7 @@ import torch
 
 from textdiff.atomic import atomic_file
 from textdiff.errors import TextDiffError
-from textdiff.teacher.adm import build_adm
+from textdiff.teacher.adm import build_adm, normalize_config
 
 TORCH_SUFFIXES = (".pt", ".pth")
 SAFETENSORS_SUFFIX = ".safetensors"
@@ -144,6 +144,13 @@ def _safetensors_config(path: Path) -> dict[str, Any] | None:
         return None
 
 
+def _normalized_or_none(config: Mapping[str, Any]) -> dict[str, Any] | None:
+    try:
+        return normalize_config(config)
+    except TextDiffError:
+        return None  # build_adm below reports what is wrong with it, naming the sidecar
+
+
 def load_teacher(path: str | Path, config: Mapping[str, Any] | None = None) -> torch.nn.Module:
     """Build the ADM UNet for `config` and load `path` into it strictly; frozen, eval mode.
 
@@ -157,9 +164,16 @@ def load_teacher(path: str | Path, config: Mapping[str, Any] | None = None) -> t
     if config is None:
         config = read_sidecar_config(path)
         source = str(sidecar_path(path))
+        embedded = _safetensors_config(path)
         if config is None:
-            config = _safetensors_config(path)
-            source = f"{path} metadata"
+            config, source = embedded, f"{path} metadata"
+        elif embedded is not None and _normalized_or_none(embedded) not in (None, _normalized_or_none(config)):
+            # Weights whose shapes fit but whose attention heads or norms differ would load
+            # strictly and compute something else: a replaced file with a stale sidecar, say.
+            raise TextDiffError(
+                f"{sidecar_path(path)}: its config differs from the one stored in {path.name} "
+                "(the two files do not belong together); re-export or pass teacher.config"
+            )
         if config is None:
             raise TextDiffError(
                 f"{path}: no teacher config given and no sidecar {sidecar_path(path)} with a 'config' found"
