@@ -18,7 +18,7 @@ from textdiff.atomic import atomic_file, write_json
 from textdiff.data import load_prepared
 from textdiff.errors import TextDiffError
 from textdiff.overlays import save_png
-from textdiff.params import load_params, section_dict
+from textdiff.params import Params, load_params, section_dict
 from textdiff.pretrain import CropSampler, PretrainState, new_state, pretrain, resume_state, sample_grid
 from textdiff.teacher import Diffusion, normalize_config, save_checkpoint
 from textdiff.teacher.checkpoint import sidecar_path
@@ -60,6 +60,23 @@ def remove_stale_temporaries(out: Path) -> None:
             tmp.unlink()
 
 
+def training_identity(params: Params, images_sha: str) -> dict:
+    """What makes two runs the same training run: a checkpoint resumes only under all of it.
+
+    The budget and the bookkeeping (steps, checkpoint interval, samples, device, export type)
+    are left out: a longer budget continues the same run.
+    """
+    not_training = ("steps", "checkpoint_every", "samples", "sample_steps", "device", "export_dtype", "out")
+    return {
+        "config": normalize_config(params.pretrain.config),
+        "pretrain": {k: v for k, v in section_dict(params.pretrain).items() if k not in not_training},
+        "schedule": params.teacher.schedule,
+        "diffusion_steps": params.teacher.diffusion_steps,
+        "images_sha256": images_sha,
+        "splits": list(PRETRAIN_SPLITS),
+    }
+
+
 def run(params_path: Path, prepared_dir: Path = PREPARED_DIR) -> None:
     params = load_params(params_path)
     p = params.pretrain
@@ -90,16 +107,7 @@ def run(params_path: Path, prepared_dir: Path = PREPARED_DIR) -> None:
     sampler = CropSampler(images, config["image_size"], p.seed)
     state = new_state(config, p.lr, p.weight_decay, p.seed, device)
 
-    # What makes two runs the same training run: a checkpoint resumes only under all of it.
-    not_training = ("steps", "checkpoint_every", "samples", "sample_steps", "device", "export_dtype", "out")
-    identity_dict = {
-        "config": config,
-        "pretrain": {k: v for k, v in section_dict(p).items() if k not in not_training},
-        "schedule": params.teacher.schedule,
-        "diffusion_steps": params.teacher.diffusion_steps,
-        "images_sha256": data_sha,
-        "splits": list(PRETRAIN_SPLITS),
-    }
+    identity_dict = training_identity(params, data_sha)
     identity = json.dumps(identity_dict, sort_keys=True)
     state_path = out / "state.pt"
     if state_path.is_file():
