@@ -42,6 +42,8 @@ def atomic_file(final: Path) -> Iterator[Path]:
     tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
     try:
         yield tmp
+        if tmp.is_file():  # some writers (safetensors) create 0600 files; outputs are shared
+            os.chmod(tmp, 0o644)
         os.replace(tmp, final)
     finally:
         if tmp.exists():
