@@ -117,8 +117,7 @@ def run(inputs: list[Path], out: Path, text: str | None = None, reports: Path | 
     out.mkdir(parents=True, exist_ok=True)
     failures, nuclei, done = [], [], []
     started, pixels = time.perf_counter(), 0.0
-    h5_tmp = out / ".predictions.h5.partial"
-    with h5py.File(h5_tmp, "w") as h5:
+    with atomic_file(out / "predictions.h5") as h5_tmp, h5py.File(h5_tmp, "w") as h5:
         h5.attrs.update({"model": str(model_dir.resolve()), "params": json.dumps(meta["train"]),
                          "classifier": json.dumps(meta["classifier"]),
                          "teacher_sha256": meta["cache_fingerprint"].get("teacher_sha256", "rgb")})
@@ -148,7 +147,6 @@ def run(inputs: list[Path], out: Path, text: str | None = None, reports: Path | 
             pixels += megapixels(image.shape)
             done.append(image_id)
             tqdm.write(f"{image_id}: {len(rows)} nuclei, {100 * mask.mean():.1f}% covered ({image.shape[1]}x{image.shape[0]})")
-    h5_tmp.replace(out / "predictions.h5")
     with atomic_file(out / "nuclei.csv") as tmp:
         with open(tmp, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=["image", "label", "area", "centroid_y", "centroid_x", "eccentricity"])

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from textdiff.atomic import atomic_file, write_json
+from textdiff.atomic import atomic_file, remove_stale_temporaries, write_json
 from textdiff.data import load_prepared
 from textdiff.errors import TextDiffError
 from textdiff.overlays import save_png
@@ -51,13 +51,6 @@ def trim_dvclive(folder: Path, max_step: int) -> None:
         kept = [lines[0]] + [ln for ln in lines[1:] if ln.strip() and int(ln.split("\t")[col]) <= max_step]
         with atomic_file(tsv) as tmp:
             tmp.write_text("\n".join(kept) + "\n")
-
-
-def remove_stale_temporaries(out: Path) -> None:
-    """Temp files of a killed run (`.<name>.tmp-<pid>`) must not be cached by DVC as outputs."""
-    for tmp in out.glob(".*.tmp-*"):
-        if tmp.is_file():
-            tmp.unlink()
 
 
 def training_identity(params: Params, images_sha: str) -> dict:

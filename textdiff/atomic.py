@@ -14,12 +14,24 @@ from pathlib import Path
 from typing import Iterator
 
 
+def _temp_beside(final: Path) -> Path:
+    """`.<name>.tmp-<pid>` next to `final`: hidden, and recognisable by `remove_stale_temporaries`."""
+    return final.parent / f".{final.name}.tmp-{os.getpid()}"
+
+
+def remove_stale_temporaries(folder: Path) -> None:
+    """Delete temp files a killed process left in `folder`, so DVC never caches them as outputs."""
+    for tmp in Path(folder).glob(".*.tmp-*"):
+        if tmp.is_file():
+            tmp.unlink()
+
+
 @contextlib.contextmanager
 def atomic_dir(final: Path) -> Iterator[Path]:
     """Yield a temp folder beside `final`; on success it replaces `final`, on error it vanishes."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
+    tmp = _temp_beside(final)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
@@ -39,7 +51,7 @@ def atomic_file(final: Path) -> Iterator[Path]:
     """Yield a temp path beside `final`; it becomes `final` only if the block succeeds."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
+    tmp = _temp_beside(final)
     try:
         yield tmp
         if tmp.is_file():  # some writers (safetensors) create 0600 files; outputs are shared
