@@ -16,7 +16,6 @@ from textdiff import data
 from textdiff.data import (
     SPLITS,
     Sample,
-    iter_images,
     load_prepared,
     read_reports,
     read_split,
@@ -299,29 +298,6 @@ def test_same_image_in_two_splits(tiny_monuseg, xlsx_writer):
                    [("img_val_0.png", "a."), ("img_val_1.png", "b."), ("img_train_0.png", "c.")])
     with raises_one_line("img_train_0", "train", "val"):
         data.read_splits(root, ("train", "val"))
-
-
-# ---------------------------------------------------------------------------------------------
-# unlabeled images for the teacher
-
-
-def test_iter_images_refuses_test(tiny_monuseg):
-    root = tiny_monuseg()
-    with pytest.raises(ValueError, match="test"):
-        list(iter_images(root, ("train", "test")))
-    with pytest.raises(ValueError):
-        list(iter_images(root, "train"))  # a bare string is not a tuple of splits
-    got = list(iter_images(root, ("train", "val")))
-    assert [i for i, _ in got] == ["img_train_0", "img_train_1", "img_train_2", "img_val_0", "img_val_1"]
-    assert all(im.shape == (40, 40, 3) and im.dtype == np.uint8 for _, im in got)
-    assert len(list(iter_images(root, ("test",), allow_test=True))) == 2
-
-
-def test_iter_images_does_not_need_masks_or_reports(tiny_monuseg):
-    root = tiny_monuseg()
-    shutil.rmtree(root / "Train_Folder" / "labelcol")
-    (root / "Train_Folder" / "Train_text.xlsx").unlink()
-    assert len(list(iter_images(root, ("train",)))) == 3
 
 
 # ---------------------------------------------------------------------------------------------

@@ -111,7 +111,7 @@ def test_prepare_real_data_small(monuseg_root, tmp_path, monkeypatch):
 
 def test_relative_root_inside_a_queued_experiment_copy(tmp_path):
     """`dvc queue start` runs stages in <repo>/.dvc/tmp/exps/<tmp>: ../shared must still resolve."""
-    from stages.common import resolve_data_root
+    from textdiff.paths import resolve_data_root
 
     repo = tmp_path / "repo"
     (tmp_path / "shared" / "data").mkdir(parents=True)

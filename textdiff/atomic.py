@@ -19,11 +19,27 @@ def _temp_beside(final: Path) -> Path:
     return final.parent / f".{final.name}.tmp-{os.getpid()}"
 
 
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # it exists but is not ours to signal
+    return True
+
+
 def remove_stale_temporaries(folder: Path) -> None:
-    """Delete temp files a killed process left in `folder`, so DVC never caches them as outputs."""
-    for tmp in Path(folder).glob(".*.tmp-*"):
-        if tmp.is_file():
-            tmp.unlink()
+    """Delete the temporaries (files or folders) a killed process left in `folder`, so DVC never
+    caches them as outputs. Those of a process still running (another stage writing there) stay."""
+    for tmp in Path(folder).glob(".*.*-*"):
+        kind, _, pid = tmp.name.rpartition(".")[2].partition("-")
+        if kind not in ("tmp", "old") or not pid.isdigit() or int(pid) == os.getpid() or _process_alive(int(pid)):
+            continue
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager
@@ -31,6 +47,7 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     """Yield a temp folder beside `final`; on success it replaces `final`, on error it vanishes."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(final.parent)
     tmp = _temp_beside(final)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
@@ -39,10 +56,19 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    # Move the old folder aside, the new one in, then delete the old one: a failed rename can put
+    # the old one back, so `final` is never left missing or half-written.
     old = final.parent / f".{final.name}.old-{os.getpid()}"
+    shutil.rmtree(old, ignore_errors=True)
     if final.exists():
         os.replace(final, old)
-    os.replace(tmp, final)
+    try:
+        os.replace(tmp, final)
+    except BaseException:
+        if old.exists() and not final.exists():
+            os.replace(old, final)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     shutil.rmtree(old, ignore_errors=True)
 
 

@@ -32,17 +32,20 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
-import shutil
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import TYPE_CHECKING, Iterable
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from textdiff.atomic import atomic_dir
 from textdiff.errors import TextDiffError
+from textdiff.hashing import sha256_file
+
+if TYPE_CHECKING:
+    from textdiff.params import DataParams
 
 SPLITS = ("train", "val", "test")
 FOLDERS = {"train": "Train_Folder", "val": "Val_Folder", "test": "Test_Folder"}
@@ -51,7 +54,6 @@ IMAGE_SUFFIXES = (".png", ".tif", ".tiff")
 MASK_SUFFIX = ".png"
 IMAGE_COLUMN = "Image"
 TEXT_COLUMN = "Description"
-PREPARED_DIR = Path("data/prepared")
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
 
@@ -377,25 +379,6 @@ def read_splits(
     return out
 
 
-def iter_images(
-    root: str | Path, splits: tuple[str, ...], *, allow_test: bool = False
-) -> Iterator[tuple[str, np.ndarray]]:
-    """Yield (id, full-size (H, W, 3) uint8 RGB image) for the images of `splits`, in split order
-    then id order. No masks or reports are read: this is the unlabeled-image source for the
-    teacher's pretraining, which must never see the test split, so "test" is refused unless
-    `allow_test=True`."""
-    if isinstance(splits, str) or not isinstance(splits, (tuple, list)):
-        raise ValueError(f"splits must be a tuple of split names, got {splits!r}")
-    for split in splits:
-        _check_split(split)
-    if "test" in splits and not allow_test:
-        raise ValueError("iter_images: refusing to read the test split (pass allow_test=True if you mean it)")
-    paths = [p for split in splits for p in list_images(root, split)]
-    for path in paths:
-        image, _ = read_image(path)
-        yield path.stem, image
-
-
 def resize_sample(sample: Sample, size: int) -> Sample:
     """A copy of `sample` at size x size: the image bicubic (uint8), the mask nearest (stays {0,1}).
     Non-square images are squashed, as the published 256x256 protocol does."""
@@ -417,14 +400,6 @@ def resize_sample(sample: Sample, size: int) -> Sample:
 
 # ----------------------------------------------------------------------------------------------
 # the prepared format
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _relative(path: Path, root: Path | None) -> str:
@@ -465,27 +440,28 @@ def _split_arrays(samples: list[Sample], size: int, root: Path | None) -> dict[s
     }
 
 
-def _remove_stale(out_dir: Path) -> None:
-    """Delete temp/old folders that a killed earlier run (a process no longer alive) left behind."""
-    for path in out_dir.parent.glob(f".{out_dir.name}.*-*"):
-        kind, _, pid = path.name[len(out_dir.name) + 2 :].partition("-")
-        if kind not in ("tmp", "old") or not pid.isdigit() or int(pid) == os.getpid():
-            continue
-        try:
-            os.kill(int(pid), 0)
-            continue  # still running (another prepare): not ours to touch
-        except ProcessLookupError:
-            pass
-        except OSError:
-            continue
-        shutil.rmtree(path, ignore_errors=True)
+def _manifest_split(samples: list[Sample], root: Path | None) -> dict:
+    """The manifest's record of one split: ids, source files and their hashes."""
+    return {
+        "count": len(samples),
+        "ids": [s.id for s in samples],
+        "files": {
+            s.id: {
+                "image": _relative(s.image_path, root),
+                "image_sha256": s.image_sha256 or sha256_file(s.image_path),
+                "mask": _relative(s.mask_path, root),
+                "mask_sha256": s.mask_sha256 or sha256_file(s.mask_path),
+            }
+            for s in samples
+        },
+    }
 
 
 def write_prepared(out_dir: str | Path, splits: dict[str, list[Sample]], meta: dict) -> Path:
     """Write `<split>.npz` and manifest.json into `out_dir`, atomically.
 
-    Everything goes to a sibling temp folder first, which replaces `out_dir` only once complete;
-    on any failure the temp folder is removed and an existing `out_dir` is left as it was. `meta`
+    Everything goes to a sibling temp folder first (`atomic_dir`), which replaces `out_dir` only
+    once complete; on any failure an existing `out_dir` is left as it was. `meta`
     is merged into the manifest; its `source_root` (made absolute) roots the stored image paths,
     and its `image_size`, if given, must match the samples. Returns `out_dir`.
     """
@@ -500,30 +476,11 @@ def write_prepared(out_dir: str | Path, splits: dict[str, list[Sample]], meta: d
         raise ValueError(f"write_prepared: samples have several sizes {sorted(sizes)}; resize them first")
     root = Path(meta["source_root"]).resolve() if meta.get("source_root") else None
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale(out_dir)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
-    old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tmp.mkdir()
+    with atomic_dir(out_dir) as tmp:
         manifest_splits = {}
         for split, samples in splits.items():
-            arrays = _split_arrays(samples, size, root)
-            _save_npz(tmp / f"{split}.npz", arrays)
-            manifest_splits[split] = {
-                "count": len(samples),
-                "ids": [s.id for s in samples],
-                "files": {
-                    s.id: {
-                        "image": _relative(s.image_path, root),
-                        "image_sha256": s.image_sha256 or _sha256_file(s.image_path),
-                        "mask": _relative(s.mask_path, root),
-                        "mask_sha256": s.mask_sha256 or _sha256_file(s.mask_path),
-                    }
-                    for s in samples
-                },
-            }
+            _save_npz(tmp / f"{split}.npz", _split_arrays(samples, size, root))
+            manifest_splits[split] = _manifest_split(samples, root)
         from textdiff import __version__
 
         manifest = {
@@ -535,21 +492,6 @@ def write_prepared(out_dir: str | Path, splits: dict[str, list[Sample]], meta: d
             "splits": manifest_splits,
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-        # Swap in: move the old folder aside, move the new one in, then delete the old one, so
-        # a failed rename can put the old one back.
-        shutil.rmtree(old, ignore_errors=True)
-        if out_dir.exists():
-            os.replace(out_dir, old)
-        try:
-            os.replace(tmp, out_dir)
-        except BaseException:
-            if old.exists() and not out_dir.exists():
-                os.replace(old, out_dir)
-            raise
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
     return out_dir
 
 
@@ -601,15 +543,55 @@ def load_prepared(out_dir: str | Path, split: str) -> PreparedSplit:
     return PreparedSplit(split, images, masks, ids, texts, size, paths)
 
 
+
+# ----------------------------------------------------------------------------------------------
+# the prepare stage's work
+
+
+def native_size(splits: dict[str, list[Sample]], tile: int) -> int:
+    """The one square size every image shares (tiles mode keeps native resolution)."""
+    shapes: dict[tuple[int, ...], Path] = {}
+    for samples in splits.values():
+        for s in samples:
+            shapes.setdefault(s.image.shape[:2], s.image_path)
+    if len(shapes) != 1:
+        (a, pa), (b, pb) = list(shapes.items())[:2]
+        raise TextDiffError(f"{pb}: data.mode=tiles needs one image size, but it is {b[1]}x{b[0]} and {pa} is {a[1]}x{a[0]}")
+    (h, w), path = next(iter(shapes.items()))
+    if h != w:
+        raise TextDiffError(f"{path}: data.mode=tiles needs square images, got {w}x{h}")
+    if tile > h:
+        raise TextDiffError(f"data.tile ({tile}) is larger than the images ({h}x{w})")
+    return h
+
+
+def prepare_dataset(params: "DataParams", root: Path, out_dir: Path) -> dict[str, list[Sample]]:
+    """Read and validate every split under `root`, bring it to the working size, write `out_dir`.
+
+    `resize` (the paper's protocol) resizes every image to `data.image_size`; `tiles` keeps the
+    native resolution (extract cuts windows), which needs one square size. Returns what was written.
+    """
+    from textdiff.params import section_dict
+
+    splits = read_splits(root, SPLITS, progress=True)
+    if params.mode == "tiles":
+        size = native_size(splits, params.tile)
+    else:
+        size = params.image_size
+        splits = {split: [resize_sample(s, size) for s in samples] for split, samples in splits.items()}
+    meta = {"image_size": size, "source_root": str(Path(root).resolve()), "data_params": section_dict(params)}
+    write_prepared(out_dir, splits, meta)
+    return splits
+
 __all__ = [
     "FOLDERS",
-    "PREPARED_DIR",
     "SPLITS",
     "PreparedSplit",
     "Sample",
-    "iter_images",
     "list_images",
     "load_prepared",
+    "native_size",
+    "prepare_dataset",
     "read_image",
     "read_manifest",
     "read_mask",

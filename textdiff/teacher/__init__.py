@@ -2,7 +2,8 @@
 I/O and the decoder-feature taps TextDiff trains on."""
 
 from textdiff.teacher.adm import ADM_DEFAULTS, build_adm, normalize_config
-from textdiff.teacher.checkpoint import load_checkpoint, load_teacher, save_checkpoint, sha256_file
+from textdiff.hashing import sha256_file
+from textdiff.teacher.checkpoint import load_checkpoint, load_teacher, save_checkpoint, teacher_config
 from textdiff.teacher.diffusion import Diffusion
 from textdiff.teacher.features import FeatureExtractor, block_shapes
 
@@ -17,4 +18,5 @@ __all__ = [
     "normalize_config",
     "save_checkpoint",
     "sha256_file",
+    "teacher_config",
 ]

@@ -14,7 +14,6 @@ interrupted run never leaves a truncated checkpoint that a later stage would tru
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from collections.abc import Mapping
@@ -25,6 +24,7 @@ import torch
 
 from textdiff.atomic import atomic_file
 from textdiff.errors import TextDiffError
+from textdiff.hashing import sha256_file  # noqa: F401 - re-exported: the teacher's identity
 from textdiff.teacher.adm import build_adm, normalize_config
 
 TORCH_SUFFIXES = (".pt", ".pth")
@@ -151,33 +151,43 @@ def _normalized_or_none(config: Mapping[str, Any]) -> dict[str, Any] | None:
         return None  # build_adm below reports what is wrong with it, naming the sidecar
 
 
-def load_teacher(path: str | Path, config: Mapping[str, Any] | None = None) -> torch.nn.Module:
-    """Build the ADM UNet for `config` and load `path` into it strictly; frozen, eval mode.
+def teacher_config(path: str | Path, config: Mapping[str, Any] | None = None) -> tuple[dict[str, Any], str]:
+    """The architecture of the checkpoint at `path`, and where it came from.
 
-    With ``config=None`` the config comes from the sidecar ``<path minus suffix>.json``
-    (``{"config": {...}}``), else from the safetensors metadata `save_checkpoint` writes.
+    An explicit `config` wins. Otherwise the sidecar ``<path minus suffix>.json``
+    (``{"config": {...}}``), else the safetensors metadata `save_checkpoint` writes; when both
+    exist they must agree (a replaced file with a stale sidecar would load strictly and compute
+    something else).
+    """
+    path = Path(path)
+    if config is not None:
+        return dict(config), "config"
+    config = read_sidecar_config(path)
+    source = str(sidecar_path(path))
+    embedded = _safetensors_config(path)
+    if config is None:
+        config, source = embedded, f"{path} metadata"
+    elif embedded is not None and _normalized_or_none(embedded) not in (None, _normalized_or_none(config)):
+        raise TextDiffError(
+            f"{sidecar_path(path)}: its config differs from the one stored in {path.name} "
+            "(the two files do not belong together); re-export or pass teacher.config"
+        )
+    if config is None:
+        raise TextDiffError(
+            f"{path}: no teacher config given and no sidecar {sidecar_path(path)} with a 'config' found"
+        )
+    return dict(config), source
+
+
+def load_teacher(path: str | Path, config: Mapping[str, Any] | None = None) -> torch.nn.Module:
+    """Build the ADM UNet for `config` (see `teacher_config`) and load `path` into it strictly;
+    frozen, eval mode.
+
     A key or shape mismatch is one line: counts of missing / unexpected / shape-mismatched
     keys and the first three of each.
     """
     path = Path(path)
-    source = "config"
-    if config is None:
-        config = read_sidecar_config(path)
-        source = str(sidecar_path(path))
-        embedded = _safetensors_config(path)
-        if config is None:
-            config, source = embedded, f"{path} metadata"
-        elif embedded is not None and _normalized_or_none(embedded) not in (None, _normalized_or_none(config)):
-            # Weights whose shapes fit but whose attention heads or norms differ would load
-            # strictly and compute something else: a replaced file with a stale sidecar, say.
-            raise TextDiffError(
-                f"{sidecar_path(path)}: its config differs from the one stored in {path.name} "
-                "(the two files do not belong together); re-export or pass teacher.config"
-            )
-        if config is None:
-            raise TextDiffError(
-                f"{path}: no teacher config given and no sidecar {sidecar_path(path)} with a 'config' found"
-            )
+    config, source = teacher_config(path, config)
     try:
         model = build_adm(config)
     except TextDiffError as err:
@@ -252,16 +262,3 @@ def save_checkpoint(model: torch.nn.Module, path: str | Path, extra_metadata: Ma
     with atomic_file(sidecar_path(path)) as tmp:
         tmp.write_text(json.dumps({"config": config, **extra}, indent=2, sort_keys=False) + "\n")
     return path
-
-
-def sha256_file(path: str | Path, chunk_size: int = 1 << 20) -> str:
-    """Hex SHA-256 of a file, streamed (checkpoints are hundreds of MB)."""
-    path = Path(path)
-    digest = hashlib.sha256()
-    try:
-        with path.open("rb") as f:
-            while block := f.read(chunk_size):
-                digest.update(block)
-    except OSError as err:
-        raise TextDiffError(f"{path}: cannot read ({err.strerror or err})") from None
-    return digest.hexdigest()
