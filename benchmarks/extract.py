@@ -22,11 +22,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from textdiff.cache import SplitSpec, open_for_writing  # noqa: E402
+from textdiff.cache import CacheSpec, SplitLayout, open_for_writing  # noqa: E402
 from textdiff.data import load_prepared  # noqa: E402
-from textdiff.extract import extract_split  # noqa: E402
+from textdiff.extraction import extract_split  # noqa: E402
 from textdiff.params import load_params  # noqa: E402
-from textdiff.teacher import Diffusion, FeatureExtractor, block_shapes, build_adm  # noqa: E402
+from textdiff.teacher import Diffusion, FeatureExtractor, build_adm, normalize_config  # noqa: E402
 
 PAPER = dict(image_size=256, num_channels=256, num_res_blocks=2, channel_mult="", learn_sigma=True,
              attention_resolutions="32,16,8", num_heads=4, num_head_channels=64, use_scale_shift_norm=True,
@@ -61,9 +61,11 @@ def main() -> None:
     torch.manual_seed(0)
     model = build_adm(config).to(device)
     extractor = FeatureExtractor(model, Diffusion(), steps=steps, blocks=blocks, device=device)
-    shapes = block_shapes(config, blocks, image_size=size)
-    spec = SplitSpec(ids=list(prepared.ids[:n]), texts=list(prepared.texts[:n]), image_size=size, views=1,
-                     steps=len(steps), block_shapes=shapes, text_length=10, text_dim=384, dtype=args.dtype)
+    spec = CacheSpec(teacher_kind="adm", steps=steps, blocks=blocks, image_size=size, views=1, dtype=args.dtype,
+                     text_encoder="bench", text_hidden_size=384, text_max_length=10, data={},
+                     teacher_config=normalize_config(config))
+    layout = SplitLayout(ids=list(prepared.ids[:n]), texts=list(prepared.texts[:n]))
+    shapes = spec.block_shapes()
     raw = sum(c * h * w for c, h, w in shapes.values()) * len(steps) * (4 if args.dtype == "float32" else 2)
     print(f"teacher {args.config}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M params, "
           f"{size}px, blocks {blocks} {list(shapes.values())}, steps {steps}, {args.dtype}, device {device}")
@@ -75,7 +77,7 @@ def main() -> None:
 
         def fresh():
             shutil.rmtree(path, ignore_errors=True)
-            return open_for_writing(path, {"bench": args.config}, {"train": spec}, {})["train"]
+            return open_for_writing(path, spec, {"train": layout}, {})["train"]
 
         group = fresh()
         t0 = time.perf_counter()
@@ -102,7 +104,7 @@ def main() -> None:
             except Killed:
                 pass
             before_kill = time.perf_counter() - t0
-            group = open_for_writing(path, {"bench": args.config}, {"train": spec}, {})["train"]
+            group = open_for_writing(path, spec, {"train": layout}, {})["train"]
             t0 = time.perf_counter()
             stats = extract_split(group, spec, images, masks, extractor, args.batch_size, device, desc="resume")
             resume = time.perf_counter() - t0

@@ -133,7 +133,7 @@ def cache_verify(params: Path = PARAMS) -> None:
     """Check the cache is complete and matches params.yaml; exit 1 naming what is wrong."""
     from stages import extract as stage
 
-    problems = stage.verify_cache(params)
+    problems = stage.verify(params)
     if problems:
         for line in problems:
             typer.echo(f"error: {line}", err=True)

@@ -12,7 +12,7 @@ from stages import extract as extract_stage
 from stages.cli import app
 from textdiff.cache import FeatureCache
 from textdiff.data import load_prepared
-from textdiff.extract import images_to_model_range
+from textdiff.featurizer import images_to_model_range
 from textdiff.teacher import Diffusion, FeatureExtractor, load_teacher
 from textdiff.text import TextEncoder
 
@@ -28,7 +28,7 @@ def test_round_trip_equals_the_teacher(tiny_project):
     result = _extract()
     assert result.exit_code == 0, result.output
     cache = FeatureCache(CACHE)
-    assert cache.fingerprint["steps"] == [10, 100] and cache.fingerprint["blocks"] == [0, 3]
+    assert cache.spec.steps == (10, 100) and cache.spec.blocks == (0, 3)
 
     teacher = load_teacher(tiny_project.teacher)
     extractor = FeatureExtractor(teacher, Diffusion(), steps=[10, 100], blocks=[0, 3], noise_seed=0)
@@ -81,12 +81,12 @@ def test_resume_after_a_kill_redoes_only_unfinished_images(tiny_project, monkeyp
     assert killed.exit_code == 130
     flags = zarr.open_group(str(CACHE), mode="r")["train"]["complete"][:]
     assert flags.tolist() == [1, 1, 0]
-    assert extract_stage.verify_cache(Path("params.yaml"))  # incomplete -> problems reported
+    assert extract_stage.verify(Path("params.yaml"))  # incomplete -> problems reported
 
     calls.update(n=10, images=0)
     assert _extract().exit_code == 0
     assert calls["images"] == 1 + 2 + 2  # the unfinished train image, then val and test
-    assert extract_stage.verify_cache(Path("params.yaml")) == []
+    assert extract_stage.verify(Path("params.yaml")) == []
 
 
 def test_verify_catches_a_missing_chunk_and_a_param_mismatch(tiny_project):
@@ -111,10 +111,10 @@ def test_other_params_rebuild_or_refuse_never_mix(tiny_project):
     tiny_project.write_params(teacher={"steps": [20, 100]})
     refused = _extract("--no-rebuild")
     assert refused.exit_code == 1 and "other params" in refused.output and "steps" in refused.output
-    assert FeatureCache(CACHE).fingerprint["steps"] == [10, 100]  # untouched
+    assert FeatureCache(CACHE).spec.steps == (10, 100)  # untouched
     rebuilt = _extract()
     assert rebuilt.exit_code == 0 and "rebuilding" in rebuilt.output
-    assert FeatureCache(CACHE).fingerprint["steps"] == [20, 100]
+    assert FeatureCache(CACHE).spec.steps == (20, 100)
 
 
 def test_bad_teacher_checkpoint_is_one_line(tiny_project):
@@ -137,8 +137,8 @@ def test_rgb_control_caches_the_pixels_themselves(tiny_project):
     result = _extract()
     assert result.exit_code == 0, result.output
     cache = FeatureCache(CACHE)
-    assert cache.fingerprint["teacher_kind"] == "rgb" and cache.blocks == [0]
-    assert cache.block_channels() == [3] and cache.num_steps == 1
+    assert cache.spec.teacher_kind == "rgb" and cache.spec.blocks == (0,)
+    assert cache.block_channels() == [3] and len(cache.spec.steps) == 1
     prepared = load_prepared("data/prepared", "train")
     (got,) = cache.split("train").features(0, view=0)
     expected = images_to_model_range(prepared.images[:1])[0]
@@ -159,7 +159,7 @@ def test_guided_diffusion_pt_checkpoint_with_teacher_config(tiny_project):
     result = _extract()
     assert result.exit_code == 0, result.output
     cache = FeatureCache(CACHE)
-    assert cache.fingerprint["teacher_config"]["num_channels"] == 32
+    assert cache.spec.teacher_config["num_channels"] == 32
 
     # Without teacher.config an OpenAI .pt has no architecture: one clear line.
     tiny_project.write_params(teacher={"checkpoint": str(pt), "config": {}})

@@ -8,18 +8,25 @@ Layout (zarr v3), one group per split holding N images:
     text_mask      [N, L] uint8
     text_pooled    [N, D] float32
     complete       [N] uint8                   1 once every array above holds image i
-    attrs          ids, texts
-and root attrs: `fingerprint` (everything the features depend on) and `provenance` (versions).
+    attrs          ids, texts, text_complete
+  tiles mode (items are windows of full-size images) adds:
+    tile_image     [N] int32                   which source image a window comes from
+    tile_origin    [N, 2] int32                the window's (y, x) in it
+    full_masks     [M, S, S] uint8             the source images' full-size masks, for scoring
+    attrs          image_ids, image_texts
+and root attrs: `fingerprint` (the `CacheSpec`: everything the features depend on), `format` (this
+layout's version) and `provenance` (library versions).
 
 Why this shape: training reads one image (all its views, steps and blocks) at a time, so one chunk
 per image makes a read one decompression, and makes "image i is done" one flag written last. A
 killed run leaves at most one image without its flag; the next run redoes exactly the unflagged
-ones. A cache whose fingerprint differs from the params is never extended: it is rebuilt from
+ones. A cache whose spec differs from the params is never extended: it is rebuilt from
 scratch (or refused), so features of two teachers can never be mixed.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,9 +38,93 @@ import zarr
 
 from textdiff.errors import TextDiffError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1  # the zarr layout below
+SPEC_VERSION = 2  # the CacheSpec fields; version 1 (an untyped dict) is read and upgraded
 STORAGE_DTYPES = {"float16": np.float16, "float32": np.float32, "bfloat16": np.uint16}
+MODES = ("resize", "tiles")
 _CHUNK_KEYS = {"name": "default", "configuration": {"separator": "/"}}
+
+
+@dataclass(frozen=True)
+class CacheSpec:
+    """Everything the cached features depend on: two caches with equal specs are interchangeable.
+
+    Written into the cache (root attrs `fingerprint`) and into every trained model's model.json,
+    and read back by train, evaluate and `textdiff predict`: the one place that says which teacher,
+    timesteps, blocks, text encoder, working size and protocol (`mode`) made the features.
+    """
+
+    teacher_kind: str  # "adm" (a diffusion UNet) or "rgb" (the raw-pixel control)
+    steps: tuple[int, ...]  # noise levels ([0] for rgb)
+    blocks: tuple[int, ...]  # tapped output blocks ([0] for rgb)
+    image_size: int  # side of what the teacher sees: the image (resize) or the window (tiles)
+    views: int
+    dtype: str  # storage dtype of the features
+    text_encoder: str
+    text_hidden_size: int
+    text_max_length: int
+    data: dict[str, str]  # split -> sha256 of its ids, texts, images and masks
+    teacher_sha256: str = ""  # adm only, like the four below
+    teacher_config: dict | None = None
+    noise_seed: int = 0
+    schedule: str = "linear"
+    diffusion_steps: int = 1000
+    mode: str = "resize"
+    tile: int = 0  # tiles mode only, like the two below
+    stride: int = 0
+    full_size: int = 0  # the source images' (square) side
+    version: int = SPEC_VERSION
+
+    def __post_init__(self) -> None:
+        if self.teacher_kind not in ("adm", "rgb"):
+            raise ValueError(f"teacher_kind must be adm or rgb, got {self.teacher_kind!r}")
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.dtype not in STORAGE_DTYPES:
+            raise ValueError(f"dtype must be one of {tuple(STORAGE_DTYPES)}, got {self.dtype!r}")
+        object.__setattr__(self, "steps", tuple(int(t) for t in self.steps))
+        object.__setattr__(self, "blocks", tuple(int(b) for b in self.blocks))
+
+    @property
+    def tiled(self) -> bool:
+        return self.mode == "tiles"
+
+    def block_shapes(self) -> dict[int, tuple[int, int, int]]:
+        """(C, H, W) of every cached feature block, from the spec alone."""
+        if self.teacher_kind == "rgb":
+            return {0: (3, self.image_size, self.image_size)}
+        from textdiff.teacher.features import block_shapes
+
+        return block_shapes(self.teacher_config or {}, self.blocks, image_size=self.image_size)
+
+    def to_json(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["steps"], out["blocks"] = list(self.steps), list(self.blocks)
+        return out
+
+    @classmethod
+    def from_json(cls, raw: Any, source: str = "cache spec") -> "CacheSpec":
+        """Parse a stored spec; a version-1 dict (before this class) is upgraded, since the
+        features it describes are the same."""
+        if not isinstance(raw, dict):
+            raise TextDiffError(f"{source}: the cache spec is not a mapping")
+        values = dict(raw)
+        version = values.pop("version", 1)
+        if version not in (1, SPEC_VERSION):
+            raise TextDiffError(f"{source}: cache spec version {version!r} is not known to this textdiff")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise TextDiffError(f"{source}: unknown cache spec key '{unknown[0]}'")
+        try:
+            return cls(**values)
+        except (TypeError, ValueError) as err:
+            raise TextDiffError(f"{source}: invalid cache spec ({err})") from None
+
+    def diff(self, other: "CacheSpec | None") -> list[str]:
+        """`key: old -> new` for every field that differs (all of them against None)."""
+        mine, theirs = self.to_json(), other.to_json() if other is not None else {}
+        return [f"{k}: {theirs.get(k)!r} -> {v!r}" for k, v in mine.items() if theirs.get(k) != v]
 
 
 @dataclass
@@ -48,42 +139,37 @@ class TileLayout:
 
 
 @dataclass
-class SplitSpec:
-    """What one split's group must hold; derived from the prepared data and the params."""
+class SplitLayout:
+    """The items one split's group holds (images, or windows in tiles mode), in order."""
 
     ids: list[str]
     texts: list[str]
-    image_size: int
-    views: int
-    steps: int
-    block_shapes: dict[int, tuple[int, int, int]]
-    text_length: int
-    text_dim: int
-    dtype: str
     tiles: TileLayout | None = None
 
     @property
     def n(self) -> int:
         return len(self.ids)
 
-    def array_shapes(self) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], Any]]:
-        """name -> (shape, chunks, numpy dtype)."""
-        n, v, s, size = self.n, self.views, self.steps, self.image_size
-        out = {}
-        for b, (c, h, w) in self.block_shapes.items():
-            out[f"block_{b}"] = ((n, v, s, c, h, w), (1, v, s, c, h, w), STORAGE_DTYPES[self.dtype])
-        out["masks"] = ((n, v, size, size), (1, v, size, size), np.uint8)
-        out["images"] = ((n, size, size, 3), (1, size, size, 3), np.uint8)
-        out["text_tokens"] = ((n, self.text_length, self.text_dim), (max(n, 1), self.text_length, self.text_dim), np.float32)
-        out["text_mask"] = ((n, self.text_length), (max(n, 1), self.text_length), np.uint8)
-        out["text_pooled"] = ((n, self.text_dim), (max(n, 1), self.text_dim), np.float32)
-        out["complete"] = ((n,), (1,), np.uint8)
-        if self.tiles is not None:
-            m, full = len(self.tiles.image_ids), self.tiles.full_size
-            out["tile_image"] = ((n,), (max(n, 1),), np.int32)
-            out["tile_origin"] = ((n, 2), (max(n, 1), 2), np.int32)
-            out["full_masks"] = ((m, full, full), (1, full, full), np.uint8)
-        return out
+
+def array_shapes(spec: CacheSpec, layout: SplitLayout) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], Any]]:
+    """name -> (shape, chunks, numpy dtype) of every array of one split's group."""
+    n, v, s, size = layout.n, spec.views, len(spec.steps), spec.image_size
+    length, dim = spec.text_max_length, spec.text_hidden_size
+    out = {}
+    for b, (c, h, w) in spec.block_shapes().items():
+        out[f"block_{b}"] = ((n, v, s, c, h, w), (1, v, s, c, h, w), STORAGE_DTYPES[spec.dtype])
+    out["masks"] = ((n, v, size, size), (1, v, size, size), np.uint8)
+    out["images"] = ((n, size, size, 3), (1, size, size, 3), np.uint8)
+    out["text_tokens"] = ((n, length, dim), (max(n, 1), length, dim), np.float32)
+    out["text_mask"] = ((n, length), (max(n, 1), length), np.uint8)
+    out["text_pooled"] = ((n, dim), (max(n, 1), dim), np.float32)
+    out["complete"] = ((n,), (1,), np.uint8)
+    if layout.tiles is not None:
+        m, full = len(layout.tiles.image_ids), layout.tiles.full_size
+        out["tile_image"] = ((n,), (max(n, 1),), np.int32)
+        out["tile_origin"] = ((n, 2), (max(n, 1), 2), np.int32)
+        out["full_masks"] = ((m, full, full), (1, full, full), np.uint8)
+    return out
 
 
 def to_storage(x: torch.Tensor, dtype: str) -> np.ndarray:
@@ -99,11 +185,6 @@ def from_storage(a: np.ndarray, dtype: str) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(a))
 
 
-def fingerprint_diff(old: dict, new: dict) -> list[str]:
-    keys = sorted(set(old) | set(new))
-    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
-
-
 def _open_group(path: Path, mode: str) -> zarr.Group:
     try:
         return zarr.open_group(str(path), mode=mode, zarr_format=3)
@@ -111,61 +192,68 @@ def _open_group(path: Path, mode: str) -> zarr.Group:
         raise TextDiffError(f"{path}: not a readable zarr v3 feature cache ({type(err).__name__})") from None
 
 
-def open_for_writing(path: Path, fingerprint: dict, specs: dict[str, SplitSpec], provenance: dict,
+def _stored_spec(attrs: dict, path: Path) -> CacheSpec | None:
+    """The spec a cache was built with (None when it has none: a foreign or unfinished store)."""
+    if "fingerprint" not in attrs:
+        return None
+    return CacheSpec.from_json(attrs["fingerprint"], source=str(path))
+
+
+def open_for_writing(path: Path, spec: CacheSpec, layouts: dict[str, SplitLayout], provenance: dict,
                      rebuild: bool = True) -> zarr.Group:
-    """Resume a cache built with the same fingerprint, or start a fresh one.
+    """Resume a cache built with the same spec, or start a fresh one.
 
     A cache built with other params is deleted and rebuilt when `rebuild`, else refused; either way
     the message says which params differ.
     """
     path = Path(path)
     if path.exists():
-        reason = _resume_problem(path, fingerprint, specs)
+        reason = _resume_problem(path, spec, layouts)
         if reason is None:
             return _open_group(path, "r+")
         if not rebuild:
             raise TextDiffError(f"{path}: {reason}; delete it or run extract with rebuild allowed")
         print(f"{path}: {reason}; rebuilding it from scratch")
         shutil.rmtree(path)
-    return _create(path, fingerprint, specs, provenance)
+    return _create(path, spec, layouts, provenance)
 
 
-def _resume_problem(path: Path, fingerprint: dict, specs: dict[str, SplitSpec]) -> str | None:
+def _resume_problem(path: Path, spec: CacheSpec, layouts: dict[str, SplitLayout]) -> str | None:
     try:
         root = zarr.open_group(str(path), mode="r", zarr_format=3)
         attrs = dict(root.attrs)
-    except Exception:  # noqa: BLE001
+        stored = _stored_spec(attrs, path)
+    except Exception:  # noqa: BLE001 - zarr or a broken spec: either way not resumable
         return "exists but is not a readable feature cache"
     if attrs.get("format") != FORMAT_VERSION:
         return f"has cache format {attrs.get('format')!r}, expected {FORMAT_VERSION}"
-    old = attrs.get("fingerprint", {})
-    diff = fingerprint_diff(old, fingerprint)
+    diff = spec.diff(stored)
     if diff:
         return "was built with other params (" + "; ".join(diff[:4]) + (" ..." if len(diff) > 4 else "") + ")"
-    for split, spec in specs.items():
+    for split, layout in layouts.items():
         if split not in root:
             return f"has no '{split}' group"
-        if list(root[split].attrs.get("ids", [])) != spec.ids:
+        if list(root[split].attrs.get("ids", [])) != layout.ids:
             return f"'{split}' holds other images than data/prepared"
-        for name, (shape, _, _) in spec.array_shapes().items():
+        for name, (shape, _, _) in array_shapes(spec, layout).items():
             if name not in root[split] or tuple(root[split][name].shape) != shape:
                 return f"'{split}/{name}' is missing or has another shape"
     return None
 
 
-def _create(path: Path, fingerprint: dict, specs: dict[str, SplitSpec], provenance: dict) -> zarr.Group:
+def _create(path: Path, spec: CacheSpec, layouts: dict[str, SplitLayout], provenance: dict) -> zarr.Group:
     path.parent.mkdir(parents=True, exist_ok=True)
     root = zarr.open_group(str(path), mode="w", zarr_format=3)
-    for split, spec in specs.items():
+    for split, layout in layouts.items():
         group = root.create_group(split)
-        for name, (shape, chunks, dtype) in spec.array_shapes().items():
+        for name, (shape, chunks, dtype) in array_shapes(spec, layout).items():
             group.create_array(name, shape=shape, chunks=chunks, dtype=dtype, fill_value=0,
                                chunk_key_encoding=_CHUNK_KEYS)
-        group.attrs.update({"ids": spec.ids, "texts": spec.texts, "text_complete": False})
-        if spec.tiles is not None:
-            group.attrs.update({"image_ids": spec.tiles.image_ids, "image_texts": spec.tiles.image_texts})
-    # Written last: a cache without its fingerprint is treated as foreign and rebuilt.
-    root.attrs.update({"format": FORMAT_VERSION, "fingerprint": fingerprint, "provenance": provenance})
+        group.attrs.update({"ids": layout.ids, "texts": layout.texts, "text_complete": False})
+        if layout.tiles is not None:
+            group.attrs.update({"image_ids": layout.tiles.image_ids, "image_texts": layout.tiles.image_texts})
+    # Written last: a cache without its spec is treated as foreign and rebuilt.
+    root.attrs.update({"format": FORMAT_VERSION, "fingerprint": spec.to_json(), "provenance": provenance})
     return root
 
 
@@ -174,7 +262,7 @@ def chunk_exists(path: Path, split: str, name: str, index: int, ndim: int) -> bo
     return (Path(path) / split / name / "c" / str(index) / Path(*(["0"] * (ndim - 1)))).is_file()
 
 
-def verify(path: Path, fingerprint: dict | None = None, specs: dict[str, SplitSpec] | None = None) -> list[str]:
+def verify(path: Path, spec: CacheSpec | None = None, layouts: dict[str, SplitLayout] | None = None) -> list[str]:
     """Every problem that would make the cache untrustworthy, one line each (empty = sound)."""
     path = Path(path)
     if not path.exists():
@@ -187,40 +275,49 @@ def verify(path: Path, fingerprint: dict | None = None, specs: dict[str, SplitSp
     problems = []
     if attrs.get("format") != FORMAT_VERSION:
         problems.append(f"{path}: cache format {attrs.get('format')!r}, expected {FORMAT_VERSION}")
-    if fingerprint is not None:
-        for line in fingerprint_diff(attrs.get("fingerprint", {}), fingerprint):
-            problems.append(f"{path}: built with other params: {line}")
-    splits = specs.keys() if specs is not None else [k for k in root.group_keys()]
+    try:
+        stored = _stored_spec(attrs, path)
+    except TextDiffError as err:
+        return problems + [str(err)]
+    if stored is None:
+        problems.append(f"{path}: has no cache spec (an unfinished or foreign store)")
+    if spec is not None:
+        problems.extend(f"{path}: built with other params: {line}" for line in spec.diff(stored))
+    splits = layouts.keys() if layouts is not None else [k for k in root.group_keys()]
     for split in splits:
         if split not in root:
             problems.append(f"{path}/{split}: split group missing")
             continue
-        group = root[split]
-        n = len(group.attrs.get("ids", []))
-        expected = specs[split].array_shapes() if specs is not None else None
-        if expected is not None and list(group.attrs.get("ids", [])) != specs[split].ids:
-            problems.append(f"{path}/{split}: holds other image ids than data/prepared")
-        names = list(expected) if expected is not None else list(group.array_keys())
-        for name in names:
-            if name not in group:
-                problems.append(f"{path}/{split}/{name}: array missing")
-                continue
-            if expected is not None and tuple(group[name].shape) != expected[name][0]:
-                problems.append(f"{path}/{split}/{name}: shape {tuple(group[name].shape)}, expected {expected[name][0]}")
-        if not group.attrs.get("text_complete", False):
-            problems.append(f"{path}/{split}: text embeddings were never completed")
-        if "complete" not in group:
-            continue
-        flags = group["complete"][:]
-        ids = group.attrs.get("ids", [])
-        missing = [ids[i] if i < len(ids) else str(i) for i in np.flatnonzero(flags == 0)]
-        if missing:
-            problems.append(f"{path}/{split}: {len(missing)} of {n} images incomplete (first: {missing[0]})")
-        per_image = [k for k in group.array_keys() if k.startswith("block_") or k in ("masks", "images")]
-        for i in np.flatnonzero(flags == 1):
-            for name in per_image:
-                if not chunk_exists(path, split, name, int(i), group[name].ndim):
-                    problems.append(f"{path}/{split}/{name}: chunk of image {ids[i]} is missing on disk")
+        layout = layouts[split] if layouts is not None else None
+        problems.extend(_split_problems(path, root[split], split, spec, layout))
+    return problems
+
+
+def _split_problems(path: Path, group: zarr.Group, split: str, spec: CacheSpec | None,
+                    layout: SplitLayout | None) -> list[str]:
+    problems = []
+    ids = list(group.attrs.get("ids", []))
+    expected = array_shapes(spec, layout) if spec is not None and layout is not None else None
+    if layout is not None and ids != layout.ids:
+        problems.append(f"{path}/{split}: holds other image ids than data/prepared")
+    for name in list(expected) if expected is not None else list(group.array_keys()):
+        if name not in group:
+            problems.append(f"{path}/{split}/{name}: array missing")
+        elif expected is not None and tuple(group[name].shape) != expected[name][0]:
+            problems.append(f"{path}/{split}/{name}: shape {tuple(group[name].shape)}, expected {expected[name][0]}")
+    if not group.attrs.get("text_complete", False):
+        problems.append(f"{path}/{split}: text embeddings were never completed")
+    if "complete" not in group:
+        return problems
+    flags = group["complete"][:]
+    missing = [ids[i] if i < len(ids) else str(i) for i in np.flatnonzero(flags == 0)]
+    if missing:
+        problems.append(f"{path}/{split}: {len(missing)} of {len(ids)} images incomplete (first: {missing[0]})")
+    per_image = [k for k in group.array_keys() if k.startswith("block_") or k in ("masks", "images")]
+    for i in np.flatnonzero(flags == 1):
+        for name in per_image:
+            if not chunk_exists(path, split, name, int(i), group[name].ndim):
+                problems.append(f"{path}/{split}/{name}: chunk of image {ids[i]} is missing on disk")
     return problems
 
 
@@ -229,8 +326,7 @@ class CachedSplit:
     """Read access to one split, one image at a time, in the layout training wants."""
 
     group: zarr.Group
-    dtype: str
-    blocks: list[int]
+    spec: CacheSpec
     _text: dict = field(default_factory=dict)
 
     @property
@@ -246,16 +342,24 @@ class CachedSplit:
 
     @property
     def views(self) -> int:
-        return int(self.group["masks"].shape[1])
+        return self.spec.views
+
+    @property
+    def image_size(self) -> int:
+        return self.spec.image_size
 
     def features(self, index: int, view: int | None = None) -> list[torch.Tensor]:
         """Per block: [views, steps, C, H, W] (or [steps, C, H, W] for one view), stored dtype."""
         out = []
-        for b in self.blocks:
+        for b in self.spec.blocks:
             arr = self.group[f"block_{b}"]
             a = arr[index] if view is None else arr[index, view]
-            out.append(from_storage(a, self.dtype))
+            out.append(from_storage(a, self.spec.dtype))
         return out
+
+    def feature_bytes(self) -> int:
+        """Bytes of one image's features (all views, steps and blocks) as stored."""
+        return sum(int(np.prod(self.group[f"block_{b}"].shape[1:])) * 2 for b in self.spec.blocks)
 
     def mask(self, index: int, view: int | None = None) -> torch.Tensor:
         m = self.group["masks"][index] if view is None else self.group["masks"][index, view]
@@ -264,12 +368,8 @@ class CachedSplit:
     def image(self, index: int) -> np.ndarray:
         return np.asarray(self.group["images"][index])
 
-    @property
-    def tiled(self) -> bool:
-        return "tile_image" in self.group
-
     def tile_layout(self) -> tuple[list[str], np.ndarray, np.ndarray]:
-        """(source image ids, per-window image index, per-window (y, x) origin)."""
+        """Tiles mode: (source image ids, per-window image index, per-window (y, x) origin)."""
         return (list(self.group.attrs["image_ids"]), np.asarray(self.group["tile_image"][:]),
                 np.asarray(self.group["tile_origin"][:]))
 
@@ -289,31 +389,20 @@ class CachedSplit:
 class FeatureCache:
     """Read-only view of a finished cache; refuses one with unfinished images."""
 
-    def __init__(self, path: Path, fingerprint: dict | None = None):
+    def __init__(self, path: Path, spec: CacheSpec | None = None):
         self.path = Path(path)
-        problems = verify(self.path, fingerprint)
+        problems = verify(self.path, spec)
         if problems:
             more = f" (+{len(problems) - 1} more; run `textdiff cache verify`)" if len(problems) > 1 else ""
             raise TextDiffError(problems[0] + more)
         self.root = _open_group(self.path, "r")
-        self.fingerprint = dict(self.root.attrs["fingerprint"])
-        self.blocks = [int(b) for b in self.fingerprint["blocks"]]
-        self.dtype = str(self.fingerprint["dtype"])
+        self.spec = CacheSpec.from_json(self.root.attrs["fingerprint"], source=str(self.path))
+        self.provenance = dict(self.root.attrs.get("provenance", {}))
 
     def split(self, name: str) -> CachedSplit:
         if name not in self.root:
             raise TextDiffError(f"{self.path}: no '{name}' split in the cache")
-        return CachedSplit(self.root[name], self.dtype, self.blocks)
+        return CachedSplit(self.root[name], self.spec)
 
     def block_channels(self) -> list[int]:
-        group = next(iter(self.root.group_keys()))
-        return [int(self.root[group][f"block_{b}"].shape[3]) for b in self.blocks]
-
-    @property
-    def num_steps(self) -> int:
-        group = next(iter(self.root.group_keys()))
-        return int(self.root[group][f"block_{self.blocks[0]}"].shape[2])
-
-    @property
-    def text_dim(self) -> int:
-        return int(self.fingerprint["text_hidden_size"])
+        return [c for c, _, _ in self.spec.block_shapes().values()]

@@ -102,6 +102,19 @@ class TextEncoder:
         )
 
 
+def text_hidden_size(encoder: str) -> tuple[str, int]:
+    """(encoder id, hidden size) from the model's config alone: cheap, for planning and verify."""
+    from transformers import AutoConfig
+
+    source, encoder_id = resolve_encoder(encoder)
+    try:
+        config = AutoConfig.from_pretrained(source, local_files_only=True)
+    except Exception:  # noqa: BLE001
+        # Not local: the full load will give the one-line "hub unreachable" message.
+        return encoder_id, TextEncoder(encoder).hidden_size
+    return encoder_id, int(config.hidden_size)
+
+
 def _load(source: str, name: str):
     from transformers import AutoModel, AutoTokenizer
     from transformers.utils import logging as hf_logging

@@ -9,7 +9,12 @@ trusts window centres, where the UNet and the decoder have full context, over wi
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import numpy as np
 import torch
+
+from textdiff.cache import TileLayout
 
 
 def window_starts(length: int, tile: int, stride: int) -> list[int]:
@@ -49,3 +54,43 @@ def blend_tiles(probs: list[torch.Tensor], origins: list[tuple[int, int]], heigh
     if (norm == 0).any():
         raise ValueError("the windows do not cover the whole image")
     return acc / norm
+
+
+def paste_tiles(tiles: list[np.ndarray], origins: list[tuple[int, int]], height: int, width: int) -> np.ndarray:
+    """Rebuild an image [H, W, ...] from its windows (overlaps take the later window's pixels)."""
+    out = np.zeros((height, width, *tiles[0].shape[2:]), tiles[0].dtype)
+    for tile, (y, x) in zip(tiles, origins):
+        out[y : y + tile.shape[0], x : x + tile.shape[1]] = tile
+    return out
+
+
+@dataclass
+class Windows:
+    """Native-resolution windows of a split: pixels, masks, per-window ids and texts, the layout."""
+
+    images: np.ndarray  # [N, tile, tile, 3] uint8
+    masks: np.ndarray  # [N, tile, tile] uint8
+    ids: list[str]  # `<image>@<y>,<x>`
+    texts: list[str]  # the source image's report
+    layout: TileLayout
+
+
+def cut_tiles(images: np.ndarray, masks: np.ndarray, ids: list[str], texts: list[str], tile: int,
+              stride: int) -> Windows:
+    """Every window of square images [M, S, S, 3] (and their masks), image by image, row by row."""
+    size = images.shape[1]
+    grid = tile_grid(size, size, tile, stride)
+    tiles, tile_masks, index, origins, tile_ids, tile_texts = [], [], [], [], [], []
+    for k in range(len(images)):
+        for y, x in grid:
+            tiles.append(images[k, y : y + tile, x : x + tile])
+            tile_masks.append(masks[k, y : y + tile, x : x + tile])
+            index.append(k)
+            origins.append((y, x))
+            tile_ids.append(f"{ids[k]}@{y},{x}")
+            tile_texts.append(texts[k])
+    layout = TileLayout(image_ids=list(ids), image_texts=list(texts), image_index=index, origins=origins,
+                        full_size=size)
+    empty = np.zeros((0, tile, tile, 3), np.uint8)
+    return Windows(np.stack(tiles) if tiles else empty, np.stack(tile_masks) if tiles else empty[..., 0],
+                   tile_ids, tile_texts, layout)

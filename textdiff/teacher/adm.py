@@ -138,6 +138,35 @@ def resolved_attention_ds(config: Mapping[str, Any]) -> tuple[int, ...]:
     return tuple(config["image_size"] // int(r) for r in _number_list("attention_resolutions", ar))
 
 
+def attention_token_counts(config: Mapping[str, Any], image_size: int | None = None) -> list[tuple[int, int]]:
+    """Where the UNet of `config` attends on ``image_size`` x ``image_size`` inputs.
+
+    Returns ``(side, tokens)`` pairs, tokens = side**2, one per distinct resolution, largest
+    first; ``image_size=None`` means the config's own (training) image_size.
+
+    Why: attention cost grows with tokens squared, and it is easy to misjudge. The
+    ``attention_resolutions`` of create_model are resolutions *at the config's image_size*;
+    the network stores them as downsampling factors ds = config image_size // resolution, so
+    on a different input size the same blocks run at side = image_size // ds. The shipped
+    teacher (trained at 64, "16,8") therefore attends over 64x64 = 4096 tokens on the
+    pipeline's 256x256 images, not 16x16. The middle block always attends, at the deepest
+    level, and is included; a resolution coarser than the deepest level matches no block
+    (as upstream) and is left out.
+    """
+    cfg = normalize_config(config)
+    size = cfg["image_size"] if image_size is None else image_size
+    levels = len(resolved_channel_mult(cfg))
+    deepest = 2 ** (levels - 1)
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1 or size % deepest:
+        raise TextDiffError(
+            f"image_size: {size!r} is not a positive multiple of 2^{levels - 1}, which this "
+            f"teacher's {levels} levels need"
+        )
+    level_ds = {2**level for level in range(levels)}
+    ds_values = {ds for ds in resolved_attention_ds(cfg) if ds in level_ds} | {deepest}
+    return [(size // ds, (size // ds) ** 2) for ds in sorted(ds_values)]
+
+
 def normalize_config(config: Mapping[str, Any]) -> dict[str, Any]:
     """Fill create_model's defaults and check that the config describes a buildable UNet.
 

@@ -1,4 +1,4 @@
-"""Gaussian diffusion: noise schedules, q_sample, the training loss and two samplers.
+"""Gaussian diffusion: noise schedules, q_sample, the training loss and the DDIM sampler.
 
 Follows guided-diffusion's conventions so its checkpoints behave as they were trained:
 
@@ -27,6 +27,16 @@ import torch
 from textdiff.errors import TextDiffError
 
 SCHEDULES = ("linear", "cosine")
+
+
+def to_model_range(images: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels [..., 3, H, W] -> float32 in [-1, 1], the range a DDPM is trained and run on."""
+    return images.float() / 127.5 - 1.0
+
+
+def from_model_range(x: torch.Tensor) -> torch.Tensor:
+    """The inverse of `to_model_range`, clamped and rounded to uint8 (for sample grids)."""
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
 def linear_betas(num_timesteps: int) -> np.ndarray:
@@ -282,22 +292,6 @@ class Diffusion:
 
             return tqdm(indices)
         return indices
-
-    @torch.no_grad()
-    def p_sample_loop(self, model: torch.nn.Module, shape: Sequence[int], steps: int | None = None,
-                      noise: torch.Tensor | None = None, generator: torch.Generator | None = None,
-                      clip_denoised: bool = True, progress: bool = False,
-                      device: torch.device | str | None = None) -> torch.Tensor:
-        """Ancestral (DDPM) sampling from pure noise; `steps` < T respaces the chain."""
-        proc = self if steps is None else self.respaced(steps)
-        device = self._device(model, device)
-        x = noise.to(device) if noise is not None else _randn(shape, generator, device)
-        for i in self._indices(proc.num_timesteps, progress):
-            t = torch.full((x.shape[0],), i, dtype=torch.long, device=device)
-            out = proc.p_mean_variance(model(x, proc._model_t(t)), x, t, clip_denoised)
-            z = _randn(x.shape, generator, device) if i > 0 else torch.zeros_like(x)
-            x = out["mean"] + torch.exp(0.5 * out["log_variance"]) * z
-        return x
 
     @torch.no_grad()
     def ddim_sample_loop(self, model: torch.nn.Module, shape: Sequence[int], steps: int = 50, eta: float = 0.0,

@@ -1,0 +1,44 @@
+"""Choosing and describing the teacher: config from the checkpoint itself, attention sizes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import TINY_TEACHER
+from textdiff.cache import CacheSpec
+from textdiff.errors import TextDiffError
+from textdiff.featurizer import attention_report, choose_teacher
+from textdiff.params import load_params
+from textdiff.params import COMPACT_ADM
+
+
+def test_safetensors_without_sidecar_uses_its_header(tiny_project):
+    """A teacher exported by save_checkpoint carries its config in the header: the sidecar is optional."""
+    tiny_project.teacher.with_suffix(".json").unlink()
+    choice = choose_teacher(load_params("params.yaml"))
+    assert choice.path == tiny_project.teacher and choice.config["num_channels"] == TINY_TEACHER["num_channels"]
+
+
+def test_a_sidecar_that_disagrees_with_the_header_is_refused(tiny_project):
+    sidecar = tiny_project.teacher.with_suffix(".json")
+    data = json.loads(sidecar.read_text())
+    data["config"]["num_heads"] = 2  # loads strictly, computes something else
+    sidecar.write_text(json.dumps(data))
+    with pytest.raises(TextDiffError, match="do not belong together"):
+        choose_teacher(load_params("params.yaml"))
+
+
+def _spec(image_size: int, config: dict) -> CacheSpec:
+    return CacheSpec(teacher_kind="adm", steps=(50,), blocks=(6,), image_size=image_size, views=1, dtype="float16",
+                     text_encoder="t", text_hidden_size=8, text_max_length=4, data={}, teacher_config=config)
+
+
+def test_attention_report_warns_only_off_the_training_distribution():
+    line, warning = attention_report(_spec(256, COMPACT_ADM))  # the shipped teacher on 256 px images
+    assert "64x64 (4096 tokens)" in line and "trained at 64 px: 16x16" in line
+    assert warning is not None and "16x" in warning and "4096" in warning
+    line, warning = attention_report(_spec(128, COMPACT_ADM))  # 32x32 = 1024 tokens: exactly 4x, allowed
+    assert "32x32 (1024 tokens)" in line and warning is None
+    assert attention_report(_spec(64, COMPACT_ADM))[1] is None

@@ -1,0 +1,190 @@
+"""Stage one's work: run the teacher once per image, view and timestep into the zarr cache.
+
+The expensive part of TextDiff is the UNet forward pass; the release recomputes it every epoch. Here
+it runs exactly once per (image, view, step): an image's arrays are written, then its `complete`
+flag, so an interrupted run resumes at the first unflagged image and never recomputes a finished one.
+
+`plan_cache` turns params + data/prepared into a `CachePlan` (the spec, the per-split layout and
+the arrays to feed) without running any model: `textdiff cache verify` uses it alone.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import zarr
+from tqdm import tqdm
+
+from textdiff.cache import CacheSpec, SplitLayout, open_for_writing, to_storage, verify
+from textdiff.data import SPLITS, PreparedSplit, load_prepared, read_manifest
+from textdiff.errors import TextDiffError
+from textdiff.featurizer import (Featurizer, TeacherChoice, attention_report, build_featurizer, choose_teacher,
+                                 images_to_model_range)
+from textdiff.hashing import sha256_file, sha256_split
+from textdiff.params import Params
+from textdiff.paths import CACHE_PATH, PREPARED_DIR
+from textdiff.runtime import provenance, resolve_device
+from textdiff.text import TextEncoder, text_hidden_size
+from textdiff.tiles import cut_tiles
+from textdiff.views import apply_view
+
+
+@dataclass
+class SplitInputs:
+    """What the teacher and the text encoder are fed for one split (windows in tiles mode)."""
+
+    layout: SplitLayout
+    images: np.ndarray  # [N, S, S, 3] uint8
+    masks: np.ndarray  # [N, S, S] uint8
+    report_texts: list[str]  # one per source image (tiles: repeated per window via layout.tiles)
+    full_masks: np.ndarray | None = None  # tiles mode: the source images' masks
+
+
+@dataclass
+class CachePlan:
+    spec: CacheSpec
+    splits: dict[str, SplitInputs]
+    teacher: TeacherChoice | None  # None for the RGB control
+
+    @property
+    def layouts(self) -> dict[str, SplitLayout]:
+        return {split: inputs.layout for split, inputs in self.splits.items()}
+
+
+def _load_prepared_for(params: Params, prepared_dir: Path) -> dict[str, PreparedSplit]:
+    """data/prepared, refused when it was prepared for another protocol or size."""
+    prepared = {split: load_prepared(prepared_dir, split) for split in SPLITS}
+    tiled = params.data.mode == "tiles"
+    prepared_mode = read_manifest(prepared_dir).get("data_params", {}).get("mode", "resize")
+    for data in prepared.values():
+        if prepared_mode != params.data.mode or (not tiled and data.image_size != params.data.image_size):
+            raise TextDiffError(
+                f"{prepared_dir}: prepared with data.mode={prepared_mode} at {data.image_size} px, but params ask for "
+                f"data.mode={params.data.mode}" + ("" if tiled else f" at {params.data.image_size} px")
+                + "; run `textdiff prepare`"
+            )
+    return prepared
+
+
+def _split_inputs(params: Params, data: PreparedSplit) -> SplitInputs:
+    if params.data.mode != "tiles":
+        layout = SplitLayout(ids=list(data.ids), texts=list(data.texts))
+        return SplitInputs(layout, data.images, data.masks, list(data.texts))
+    windows = cut_tiles(data.images, data.masks, list(data.ids), list(data.texts), params.data.tile, params.data.stride)
+    layout = SplitLayout(ids=windows.ids, texts=windows.texts, tiles=windows.layout)
+    return SplitInputs(layout, windows.images, windows.masks, list(data.texts), full_masks=data.masks)
+
+
+def plan_cache(params: Params, prepared_dir: Path = PREPARED_DIR) -> CachePlan:
+    """The spec and per-split layout the params call for (no model is run)."""
+    prepared = _load_prepared_for(params, prepared_dir)
+    tiled = params.data.mode == "tiles"
+    encoder_id, hidden = text_hidden_size(params.text.encoder)
+    common = dict(
+        image_size=params.data.tile if tiled else params.data.image_size,
+        views=params.extract.views, dtype=params.extract.dtype, text_encoder=encoder_id,
+        text_hidden_size=hidden, text_max_length=params.text.max_length,
+        data={split: sha256_split(list(d.ids), list(d.texts), d.images, d.masks) for split, d in prepared.items()},
+    )
+    if tiled:
+        common.update(mode="tiles", tile=params.data.tile, stride=params.data.stride,
+                      full_size=int(prepared["train"].images.shape[1]))
+    if params.teacher.kind == "rgb":
+        teacher, spec = None, CacheSpec(teacher_kind="rgb", steps=(0,), blocks=(0,), **common)
+    else:
+        teacher = choose_teacher(params)
+        spec = CacheSpec(
+            teacher_kind="adm", steps=params.teacher.steps, blocks=params.teacher.blocks,
+            teacher_sha256=sha256_file(teacher.path), teacher_config=teacher.config,
+            noise_seed=params.teacher.noise_seed, schedule=params.teacher.schedule,
+            diffusion_steps=params.teacher.diffusion_steps, **common,
+        )
+    return CachePlan(spec, {split: _split_inputs(params, d) for split, d in prepared.items()}, teacher)
+
+
+def write_text(group: zarr.Group, tokens: np.ndarray, mask: np.ndarray, pooled: np.ndarray,
+               inputs: SplitInputs | None = None) -> None:
+    """The per-split arrays written once (text; in tiles mode also the window layout), then the
+    flag that says they are complete."""
+    group["text_tokens"][:] = tokens
+    group["text_mask"][:] = mask
+    group["text_pooled"][:] = pooled
+    tiles = inputs.layout.tiles if inputs is not None else None
+    if tiles is not None:
+        group["tile_image"][:] = np.asarray(tiles.image_index, np.int32)
+        group["tile_origin"][:] = np.asarray(tiles.origins, np.int32).reshape(-1, 2)
+        group["full_masks"][:] = inputs.full_masks
+    group.attrs["text_complete"] = True
+
+
+def extract_split(group: zarr.Group, spec: CacheSpec, images: np.ndarray, masks: np.ndarray,
+                  featurizer: Featurizer, batch_size: int, device: torch.device, desc: str = "") -> dict:
+    """Fill every unflagged image of one split; returns counts and timing for the summary."""
+    todo = np.flatnonzero(group["complete"][:] == 0)
+    views = spec.views
+    started = time.perf_counter()
+    with tqdm(total=len(todo), unit="img", desc=desc, dynamic_ncols=True, disable=len(todo) == 0) as bar:
+        for start in range(0, len(todo), batch_size):
+            index = todo[start : start + batch_size]
+            x = images_to_model_range(images[index])
+            m = torch.from_numpy(np.ascontiguousarray(masks[index]))
+            x_views = torch.stack([apply_view(x, v) for v in range(views)], dim=1)
+            m_views = torch.stack([apply_view(m, v) for v in range(views)], dim=1)
+            feats = featurizer(x_views.flatten(0, 1).to(device))
+            for j, i in enumerate(index):
+                for b, f in feats.items():
+                    per_image = f.unflatten(0, (len(index), views))[j]
+                    group[f"block_{b}"][int(i)] = to_storage(per_image, spec.dtype)
+                group["masks"][int(i)] = m_views[j].numpy()
+                group["images"][int(i)] = images[i]
+                group["complete"][int(i)] = 1  # last: image i now counts
+            bar.update(len(index))
+    seconds = time.perf_counter() - started
+    return {"done": int(len(todo)), "skipped": int(group["complete"].shape[0] - len(todo)), "seconds": seconds}
+
+
+def extract_cache(params: Params, cache_path: Path = CACHE_PATH, rebuild: bool = True,
+                  prepared_dir: Path = PREPARED_DIR) -> CachePlan:
+    """Fill (or resume) the cache the params call for; verify it before returning."""
+    plan = plan_cache(params, prepared_dir)
+    device = resolve_device(params.extract.device)
+    # Load both models first: a bad checkpoint or encoder must fail before the cache is touched.
+    featurizer = build_featurizer(plan.spec, plan.teacher.path if plan.teacher else None, device)
+    encoder = TextEncoder(params.text.encoder, params.text.max_length, device)
+    for line in attention_report(plan.spec):
+        if line:
+            print(line)
+    info = dict(provenance(), teacher_path=str(plan.teacher.path) if plan.teacher else "rgb", device=str(device))
+    root = open_for_writing(cache_path, plan.spec, plan.layouts, info, rebuild=rebuild)
+
+    for split, inputs in plan.splits.items():
+        group = root[split]
+        if not group.attrs.get("text_complete", False):
+            emb = encoder.encode(inputs.report_texts)
+            if inputs.layout.tiles is not None:  # one report per source image, repeated for its windows
+                index = inputs.layout.tiles.image_index
+                emb.tokens, emb.mask, emb.pooled = (a[index] for a in (emb.tokens, emb.mask, emb.pooled))
+            write_text(group, emb.tokens, emb.mask, emb.pooled, inputs)
+        stats = extract_split(group, plan.spec, inputs.images, inputs.masks, featurizer,
+                              params.extract.batch_size, device, desc=f"extract {split}")
+        rate = stats["done"] / stats["seconds"] if stats["done"] and stats["seconds"] > 0 else 0.0
+        print(f"{split}: {stats['done']} extracted, {stats['skipped']} already cached"
+              + (f", {rate:.2f} img/s" if stats["done"] else ""))
+
+    problems = verify(cache_path, plan.spec, plan.layouts)
+    if problems:
+        raise TextDiffError(problems[0])
+    return plan
+
+
+def verify_cache(params: Params, cache_path: Path = CACHE_PATH,
+                 prepared_dir: Path = PREPARED_DIR) -> tuple[list[str], list[str]]:
+    """(every reason the cache is not the one these params call for (empty = it is), notes on
+    where the teacher attends)."""
+    plan = plan_cache(params, prepared_dir)
+    notes = [line for line in attention_report(plan.spec) if line]
+    return verify(cache_path, plan.spec, plan.layouts), notes
