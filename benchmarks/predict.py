@@ -19,10 +19,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from stages.common import CLASSIFIER_DIR, resolve_data_root, resolve_device  # noqa: E402
-from stages.predict import build_segmenter  # noqa: E402
 from textdiff.data import list_images, read_image  # noqa: E402
 from textdiff.params import load_params  # noqa: E402
+from textdiff.paths import CLASSIFIER_DIR, resolve_data_root  # noqa: E402
+from textdiff.runtime import resolve_device  # noqa: E402
+from textdiff.segmenter import build_segmenter  # noqa: E402
 
 
 def main() -> None:
@@ -33,7 +34,7 @@ def main() -> None:
     args = ap.parse_args()
 
     device = resolve_device(args.device)
-    segmenter, meta = build_segmenter(CLASSIFIER_DIR, device, None, args.scale)
+    segmenter, card = build_segmenter(CLASSIFIER_DIR, device, None, args.scale)
     root = resolve_data_root(load_params("params.yaml").data.root)
     paths = list_images(root, "test")[: args.images + 1]
     images = [read_image(p)[0] for p in paths]
@@ -50,7 +51,7 @@ def main() -> None:
     mp = images[1].shape[0] * images[1].shape[1] / 1e6
     med = statistics.median(times)
     print(f"{len(times)} images of {images[1].shape[1]}x{images[1].shape[0]}, mode {segmenter.mode}, "
-          f"scale {args.scale}, fusion {meta['classifier']['fusion']}, device {device}, threads {torch.get_num_threads()}")
+          f"scale {args.scale}, fusion {card.classifier.fusion}, device {device}, threads {torch.get_num_threads()}")
     print(f"median {med:.2f} s/image (min {min(times):.2f}, max {max(times):.2f}) = {mp / med:.3f} megapixels/s")
 
 

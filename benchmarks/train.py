@@ -21,13 +21,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from stages.common import CACHE_PATH, resolve_teacher  # noqa: E402
 from textdiff.cache import FeatureCache  # noqa: E402
-from textdiff.extract import images_to_model_range  # noqa: E402
+from textdiff.classifier import PixelClassifier  # noqa: E402
+from textdiff.featurizer import build_featurizer, choose_teacher, images_to_model_range  # noqa: E402
 from textdiff.losses import total_loss  # noqa: E402
 from textdiff.params import load_params  # noqa: E402
-from textdiff.teacher import Diffusion, FeatureExtractor, load_teacher  # noqa: E402
-from textdiff.train import build_classifier  # noqa: E402
+from textdiff.paths import CACHE_PATH  # noqa: E402
+from textdiff.training import classifier_config  # noqa: E402
 
 
 def main() -> None:
@@ -38,17 +38,13 @@ def main() -> None:
 
     params = load_params("params.yaml")
     cache = FeatureCache(CACHE_PATH)
-    if cache.fingerprint.get("teacher_kind") != "adm":
+    if cache.spec.teacher_kind != "adm":
         sys.exit("benchmarks/train.py needs a cache built by an ADM teacher")
     split = cache.split("train")
     n = min(args.images, len(split))
-    image_size = int(split.group["masks"].shape[-1])
-    teacher = resolve_teacher(params)
-    extractor = FeatureExtractor(load_teacher(teacher.path, teacher.config), Diffusion(params.teacher.schedule),
-                                 steps=params.teacher.steps, blocks=params.teacher.blocks,
-                                 noise_seed=params.teacher.noise_seed)
+    extractor = build_featurizer(cache.spec, choose_teacher(params).path, torch.device("cpu"))
     torch.manual_seed(0)
-    model, _ = build_classifier(cache, params.train, image_size)
+    model = PixelClassifier(classifier_config(cache, params.train))
     optimizer = torch.optim.Adam(model.parameters(), lr=params.train.lr)
 
     def step(feats, i):
@@ -68,7 +64,7 @@ def main() -> None:
         for i in range(n):
             x = images_to_model_range(split.image(i)[None])
             feats = extractor(x)
-            step([feats[b].half() for b in cache.blocks], i)
+            step([feats[b].half() for b in cache.spec.blocks], i)
 
     model.train()
     cached, recomputed = [], []
@@ -80,7 +76,7 @@ def main() -> None:
         epoch_recomputed()
         recomputed.append(time.perf_counter() - t0)
     mc, mr = statistics.median(cached), statistics.median(recomputed)
-    print(f"{n} images/epoch, {args.epochs} epochs each, fusion {params.train.fusion}, d_model {model.d_model}, "
+    print(f"{n} images/epoch, {args.epochs} epochs each, fusion {params.train.fusion}, d_model {model.config.d_model}, "
           f"threads {torch.get_num_threads()}, device cpu")
     print(f"epoch from cache:       median {mc:.2f} s  ({mc / n:.3f} s/image)  all: {np.round(cached, 2).tolist()}")
     print(f"epoch recomputing UNet: median {mr:.2f} s  ({mr / n:.3f} s/image)  all: {np.round(recomputed, 2).tolist()}")

@@ -1,67 +1,52 @@
-"""`textdiff train`: the pixel classifier on cache/features.zarr (DVC stage two, first half)."""
+"""Stage `train`: the pixel classifier on cache/features.zarr (DVC stage two, first half)."""
 
 from __future__ import annotations
 
-import json
 import resource
 import time
 from pathlib import Path
 
-import torch
-
+from textdiff.atomic import write_json
 from textdiff.cache import FeatureCache
+from textdiff.inference import ModelCard, save_trained
 from textdiff.params import load_params, section_dict
-from textdiff.train import train_classifier
-
-from textdiff.atomic import atomic_dir, write_json
-from stages.common import CACHE_PATH, CLASSIFIER_DIR, METRICS_DIR, provenance, resolve_device
-
-LIVE_DIR = Path("dvclive/train")
+from textdiff.paths import CACHE_PATH, CLASSIFIER_DIR, METRICS_DIR, TRAIN_LIVE_DIR
+from textdiff.runtime import provenance, resolve_device
+from textdiff.training import EpochRecord, train_classifier
 
 
 def run(params_path: Path, cache_path: Path = CACHE_PATH, out_dir: Path = CLASSIFIER_DIR) -> None:
     params = load_params(params_path)
     device = resolve_device(params.train.device)
     cache = FeatureCache(cache_path)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
 
     from dvclive import Live
 
     started = time.perf_counter()
-    with Live(str(LIVE_DIR), save_dvc_exp=False, dvcyaml=None, report=None) as live:
-        def log(epoch: int, record: dict) -> None:
-            live.log_metric("train/loss", record["train_loss"])
-            live.log_metric("val/dice", record["val_dice"])
-            live.log_metric("val/iou", record["val_iou"])
+    with Live(str(TRAIN_LIVE_DIR), save_dvc_exp=False, dvcyaml=None, report=None) as live:
+        def log(record: EpochRecord) -> None:
+            live.log_metric("train/loss", record.train_loss)
+            live.log_metric("val/dice", record.val_dice)
+            live.log_metric("val/iou", record.val_iou)
             live.next_step()
 
         result = train_classifier(cache, params.train, device, on_epoch=log)
     seconds = time.perf_counter() - started
 
-    meta = {
-        "classifier": result["kwargs"],
-        "train": section_dict(params.train),
-        "best_epoch": result["best_epoch"],
-        "best_val_dice": result["best_val_dice"],
-        "best_val_iou": result["best_val_iou"],
-        "train_ids": result["train_ids"],
-        "cache": str(cache_path),
-        "cache_fingerprint": cache.fingerprint,
-        "teacher_path": dict(cache.root.attrs.get("provenance", {})).get("teacher_path"),
-        "provenance": provenance(),
-    }
-    with atomic_dir(out_dir) as tmp:
-        torch.save(result["state"], tmp / "model.pt")
-        (tmp / "model.json").write_text(json.dumps(meta, indent=2) + "\n")
+    card = ModelCard(classifier=result.config, spec=cache.spec, train=section_dict(params.train),
+                     best_epoch=result.best_epoch, best_val_dice=result.best_val_dice,
+                     best_val_iou=result.best_val_iou, train_ids=result.train_ids, cache=str(cache_path),
+                     teacher_path=cache.provenance.get("teacher_path"), provenance=provenance())
+    save_trained(out_dir, result.state, card)
     peak_rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     write_json(METRICS_DIR / "train.json", {
-        "best_epoch": result["best_epoch"],
-        "val_dice": result["best_val_dice"],
-        "val_iou": result["best_val_iou"],
-        "num_train": result["num_train"],
+        "best_epoch": result.best_epoch,
+        "val_dice": result.best_val_dice,
+        "val_iou": result.best_val_iou,
+        "num_train": result.num_train,
         "seconds": round(seconds, 1),
         "seconds_per_epoch": round(seconds / max(1, params.train.epochs), 2),
         "peak_rss_mib": round(peak_rss_mib, 1),
     })
-    print(f"best val dice {result['best_val_dice']:.4f} at epoch {result['best_epoch']}; "
+    print(f"best val dice {result.best_val_dice:.4f} at epoch {result.best_epoch}; "
           f"{out_dir}/model.pt written ({seconds:.0f}s, peak RSS {peak_rss_mib:.0f} MiB)")

@@ -1,9 +1,11 @@
 """PixelClassifier: shapes, gradients, text sensitivity, padding, parameter sharing, init."""
 
+import json
+
 import pytest
 import torch
 
-from textdiff.classifier import FUSIONS, PixelClassifier
+from textdiff.classifier import FUSIONS, ClassifierConfig, PixelClassifier
 from textdiff.errors import TextDiffError
 from textdiff.losses import total_loss
 
@@ -15,9 +17,9 @@ B, L = 2, 5
 
 def make_model(fusion: str, **kw) -> PixelClassifier:
     torch.manual_seed(0)
-    return PixelClassifier(
+    return PixelClassifier(ClassifierConfig(
         CHANNELS, STEPS, TEXT_DIM, d_model=D_MODEL, heads=HEADS, fusion=fusion, out_size=OUT, contrastive_dim=8, **kw
-    )
+    ))
 
 
 def make_inputs(seed: int = 1, dtype=torch.float32):
@@ -43,7 +45,7 @@ def test_output_shapes(fusion):
 
 
 def test_fp16_features_are_cast_and_rectangular_out_size():
-    model = PixelClassifier(CHANNELS, STEPS, TEXT_DIM, d_model=D_MODEL, heads=HEADS, out_size=(40, 48))
+    model = PixelClassifier(ClassifierConfig(CHANNELS, STEPS, TEXT_DIM, d_model=D_MODEL, heads=HEADS, out_size=(40, 48)))
     feats, tokens, mask, pooled = make_inputs()
     out = model([f.half() for f in feats], tokens, mask.bool(), pooled)
     assert out["logits"].shape == (B, 2, 40, 48)
@@ -51,7 +53,7 @@ def test_fp16_features_are_cast_and_rectangular_out_size():
 
 
 def test_dict_block_channels_read_in_block_order():
-    model = PixelClassifier({16: 4, 6: 8, 12: 4, 8: 8}, STEPS, TEXT_DIM, d_model=D_MODEL, heads=HEADS, out_size=OUT)
+    model = PixelClassifier(ClassifierConfig({16: 4, 6: 8, 12: 4, 8: 8}, STEPS, TEXT_DIM, d_model=D_MODEL, heads=HEADS, out_size=OUT))
     assert model.block_channels == CHANNELS
     assert model(*make_inputs())["logits"].shape == (B, 2, OUT, OUT)
 
@@ -126,18 +128,20 @@ def test_hierarchical_has_one_block_per_scale():
     assert per_scale.blocks[0].attn.to_q.weight.data_ptr() != per_scale.blocks[1].attn.to_q.weight.data_ptr()
 
 
-def test_chunked_eval_matches_unchunked():
-    model = make_model("cross_attention").double().eval()
-    chunked = make_model("cross_attention", chunk_tokens=100).double().eval()
-    chunked.load_state_dict(model.state_dict())
-    inputs = make_inputs(dtype=torch.float64)
-    with torch.no_grad():
-        torch.testing.assert_close(chunked(*inputs)["logits"], model(*inputs)["logits"], rtol=0, atol=1e-12)
+def test_config_round_trips_through_model_json():
+    config = ClassifierConfig({16: 4, 6: 8}, STEPS, TEXT_DIM, heads=3, fusion="concat", out_size=(40, 48))
+    assert config.block_channels == (8, 4) and config.d_model == TEXT_DIM and config.out_size == (40, 48)
+    assert ClassifierConfig.from_json(json.loads(json.dumps(config.to_json()))) == config
+    legacy = {"block_channels": [8, 4], "num_steps": STEPS, "text_dim": TEXT_DIM, "d_model": 12, "heads": 3,
+              "fusion": "concat", "out_size": 64}  # a model.json written before ClassifierConfig
+    assert ClassifierConfig.from_json(legacy).out_size == (64, 64)
+    with pytest.raises(TextDiffError, match="fusoin"):
+        ClassifierConfig.from_json({**legacy, "fusoin": "none"})
 
 
 def test_init_statistics():
     torch.manual_seed(0)
-    model = PixelClassifier([64, 64], 3, 64, heads=4, out_size=16)
+    model = PixelClassifier(ClassifierConfig([64, 64], 3, 64, heads=4, out_size=16))
     conv = model.decoder[0].weight
     assert abs(conv.std().item() - 0.02) < 0.001 and abs(conv.mean().item()) < 0.001
     q = model.blocks[0].attn.to_q.weight
@@ -154,9 +158,9 @@ def test_init_statistics():
 
 def test_bad_params_raise():
     with pytest.raises(TextDiffError, match="cross_attention, hierarchical, concat, none"):
-        PixelClassifier(CHANNELS, STEPS, TEXT_DIM, fusion="film")
+        PixelClassifier(ClassifierConfig(CHANNELS, STEPS, TEXT_DIM, fusion="film"))
     with pytest.raises(TextDiffError, match="divisible"):
-        PixelClassifier(CHANNELS, STEPS, TEXT_DIM, d_model=18, heads=4)
+        PixelClassifier(ClassifierConfig(CHANNELS, STEPS, TEXT_DIM, d_model=18, heads=4))
     model = make_model("cross_attention")
     feats, tokens, mask, pooled = make_inputs()
     with pytest.raises(TextDiffError, match="feature blocks"):
@@ -170,7 +174,7 @@ def test_inference_normalises_each_image_by_its_own_statistics():
     which images were seen in training (no running averages to drift)."""
     torch.manual_seed(0)
     feats = [torch.randn(1, 2, 4, 8, 8), torch.randn(1, 2, 4, 16, 16)]
-    model = PixelClassifier([4, 4], 2, 12, d_model=8, heads=2, fusion="none", out_size=16)
+    model = PixelClassifier(ClassifierConfig([4, 4], 2, 12, d_model=8, heads=2, fusion="none", out_size=16))
     assert not any(isinstance(b, torch.Tensor) and "running" in n for n, b in model.named_buffers())
     model.eval()
     with torch.no_grad():

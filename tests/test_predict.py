@@ -12,7 +12,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from stages.cli import app
-from textdiff.predict import nucleus_table, sliding_window
+from textdiff.segmenter import nucleus_table, sliding_window
 from textdiff.tiles import blend_tiles, gaussian_window, tile_grid, window_starts
 
 runner = CliRunner()
@@ -55,7 +55,9 @@ def test_nucleus_table_rows_are_connected_components():
     rows = nucleus_table("img", mask)
     assert [r["area"] for r in rows] == [9, 12]
     assert rows[0]["centroid_y"] == 3.0 and rows[0]["centroid_x"] == 3.0
-    assert 0 <= rows[1]["eccentricity"] < 1
+    assert (rows[1]["centroid_y"], rows[1]["centroid_x"]) == (10.5, 12.5)
+    # a square is round to its moments; a 2x6 bar: sqrt(1 - var_y/var_x) = sqrt(1 - (3/12)/(35/12))
+    assert rows[0]["eccentricity"] == 0 and rows[1]["eccentricity"] == pytest.approx((1 - 3 / 35) ** 0.5, abs=1e-4)
 
 
 @pytest.fixture
@@ -108,7 +110,7 @@ def test_predict_folder_with_a_corrupt_file(trained, tmp_path):
 
 def test_tiled_prediction_equals_single_pass_where_it_fits(trained):
     """A 32 px image with 32 px windows: the sliding-window path gives the single-pass answer."""
-    from stages.predict import build_segmenter
+    from textdiff.segmenter import build_segmenter
 
     segmenter, _ = build_segmenter(Path("models/classifier"), torch.device("cpu"), None, None)
     image = np.asarray(Image.open(trained.data_root / "Train_Folder/img/img_train_0.png").convert("RGB").resize((32, 32)))
@@ -156,7 +158,7 @@ def test_tiles_mode_end_to_end(tiny_project, tmp_path):
     from textdiff.cache import FeatureCache
 
     cache = FeatureCache("cache/features.zarr")
-    assert cache.fingerprint["mode"] == "tiles" and cache.fingerprint["full_size"] == 40
+    assert cache.spec.mode == "tiles" and cache.spec.full_size == 40
     test = cache.split("test")
     assert len(test) == 2 * 4 and test.ids[1] == "img_test_0@0,8"
     image_ids, index, origins = test.tile_layout()

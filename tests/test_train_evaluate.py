@@ -4,11 +4,14 @@ import json
 from pathlib import Path
 
 import h5py
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
 from stages.cli import app
-from textdiff.train import labeled_subset
+from textdiff.cache import FeatureCache
+from textdiff.metrics import iou_dice_textdiff
+from textdiff.training import labeled_subset
 
 runner = CliRunner()
 
@@ -31,21 +34,27 @@ def test_train_then_evaluate(extracted, monkeypatch):
     meta = json.loads(Path("models/classifier/model.json").read_text())
     assert meta["classifier"]["fusion"] == "cross_attention" and 1 <= meta["best_epoch"] <= 2
     train_metrics = json.loads(Path("metrics/train.json").read_text())
-    assert 0 <= train_metrics["val_dice"] <= 1
-    assert Path("dvclive/train/plots/metrics/val/dice.tsv").is_file()
+    logged = np.loadtxt("dvclive/train/plots/metrics/val/dice.tsv", skiprows=1, usecols=-1, ndmin=1)
+    assert len(logged) == 2  # one validation Dice per epoch
+    assert train_metrics["val_dice"] == pytest.approx(logged.max()) == pytest.approx(meta["best_val_dice"])
+    assert meta["best_epoch"] == int(np.argmax(logged)) + 1  # the kept weights are the best epoch's
 
     evaluated = runner.invoke(app, ["evaluate"])
     assert evaluated.exit_code == 0, evaluated.output
     metrics = json.loads(Path("metrics/test.json").read_text())
-    for key in ("dice", "iou", "dice_pixel", "aji", "pq"):
-        assert 0.0 <= metrics[key] <= 1.0, key
-    assert metrics["num_images"] == 2
+    per_image = json.loads(Path("metrics/test_per_image.json").read_text())["images"]
+    assert metrics["num_images"] == 2 and [r["id"] for r in per_image] == ["img_test_0", "img_test_1"]
+    for key in ("dice", "iou", "aji", "pq"):  # the summary is the mean of the per-image scores
+        assert metrics[key] == pytest.approx(np.mean([r[key] for r in per_image])), key
+    test = FeatureCache("cache/features.zarr").split("test")
     with h5py.File("metrics/predictions.h5") as h5:
         assert sorted(h5) == ["img_test_0", "img_test_1"]
-        assert h5["img_test_0"].shape == (32, 32)
         assert h5.attrs["fusion"] == "cross_attention"
-        prob = h5["img_test_0"][:]
-        assert prob.min() >= 0 and prob.max() <= 1
+        for k, row in enumerate(per_image):  # the stored probabilities are what was scored
+            prob = h5[row["id"]][:]
+            assert prob.shape == (32, 32)
+            dice, iou = iou_dice_textdiff((prob > 0.5).astype(np.uint8), test.mask(k, 0).numpy())
+            assert dice == pytest.approx(row["dice"]) and iou == pytest.approx(row["iou"])
     assert sorted(p.name for p in Path("metrics/overlays").iterdir()) == ["img_test_0.png", "img_test_1.png"]
 
 

@@ -51,6 +51,7 @@ real GEGLU (4x), a 1x1 conv for every block, any batch size.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn as nn
@@ -130,12 +131,6 @@ def _init_weights(m: nn.Module) -> None:
         nn.init.zeros_(m.bias)
 
 
-def _positive_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise TextDiffError(f"{name} must be a positive integer, got {value!r}")
-    return value
-
-
 def _check_shape(name: str, t: torch.Tensor, expected: tuple[int | None, ...]) -> None:
     """Raise a one-line TextDiffError unless t matches expected (None = any size)."""
     ok = t.dim() == len(expected) and all(e is None or s == e for s, e in zip(t.shape, expected))
@@ -144,82 +139,90 @@ def _check_shape(name: str, t: torch.Tensor, expected: tuple[int | None, ...]) -
         raise TextDiffError(f"{name} has shape {tuple(t.shape)}, expected ({want})")
 
 
-class PixelClassifier(nn.Module):
-    """Text-guided pixel classifier on multi-scale, multi-timestep diffusion features.
+def _positive_int(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise TextDiffError(f"{name} must be a positive integer, got {value!r}")
+    return value
 
-    Args:
-        block_channels: channels of each tapped block, in block order; a dict {block index:
-            channels} is read in ascending block index.
-        num_steps: number of diffusion timesteps stacked per block.
-        text_dim: width of the text token / pooled embeddings.
-        d_model: fusion width (default: text_dim, as in the release where both are 768).
-        heads: attention heads; d_model must be divisible by it.
-        fusion: one of FUSIONS.
-        out_size: logits resolution (int or (H, W)).
-        num_classes: output classes.
-        contrastive_dim: width of the contrastive image/text embeddings.
-        decoder_channels: widths of the two hidden decoder convs (release: 128, 32).
-        chunk_tokens: in eval mode, run the fusion block on this many pixel tokens at a time to
-            bound peak memory (exact, since pixels do not attend to each other). None = all at once.
+
+@dataclass(frozen=True)
+class ClassifierConfig:
+    """Everything that fixes the classifier's architecture (stored in model.json as is).
+
+    block_channels: channels of each tapped block, in block order; a dict {block index: channels}
+        is read in ascending block index.
+    num_steps: diffusion timesteps stacked per block.
+    text_dim: width of the text token / pooled embeddings.
+    d_model: fusion width; None = text_dim, as in the release where both are 768.
+    heads: attention heads; d_model must be divisible by it.
+    fusion: one of FUSIONS.
+    out_size: logits resolution, (H, W) (an int means square).
+    num_classes, contrastive_dim: output classes; width of the contrastive embeddings.
+    decoder_channels: widths of the two hidden decoder convs (release: 128, 32).
     """
 
-    def __init__(
-        self,
-        block_channels: Mapping[int, int] | Sequence[int],
-        num_steps: int,
-        text_dim: int,
-        d_model: int | None = None,
-        heads: int = 8,
-        fusion: str = "cross_attention",
-        out_size: int | tuple[int, int] = 256,
-        num_classes: int = 2,
-        contrastive_dim: int = 128,
-        decoder_channels: Sequence[int] = (128, 32),
-        chunk_tokens: int | None = None,
-    ):
-        super().__init__()
-        if fusion not in FUSIONS:
-            raise TextDiffError(f"unknown fusion {fusion!r}; valid: {', '.join(FUSIONS)}")
-        if isinstance(block_channels, Mapping):
-            channels = [block_channels[k] for k in sorted(block_channels)]
-        else:
-            channels = list(block_channels)
+    block_channels: tuple[int, ...]
+    num_steps: int
+    text_dim: int
+    d_model: int | None = None
+    heads: int = 8
+    fusion: str = "cross_attention"
+    out_size: tuple[int, int] = (256, 256)
+    num_classes: int = 2
+    contrastive_dim: int = 128
+    decoder_channels: tuple[int, int] = (128, 32)
+
+    def __post_init__(self) -> None:
+        if self.fusion not in FUSIONS:
+            raise TextDiffError(f"unknown fusion {self.fusion!r}; valid: {', '.join(FUSIONS)}")
+        channels = self.block_channels
+        if isinstance(channels, Mapping):
+            channels = [channels[k] for k in sorted(channels)]
         if not channels:
             raise TextDiffError("block_channels must name at least one block")
         for c in channels:
             _positive_int("block_channels entry", c)
-        _positive_int("num_steps", num_steps)
-        _positive_int("text_dim", text_dim)
-        d_model = text_dim if d_model is None else _positive_int("d_model", d_model)
-        _positive_int("heads", heads)
-        _positive_int("num_classes", num_classes)
-        _positive_int("contrastive_dim", contrastive_dim)
-        if fusion in _ATTENTION_FUSIONS and d_model % heads != 0:
-            raise TextDiffError(f"d_model {d_model} is not divisible by heads {heads}")
-        if isinstance(out_size, int):
-            out_size = (out_size, out_size)
-        out_size = tuple(out_size)
+        for name in ("num_steps", "text_dim", "heads", "num_classes", "contrastive_dim"):
+            _positive_int(name, getattr(self, name))
+        d_model = self.text_dim if self.d_model is None else _positive_int("d_model", self.d_model)
+        if self.fusion in _ATTENTION_FUSIONS and d_model % self.heads != 0:
+            raise TextDiffError(f"d_model {d_model} is not divisible by heads {self.heads}")
+        out_size = (self.out_size, self.out_size) if isinstance(self.out_size, int) else tuple(self.out_size)
         if len(out_size) != 2:
-            raise TextDiffError(f"out_size must be an int or (H, W), got {out_size!r}")
-        for s in out_size:
-            _positive_int("out_size", s)
-        decoder_channels = list(decoder_channels)
-        if len(decoder_channels) != 2:
-            raise TextDiffError(f"decoder_channels must have 2 entries, got {decoder_channels!r}")
-        for c in decoder_channels:
-            _positive_int("decoder_channels entry", c)
-        if chunk_tokens is not None:
-            _positive_int("chunk_tokens", chunk_tokens)
+            raise TextDiffError(f"out_size must be an int or (H, W), got {self.out_size!r}")
+        decoder = tuple(self.decoder_channels)
+        if len(decoder) != 2:
+            raise TextDiffError(f"decoder_channels must have 2 entries, got {self.decoder_channels!r}")
+        for name, values in (("out_size", out_size), ("decoder_channels entry", decoder)):
+            for v in values:
+                _positive_int(name, v)
+        for name, value in (("block_channels", tuple(channels)), ("d_model", d_model),
+                            ("out_size", out_size), ("decoder_channels", decoder)):
+            object.__setattr__(self, name, value)
 
-        self.block_channels = channels
-        self.num_steps = num_steps
-        self.text_dim = text_dim
-        self.d_model = d_model
-        self.heads = heads
-        self.fusion = fusion
-        self.out_size: tuple[int, int] = out_size
-        self.num_classes = num_classes
-        self.chunk_tokens = chunk_tokens
+    def to_json(self) -> dict:
+        return {f.name: list(v) if isinstance(v := getattr(self, f.name), tuple) else v for f in fields(self)}
+
+    @classmethod
+    def from_json(cls, raw: Mapping) -> "ClassifierConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise TextDiffError(f"unknown classifier config key '{unknown[0]}'")
+        return cls(**raw)
+
+
+class PixelClassifier(nn.Module):
+    """Text-guided pixel classifier on multi-scale, multi-timestep diffusion features."""
+
+    def __init__(self, config: ClassifierConfig):
+        super().__init__()
+        self.config = config
+        channels, num_steps, text_dim = list(config.block_channels), config.num_steps, config.text_dim
+        d_model, fusion = config.d_model, config.fusion
+        # Read by forward(): the shapes it checks its inputs against.
+        self.block_channels, self.num_steps, self.text_dim = channels, num_steps, text_dim
+        self.fusion, self.out_size = fusion, config.out_size
         n = len(channels)
 
         # Per-block 1x1 conv: (timesteps x channels) -> d_model. (The release only has two such
@@ -229,12 +232,12 @@ class PixelClassifier(nn.Module):
         if fusion in _ATTENTION_FUSIONS:
             self.text_proj = nn.Linear(text_dim, d_model) if text_dim != d_model else nn.Identity()
             n_blocks = 1 if fusion == "cross_attention" else n
-            self.blocks = nn.ModuleList(FusionBlock(d_model, heads) for _ in range(n_blocks))
+            self.blocks = nn.ModuleList(FusionBlock(d_model, config.heads) for _ in range(n_blocks))
         elif fusion == "concat":
             self.pooled_proj = nn.Linear(text_dim, d_model)
             self.concat_conv = nn.Conv2d(2 * d_model, d_model, 1)  # shared by all scales
 
-        c1, c2 = decoder_channels
+        c1, c2 = config.decoder_channels
         self.decoder = nn.Sequential(
             nn.Conv2d(n * d_model, c1, 3, 1, 1),
             nn.BatchNorm2d(c1, track_running_stats=False),
@@ -242,13 +245,13 @@ class PixelClassifier(nn.Module):
             nn.Conv2d(c1, c2, 3, 1, 1),
             nn.BatchNorm2d(c2, track_running_stats=False),
             nn.ReLU(inplace=True),
-            nn.Conv2d(c2, num_classes, 3, 1, 1),
+            nn.Conv2d(c2, config.num_classes, 3, 1, 1),
         )
 
         self.has_contrastive = fusion != "none"
         if self.has_contrastive:
-            self.image_head = nn.Linear(n * d_model, contrastive_dim)
-            self.text_head = nn.Linear(text_dim, contrastive_dim)
+            self.image_head = nn.Linear(n * d_model, config.contrastive_dim)
+            self.text_head = nn.Linear(text_dim, config.contrastive_dim)
 
         self.apply(_init_weights)
 
@@ -323,11 +326,5 @@ class PixelClassifier(nn.Module):
 
         block = self.blocks[0 if self.fusion == "cross_attention" else k]
         tokens = x.flatten(2).transpose(1, 2)  # [B, HW, d], a view
-        n = tokens.shape[1]
-        if self.chunk_tokens is not None and not self.training and n > self.chunk_tokens:
-            y = torch.empty_like(tokens)
-            for s in range(0, n, self.chunk_tokens):
-                y[:, s : s + self.chunk_tokens] = block(tokens[:, s : s + self.chunk_tokens], context, mask)
-        else:
-            y = block(tokens, context, mask)
+        y = block(tokens, context, mask)
         return y.transpose(1, 2).reshape(B, D, H, W)

@@ -15,15 +15,24 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+import zarr
 from PIL import Image
 
 from textdiff.classifier import PixelClassifier
-from textdiff.extract import images_to_model_range
+from textdiff.data import IMAGE_SUFFIXES
+from textdiff.errors import TextDiffError
+from textdiff.featurizer import Featurizer, build_featurizer, images_to_model_range
+from textdiff.hashing import sha256_file
+from textdiff.inference import ModelCard, load_trained
+from textdiff.text import TextEncoder
 from textdiff.tiles import blend_tiles, tile_grid
+
+PREDICT_SUFFIXES = IMAGE_SUFFIXES + (".jpg", ".jpeg")
 
 
 def sliding_window(image: torch.Tensor, tile: int, stride: int, predict_tile) -> torch.Tensor:
@@ -46,7 +55,7 @@ def sliding_window(image: torch.Tensor, tile: int, stride: int, predict_tile) ->
 class Segmenter:
     """Everything needed to segment an image: the frozen parts and the trained classifier."""
 
-    extractor: object  # FeatureExtractor or the RGB control: [B,3,h,w] in [-1,1] -> {block: [B,S,C,hb,wb]}
+    extractor: Featurizer
     blocks: list[int]
     classifier: PixelClassifier
     encoder: object | None  # TextEncoder, None when the classifier ignores text
@@ -110,3 +119,64 @@ def nucleus_table(image_id: str, mask: np.ndarray) -> list[dict]:
 
 def megapixels(shape: tuple[int, ...]) -> float:
     return math.prod(shape[:2]) / 1e6
+
+
+def collect_images(inputs: list[Path]) -> list[Path]:
+    """Files as given; folders expanded to their image files (sorted, hidden files skipped)."""
+    paths: list[Path] = []
+    for item in inputs:
+        if item.is_dir():
+            found = sorted(p for p in item.iterdir()
+                           if p.is_file() and p.suffix.lower() in PREDICT_SUFFIXES and not p.name.startswith("."))
+            if not found:
+                raise TextDiffError(f"{item}: folder holds no images ({', '.join(PREDICT_SUFFIXES)})")
+            paths.extend(found)
+        elif item.exists():
+            paths.append(item)
+        else:
+            raise TextDiffError(f"{item}: no such file or folder")
+    if not paths:
+        raise TextDiffError("no images given")
+    stems = [p.stem for p in paths]
+    dupes = sorted({s for s in stems if stems.count(s) > 1})
+    if dupes:
+        raise TextDiffError(f"two inputs share the id '{dupes[0]}' (file stem); outputs would collide")
+    return paths
+
+
+def find_teacher(card: ModelCard, model_dir: Path, override: Path | None) -> Path:
+    """The teacher a model was trained with: --teacher, the path in model.json, or the one its
+    cache recorded; whichever is found must have the sha256 the model was trained with."""
+    candidates = [override] if override else []
+    if card.teacher_path:
+        candidates.append(Path(card.teacher_path))
+    cache = Path(card.cache)
+    if cache.is_dir():
+        try:
+            candidates.append(Path(zarr.open_group(str(cache), mode="r").attrs["provenance"]["teacher_path"]))
+        except Exception:  # noqa: BLE001 - an unreadable cache is just one less place to look
+            pass
+    for path in candidates:
+        if path and path.is_file():
+            if sha256_file(path) != card.spec.teacher_sha256:
+                raise TextDiffError(f"{path}: not the teacher {model_dir} was trained with (sha256 differs)")
+            return path
+    raise TextDiffError(f"{model_dir}/model.json: the teacher it was trained with was not found; pass --teacher PATH")
+
+
+def build_segmenter(model_dir: Path, device: torch.device, teacher_override: Path | None,
+                    scale: float | None) -> tuple[Segmenter, ModelCard]:
+    """Everything a trained model needs to segment new images, rebuilt from its model.json."""
+    classifier, card = load_trained(model_dir, device)
+    spec = card.spec
+    if spec.tiled and scale is not None:
+        raise TextDiffError("--scale applies to resize-mode models; this one works at native resolution (tiles)")
+    teacher = None if spec.teacher_kind == "rgb" else find_teacher(card, model_dir, teacher_override)
+    encoder = None
+    if card.classifier.fusion != "none":
+        encoder = TextEncoder(spec.text_encoder, spec.text_max_length, device)
+    segmenter = Segmenter(extractor=build_featurizer(spec, teacher, device), blocks=list(spec.blocks),
+                          classifier=classifier, encoder=encoder, image_size=spec.image_size, mode=spec.mode,
+                          tile=spec.tile or spec.image_size, stride=spec.stride or spec.image_size, scale=scale,
+                          device=device)
+    return segmenter, card
