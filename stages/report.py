@@ -7,7 +7,7 @@ import subprocess
 from pathlib import Path
 
 from textdiff.errors import TextDiffError
-from textdiff.report import markdown_table, rows_from_exp_show
+from textdiff.ablation import markdown_table, rows_from_exp_show
 
 from textdiff.atomic import atomic_file
 

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from stages.cli import app
 from textdiff.cache import FeatureCache
-from textdiff.pretrain import CropSampler, new_state, pretrain, resume_state
+from textdiff.pretraining import CropSampler, new_state, pretrain, resume_state
 from textdiff.teacher import Diffusion, load_teacher, sha256_file
 
 runner = CliRunner()
@@ -56,7 +56,7 @@ def test_a_few_steps_lower_the_loss():
 
 
 def test_stage_resumes_exports_and_never_reads_test(tiny_project, monkeypatch):
-    import stages.pretrain as stage
+    import textdiff.pretraining as stage
 
     read = []
     real = stage.load_prepared
@@ -90,7 +90,7 @@ def test_exported_teacher_feeds_extract(tiny_project):
     assert runner.invoke(app, ["pretrain"]).exit_code == 0
     result = runner.invoke(app, ["extract"])
     assert result.exit_code == 0, result.output
-    fp = FeatureCache("cache/features.zarr").fingerprint
+    fp = FeatureCache("cache/features.zarr").spec.to_json()
     assert fp["teacher_sha256"] == sha256_file("models/pretrain/teacher.safetensors")
     assert fp["teacher_config"]["image_size"] == 16  # a 16 px teacher applied to 32 px images
 
@@ -167,7 +167,7 @@ def test_a_killed_run_resumes_to_the_same_weights_as_an_uninterrupted_one(tmp_pa
 
 
 def test_changed_settings_never_resume_even_if_killed_before_the_first_checkpoint(tiny_project, monkeypatch):
-    import stages.pretrain as stage
+    import textdiff.pretraining as stage
 
     _pretrain_params(tiny_project, steps=4)
     assert runner.invoke(app, ["pretrain"]).exit_code == 0
@@ -195,7 +195,7 @@ def test_changed_settings_never_resume_even_if_killed_before_the_first_checkpoin
 
 
 def test_trim_dvclive_drops_rows_past_the_resumed_step(tmp_path):
-    from stages.pretrain import trim_dvclive
+    from textdiff.pretraining import trim_dvclive
 
     tsv = tmp_path / "plots" / "metrics" / "pretrain" / "loss.tsv"
     tsv.parent.mkdir(parents=True)
