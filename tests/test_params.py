@@ -2,29 +2,74 @@
 
 from pathlib import Path
 
+import dataclasses
+
 import pytest
 import yaml
 
 from textdiff.errors import TextDiffError
-from textdiff.params import load_params, parse_params
+from textdiff.params import load_params, parse_params, section_dict
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_repo_params_are_valid():
-    params = load_params(REPO / "params.yaml")
-    assert params.teacher.steps == (50, 150, 250)
-    assert params.teacher.blocks == (6, 8, 12, 16)
-    assert params.train.fusion == "cross_attention"
-    assert params.text.max_length == 10
-    assert params.pretrain.config["num_channels"] > 0
+def test_params_yaml_spells_out_exactly_the_defaults():
+    """One home for defaults: params.yaml holds every key, each at its dataclass default, so the
+    file a user edits and the values a missing key falls back to can never disagree."""
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    defaults = {name: section_dict(section) for name, section in _sections(parse_params({})).items()}
+    assert raw == defaults
 
 
-def test_defaults_when_sections_absent():
-    params = parse_params({})
-    assert params.data.image_size == 256
-    assert params.train.seed == 40 and params.train.epochs == 50
-    assert params.train.milestones == (60,) and params.train.dice_weight == 1.5
+def _sections(params):
+    return {f.name: getattr(params, f.name) for f in dataclasses.fields(params) if f.name != "path"}
+
+
+def _split_cells(cell: str) -> list[str]:
+    """'600, 8, [50, 150], auto' -> ['600', '8', '[50, 150]', 'auto'] (commas inside brackets kept)."""
+    out, depth, current = [], 0, ""
+    for ch in cell:
+        depth += ch in "[{" and 1 or (ch in "]}" and -1 or 0)
+        if ch == "," and depth == 0:
+            out.append(current.strip())
+            current = ""
+        else:
+            current += ch
+    return out + [current.strip()]
+
+
+def test_readme_parameter_table_states_the_defaults():
+    rows = [line for line in (REPO / "README.md").read_text().splitlines() if line.startswith("| `")]
+    defaults = {f"{name}.{k}": v for name, section in _sections(parse_params({})).items()
+                for k, v in section_dict(section).items()}
+    checked = 0
+    for row in rows:
+        keys_cell, default_cell = [c.strip() for c in row.strip("|").split("|")][:2]
+        keys = [k.strip().strip("`") for k in keys_cell.split(",")]
+        section = keys[0].split(".")[0]
+        keys = [section + k if k.startswith(".") else k for k in keys]
+        if not all(k in defaults for k in keys):
+            continue
+        values = _split_cells(default_cell) if len(keys) > 1 else [default_cell]
+        assert len(values) == len(keys), row
+        for key, shown in zip(keys, values):
+            if isinstance(defaults[key], dict):
+                continue  # a mapping is described in words ("compact ADM", "{}")
+            expected = defaults[key]
+            got = yaml.safe_load(shown.strip("`").replace('""', "''"))
+            if isinstance(got, str) and isinstance(expected, float):
+                got = float(got)  # YAML 1.1 reads 2e-4 as a string
+            if isinstance(expected, list):
+                got = got if isinstance(got, list) else [got]
+            assert got == expected, f"README says {key} = {shown}, params.py says {expected!r}"
+            checked += 1
+    assert checked >= 30, checked  # the table covers the parameters, it is not silently skipped
+
+
+def test_milestones_must_fall_before_the_last_epoch():
+    assert parse_params({"train": {"epochs": 20, "milestones": [10, 15]}}).train.milestones == (10, 15)
+    with pytest.raises(TextDiffError, match="train.milestones: 60 is not before the last epoch"):
+        parse_params({"train": {"epochs": 20, "milestones": [60]}})
 
 
 @pytest.mark.parametrize(
@@ -67,7 +112,7 @@ def test_load_params_errors_name_the_file(tmp_path):
 
 def test_ints_accepted_for_floats_and_scalar_lists(tmp_path):
     f = tmp_path / "p.yaml"
-    f.write_text(yaml.safe_dump({"train": {"lr": 1, "milestones": 30}}))
+    f.write_text(yaml.safe_dump({"train": {"lr": 1, "milestones": 15}}))
     params = load_params(f)
     assert params.train.lr == 1.0 and isinstance(params.train.lr, float)
-    assert params.train.milestones == (30,)
+    assert params.train.milestones == (15,)

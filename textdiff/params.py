@@ -1,5 +1,8 @@
 """params.yaml: one section per stage, validated before any work.
 
+The dataclasses below are the one home of every default: params.yaml spells out exactly these
+values (a test holds the two equal), and the README's parameter table is checked against them.
+
 DVC hands every stage the same file (and `dvc exp run -S key=value` edits it), so a typo such as
 `train.fusoin` or a negative epoch count must stop the stage with one line naming the key, not run
 for an hour on defaults. Each stage loads only the sections it declares in dvc.yaml, so changing
@@ -16,11 +19,26 @@ from typing import Any
 
 import yaml
 
+from textdiff.classifier import FUSIONS  # the classifier owns its fusion variants
 from textdiff.errors import TextDiffError
 
-FUSIONS = ("cross_attention", "hierarchical", "concat", "none")
 DTYPES = ("float16", "bfloat16", "float32")
 DEVICES = ("auto", "cpu", "cuda")
+
+# The in-domain teacher `textdiff pretrain` trains (and the shipped one was trained with): a
+# compact ADM sized for a CPU, on 64x64 crops.
+COMPACT_ADM = {
+    "image_size": 64,
+    "num_channels": 32,
+    "num_res_blocks": 2,
+    "channel_mult": "1,1,2,2,4,4",
+    "attention_resolutions": "16,8",
+    "num_head_channels": 32,
+    "learn_sigma": True,
+    "use_scale_shift_norm": True,
+    "resblock_updown": True,
+    "dropout": 0.0,
+}
 
 
 def _positive(name: str, value: float) -> None:
@@ -64,8 +82,8 @@ class TeacherParams:
     """The frozen diffusion UNet whose decoder activations are the image features."""
 
     kind: str = "adm"
-    checkpoint: str = ""
-    config: dict = field(default_factory=dict)
+    checkpoint: str = "models/teacher/monuseg-adm32.safetensors"  # shipped; "" = the pretrain stage's
+    config: dict = field(default_factory=dict)  # {} = the checkpoint's own (sidecar or header)
     steps: tuple[int, ...] = (50, 150, 250)
     blocks: tuple[int, ...] = (6, 8, 12, 16)
     schedule: str = "linear"
@@ -103,15 +121,15 @@ class PretrainParams:
     """Training the in-domain teacher on unlabeled train+val images (skipped when
     `teacher.checkpoint` names a file)."""
 
-    config: dict = field(default_factory=dict)
-    steps: int = 2000
-    batch_size: int = 4
+    config: dict = field(default_factory=lambda: dict(COMPACT_ADM))
+    steps: int = 600
+    batch_size: int = 8
     lr: float = 2e-4
     weight_decay: float = 0.0
-    ema_decay: float = 0.999
+    ema_decay: float = 0.995
     grad_clip: float = 1.0
     warmup: int = 100
-    checkpoint_every: int = 500
+    checkpoint_every: int = 200
     samples: int = 4
     sample_steps: int = 50
     seed: int = 0
@@ -159,16 +177,16 @@ class TrainParams:
 
     fusion: str = "cross_attention"
     contrastive_weight: float = 0.0
-    epochs: int = 50
+    epochs: int = 20
     num_labeled: int = 0
     seed: int = 40
     lr: float = 1e-4
-    milestones: tuple[int, ...] = (60,)
+    milestones: tuple[int, ...] = ()  # epochs after which lr *= gamma; none = a constant lr
     gamma: float = 0.1
     dice_weight: float = 1.5
     batch_size: int = 1
-    d_model: int = 0
-    heads: int = 8
+    d_model: int = 32  # 0 = the text encoder's width (the release: 768)
+    heads: int = 4
     augment: bool = True
     device: str = "auto"
 
@@ -180,6 +198,9 @@ class TrainParams:
         _positive("train.lr", self.lr)
         for m in self.milestones:
             _positive("train.milestones", m)
+            if m >= self.epochs:
+                raise ValueError(f"train.milestones: {m} is not before the last epoch ({self.epochs}); "
+                                 "the learning rate would never drop")
         _positive("train.gamma", self.gamma)
         _non_negative("train.dice_weight", self.dice_weight)
         _positive("train.batch_size", self.batch_size)
