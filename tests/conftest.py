@@ -22,6 +22,20 @@ REPORTS = (
 )
 
 
+def random_adm(config: dict, std: float, seed: int = 0):
+    """An ADM UNet with N(0, std) weights: guided-diffusion zero-initialises output layers, so a
+    freshly built model would hide wiring mistakes behind zeros."""
+    import torch
+
+    from textdiff.teacher import build_adm
+
+    torch.manual_seed(seed)
+    model = build_adm(config)
+    for p in model.parameters():
+        p.data.normal_(0, std)
+    return model.eval()
+
+
 @pytest.fixture(scope="session")
 def shared_root() -> Path:
     """The read-only `../shared` folder next to the repository root (may not exist)."""

@@ -11,6 +11,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from conftest import random_adm
 from textdiff.errors import TextDiffError
 from textdiff.teacher import build_adm, load_checkpoint, load_teacher, save_checkpoint
 from textdiff.teacher.checkpoint import sha256_file
@@ -21,11 +22,7 @@ TINY = dict(image_size=16, num_channels=32, num_res_blocks=1, channel_mult="1,2"
 
 
 def _model(**overrides):
-    torch.manual_seed(0)
-    model = build_adm({**TINY, **overrides})
-    for p in model.parameters():
-        p.data.normal_(0, 0.02)
-    return model
+    return random_adm({**TINY, **overrides}, 0.02).train()
 
 
 def _one_line(err: pytest.ExceptionInfo, *fragments: str) -> str:

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import random_adm
 from textdiff.errors import TextDiffError
 from textdiff.teacher import Diffusion, build_adm
 from textdiff.teacher.diffusion import discretized_gaussian_log_likelihood, normal_kl, space_timesteps
@@ -23,11 +24,7 @@ TINY = dict(image_size=16, num_channels=32, num_res_blocks=1, channel_mult="1,2"
 
 
 def _random_model(**overrides):
-    torch.manual_seed(0)
-    model = build_adm({**TINY, **overrides})
-    for p in model.parameters():
-        p.data.normal_(0, 0.02)
-    return model.eval()
+    return random_adm({**TINY, **overrides}, 0.02)
 
 
 # -- schedules --------------------------------------------------------------------------------------
@@ -142,14 +139,9 @@ def test_likelihood_helpers():
 
 
 @pytest.mark.parametrize("learn_sigma", [False, True])
-def test_samplers_produce_finite_samples(learn_sigma):
+def test_ddim_sampler_produces_finite_samples(learn_sigma):
     d = Diffusion("linear", 50)
     model = _random_model(learn_sigma=learn_sigma)
-    gen = torch.Generator().manual_seed(0)
-    ancestral = d.p_sample_loop(model, (2, 3, 16, 16), steps=4, generator=gen)
-    assert ancestral.shape == (2, 3, 16, 16) and torch.isfinite(ancestral).all()
-    full = d.p_sample_loop(model, (1, 3, 16, 16), generator=torch.Generator().manual_seed(1))
-    assert full.shape == (1, 3, 16, 16) and torch.isfinite(full).all()
     a = d.ddim_sample_loop(model, (2, 3, 16, 16), steps=5, generator=torch.Generator().manual_seed(3))
     b = d.ddim_sample_loop(model, (2, 3, 16, 16), steps=5, generator=torch.Generator().manual_seed(3))
     assert a.shape == (2, 3, 16, 16) and torch.isfinite(a).all()

@@ -68,7 +68,9 @@ def test_repro_experiment_metrics_diff_and_report(project_copy):
     for stage in ("prepare", "pretrain", "extract", "train", "evaluate"):
         assert f"Running stage '{stage}'" in out
     metrics = json.loads((work / "metrics/test.json").read_text())
-    assert 0 <= metrics["dice"] <= 1 and 0 <= metrics["aji"] <= 1
+    per_image = json.loads((work / "metrics/test_per_image.json").read_text())["images"]
+    assert metrics["num_images"] == len(per_image) == 14  # every MoNuSeg test image was scored
+    assert metrics["dice"] == pytest.approx(sum(r["dice"] for r in per_image) / 14)
     assert (work / "cache/features.zarr").is_dir() and (work / "models/classifier/model.pt").is_file()
     _run(["git", "add", "-A"], work, env)
     _run(["git", "commit", "-qm", "baseline"], work, env)

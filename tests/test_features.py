@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import random_adm
 from textdiff.errors import TextDiffError
 from textdiff.teacher import Diffusion, FeatureExtractor, block_shapes, build_adm
 
@@ -17,11 +18,7 @@ TINY = dict(image_size=32, num_channels=32, num_res_blocks=1, channel_mult="1,2,
 
 
 def _model(**overrides):
-    torch.manual_seed(0)
-    model = build_adm({**TINY, **overrides})
-    for p in model.parameters():
-        p.data.normal_(0, 0.05)
-    return model.eval()
+    return random_adm({**TINY, **overrides}, 0.05)
 
 
 def _reference(model, diffusion, images, steps, blocks, seed):

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from textdiff.errors import TextDiffError
-from textdiff.losses import contrastive_loss, segmentation_loss, soft_dice_loss, total_loss
+from textdiff.losses import contrastive_loss, soft_dice_loss, total_loss
 
 
 def _target():
@@ -44,8 +44,8 @@ def test_segmentation_loss_is_ce_plus_weighted_dice():
     t = _target()
     ce = F.cross_entropy(logits, t)
     dice = soft_dice_loss(logits, t)
-    assert segmentation_loss(logits, t).item() == pytest.approx((ce + 1.5 * dice).item(), rel=1e-6)
-    assert segmentation_loss(logits, t, dice_weight=0.0).item() == pytest.approx(ce.item(), rel=1e-6)
+    assert total_loss({"logits": logits}, t)[0].item() == pytest.approx((ce + 1.5 * dice).item(), rel=1e-6)
+    assert total_loss({"logits": logits}, t, dice_weight=0.0)[0].item() == pytest.approx(ce.item(), rel=1e-6)
 
 
 def test_contrastive_loss_values():
@@ -79,4 +79,4 @@ def test_total_loss_errors():
     with pytest.raises(TextDiffError, match="contrastive"):
         total_loss({"logits": torch.zeros(2, 2, 8, 8)}, t, contrastive_weight=0.1)
     with pytest.raises(TextDiffError, match="target has shape"):
-        segmentation_loss(torch.zeros(2, 2, 8, 8), t[:, :4])
+        total_loss({"logits": torch.zeros(2, 2, 8, 8)}, t[:, :4])

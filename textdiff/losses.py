@@ -45,13 +45,6 @@ def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1e-5
     return (1 - dice).mean()
 
 
-def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, dice_weight: float = 1.5) -> torch.Tensor:
-    """Cross-entropy + dice_weight * soft Dice (release: dice_weight = 1.5)."""
-    _check_target(logits, target)
-    target = target.long()
-    return F.cross_entropy(logits.float(), target) + dice_weight * soft_dice_loss(logits, target)
-
-
 def contrastive_loss(img_emb: torch.Tensor, txt_emb: torch.Tensor) -> torch.Tensor:
     """mean(1 - cos(img, txt)) over the batch: 0 when aligned, 2 when opposite."""
     if img_emb.shape != txt_emb.shape:

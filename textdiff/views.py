@@ -19,13 +19,3 @@ def apply_view(x: torch.Tensor, view: int) -> torch.Tensor:
     if view >= 4:
         x = torch.flip(x, dims=(-1,))
     return torch.rot90(x, k=view % 4, dims=(-2, -1))
-
-
-def invert_view(x: torch.Tensor, view: int) -> torch.Tensor:
-    """Undo `apply_view`: back to the original frame."""
-    if not 0 <= view < NUM_VIEWS:
-        raise ValueError(f"view must be in [0, {NUM_VIEWS}), got {view}")
-    x = torch.rot90(x, k=-(view % 4), dims=(-2, -1))
-    if view >= 4:
-        x = torch.flip(x, dims=(-1,))
-    return x
