@@ -1,10 +1,12 @@
 """ADM UNet: parity with guided-diffusion (fixtures), key manifest of the released 256 model,
-structure across the config family, and an independent check of both attention layouts."""
+structure across the config family, an independent check of both attention layouts, the SDPA
+attention against the einsum form it replaced, and where the teacher attends."""
 
 from __future__ import annotations
 
 import json
 import math
+import warnings
 from pathlib import Path
 
 import pytest
@@ -12,7 +14,7 @@ import torch
 
 from textdiff.errors import TextDiffError
 from textdiff.teacher import ADM_DEFAULTS, build_adm, normalize_config
-from textdiff.teacher.adm import AttentionBlock, timestep_embedding
+from textdiff.teacher.adm import AttentionBlock, attention_token_counts, qkv_attention, timestep_embedding
 
 FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "adm"
 needs_fixtures = pytest.mark.skipif(
@@ -45,9 +47,13 @@ def test_small_model_matches_guided_diffusion_outputs():
     assert out.shape == io["output"].shape == (2, 6, 64, 64)
     assert (out - io["output"]).abs().max().item() <= 1e-4
     assert sorted(acts) == sorted(io["output_blocks"]) == list(range(12))
+    diffs = {"output": (out - io["output"]).abs().max().item()}
     for i, ref in io["output_blocks"].items():
         assert acts[i].shape == ref.shape, i
-        assert (acts[i] - ref).abs().max().item() <= 1e-4, f"output_blocks[{i}]"
+        diffs[f"output_blocks[{i}]"] = (acts[i] - ref).abs().max().item()
+        assert diffs[f"output_blocks[{i}]"] <= 1e-4, f"output_blocks[{i}]"
+    # Shown with `pytest -s` (or -rP): the margin left under the 1e-4 bound, per tensor.
+    print("max |ours - guided-diffusion|: " + ", ".join(f"{k} {v:.2e}" for k, v in diffs.items()))
 
 
 @needs_fixtures
@@ -221,6 +227,133 @@ def test_attention_block_matches_reference(new_order, heads, head_channels):
         other = _reference_attention(block, x, n_heads, not new_order)
     assert (ours - ref).abs().max().item() < 1e-4
     assert (ours - other).abs().max().item() > 1e-2  # the two layouts really differ
+
+
+# -- SDPA attention vs the einsum form it replaced ----------------------------------------------
+
+
+def _einsum_qkv_attention(qkv: torch.Tensor, num_heads: int, legacy: bool) -> torch.Tensor:
+    """The pre-SDPA qkv_attention, kept as the reference: explicit T x T logits, q and k each
+    scaled by C^-1/4, softmax in float32, output [B, H*C, T]."""
+    b, width, length = qkv.shape
+    ch = width // (3 * num_heads)
+    if legacy:
+        q, k, v = qkv.reshape(b * num_heads, 3 * ch, length).split(ch, dim=1)
+    else:
+        q, k, v = (part.reshape(b * num_heads, ch, length) for part in qkv.chunk(3, dim=1))
+    quarter = ch**-0.25
+    logits = torch.einsum("bct,bcs->bts", q * quarter, k * quarter)
+    weights = torch.softmax(logits.float(), dim=-1).type(logits.dtype)
+    return torch.einsum("bts,bcs->bct", weights, v).reshape(b, -1, length)
+
+
+@pytest.mark.parametrize("legacy", [True, False], ids=["legacy", "new-order"])
+@pytest.mark.parametrize("heads", [1, 4])
+@pytest.mark.parametrize("length", [256, 1024])
+def test_qkv_attention_matches_the_einsum_reference(legacy, heads, length):
+    torch.manual_seed(length + heads)
+    ch = 32
+    qkv = torch.randn(2, 3 * heads * ch, length) * 2  # logits of std ~4: a peaked softmax
+    with torch.no_grad():
+        ours = qkv_attention(qkv, heads, legacy)
+        ref = _einsum_qkv_attention(qkv, heads, legacy)
+    assert ours.shape == ref.shape == (2, heads * ch, length)
+    assert ours.dtype == torch.float32
+    # float32 rounding of a different summation order grows with |v| (outputs reach ~7
+    # here; measured ~2e-6 of that), so the 1e-5 bound is relative to the output scale.
+    assert (ours - ref).abs().max().item() <= 1e-5 * max(1.0, ref.abs().max().item())
+
+
+def test_qkv_attention_reference_comparison_can_fail():
+    """The comparison above is sensitive to what could plausibly go wrong: head order, scale."""
+    torch.manual_seed(0)
+    heads, ch, length = 4, 32, 256
+    qkv = torch.randn(1, 3 * heads * ch, length) * 2
+    with torch.no_grad():
+        for legacy in (True, False):
+            swapped = _einsum_qkv_attention(qkv, heads, not legacy)
+            assert (qkv_attention(qkv, heads, legacy) - swapped).abs().max().item() > 1e-2
+        unscaled = _einsum_qkv_attention(qkv * ch**0.25, heads, True)  # i.e. no 1/sqrt(C) on the logits
+        assert (qkv_attention(qkv, heads, True) - unscaled).abs().max().item() > 1e-2
+
+
+@pytest.mark.parametrize("legacy", [True, False], ids=["legacy", "new-order"])
+def test_qkv_attention_runs_on_a_fused_kernel(legacy):
+    """Restricted to the flash kernel, SDPA raises instead of falling back to its T x T "math"
+    path. Channel-major (transposed) views would be refused here, and would silently lose
+    the memory and speed this function exists for."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    torch.manual_seed(0)
+    qkv = torch.randn(1, 3 * 2 * 32, 64)
+    with torch.no_grad(), sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+        out = qkv_attention(qkv, 2, legacy)
+        strided = [t.transpose(-1, -2) for t in qkv.reshape(1, 2, 96, 64).split(32, dim=2)]
+        with pytest.raises(RuntimeError), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch explains the refusal; expected here
+            torch.nn.functional.scaled_dot_product_attention(*strided)
+    assert (out - _einsum_qkv_attention(qkv, 2, legacy)).abs().max().item() <= 1e-5
+
+
+def test_qkv_attention_half_precision_and_gradients():
+    torch.manual_seed(0)
+    heads, ch, length = 2, 32, 128
+    qkv = torch.randn(2, 3 * heads * ch, length, dtype=torch.float64).float()
+    with torch.no_grad():
+        ref = _einsum_qkv_attention(qkv, heads, True)
+        low = qkv_attention(qkv.bfloat16(), heads, True)
+    assert low.dtype == torch.bfloat16
+    assert (low.float() - ref).abs().max().item() < 5e-2  # bfloat16 inputs: ~3 significant digits
+
+    # The teacher is also trained (pretrain): gradients must match the einsum form's too.
+    grads = []
+    for fn in (qkv_attention, _einsum_qkv_attention):
+        x = qkv.clone().requires_grad_(True)
+        (fn(x, heads, False) * torch.linspace(-1, 1, length)).sum().backward()
+        grads.append(x.grad)
+    assert (grads[0] - grads[1]).abs().max().item() <= 1e-5
+
+
+# -- where the teacher attends --------------------------------------------------------------------
+
+SHIPPED_TEACHER = Path(__file__).resolve().parents[1] / "models" / "teacher" / "monuseg-adm32.json"
+OPENAI_256 = dict(image_size=256, num_channels=256, num_res_blocks=2, channel_mult="", learn_sigma=True,
+                  attention_resolutions="32,16,8", num_heads=4, num_head_channels=64,
+                  use_scale_shift_norm=True, resblock_updown=True)
+
+
+def test_attention_token_counts_of_the_shipped_teacher():
+    config = json.loads(SHIPPED_TEACHER.read_text())["config"]
+    assert config["image_size"] == 64 and config["attention_resolutions"] == "16,8"
+    # "16,8" at 64 = ds 4 and 8; the middle block sits at the deepest of 6 levels, ds 32.
+    assert attention_token_counts(config, 256) == [(64, 4096), (32, 1024), (8, 64)]
+    assert attention_token_counts(config, 64) == [(16, 256), (8, 64), (2, 4)]
+    assert attention_token_counts(config) == attention_token_counts(config, 64)  # training size
+
+
+def test_attention_token_counts_of_openai_256_and_edge_cases():
+    assert attention_token_counts(OPENAI_256, 256) == [(32, 1024), (16, 256), (8, 64)]  # middle at 8 too
+    assert attention_token_counts(OPENAI_256, 512) == [(64, 4096), (32, 1024), (16, 256)]
+    assert attention_token_counts({**BASE, "attention_resolutions": ""}) == [(16, 256)]  # middle only
+    # A resolution coarser than the deepest level matches no block (as upstream).
+    assert attention_token_counts({**BASE, "attention_resolutions": "32,4"}) == [(32, 1024), (16, 256)]
+    for bad in (48, 0, 33):
+        with pytest.raises(TextDiffError, match="image_size"):
+            attention_token_counts(OPENAI_256, bad)
+
+
+def test_attention_token_counts_agree_with_the_built_model():
+    """Independent of the helper's arithmetic: hook every AttentionBlock and read its input size."""
+    config = json.loads(SHIPPED_TEACHER.read_text())["config"]
+    with torch.device("meta"):
+        model = build_adm(config)
+        seen = set()
+        for module in model.modules():
+            if isinstance(module, AttentionBlock):
+                module.register_forward_hook(lambda _m, inp, _o: seen.add(inp[0].shape[-1]))
+        with torch.no_grad():
+            model(torch.empty(1, 3, 128, 128), torch.zeros(1, dtype=torch.long))
+    assert sorted(seen, reverse=True) == [side for side, _ in attention_token_counts(config, 128)]
 
 
 # -- config validation ----------------------------------------------------------------------------

@@ -433,21 +433,41 @@ def qkv_attention(qkv: torch.Tensor, num_heads: int, legacy: bool) -> torch.Tens
     """Multi-head self-attention on a fused [B, 3*H*C, T] projection -> [B, H*C, T].
 
     The two layouts differ only in how the 3*H*C channels are carved up, which matters for
-    loading weights: legacy = heads outermost, each head holding its own (q, k, v) slab;
-    new = (q, k, v) outermost, each split into heads. q and k are each scaled by C^-1/4
-    (more stable in fp16 than dividing the logits) and the softmax runs in float32.
+    loading weights: legacy = heads outermost, each head holding its own (q, k, v) slab
+    (guided-diffusion's QKVAttentionLegacy); new = (q, k, v) outermost, each split into heads
+    (QKVAttention). Either way the result is softmax(q^T k / sqrt(C)) v per head.
+
+    Why `F.scaled_dot_product_attention` rather than two einsums: the einsum form
+    materialises the [B*H, T, T] logits and weights (for half inputs also a float32 copy of
+    the logits for the softmax). TextDiff runs the 64x64-trained teacher on 256x256 images,
+    where it attends over 64x64 = 4096 tokens: 64 MiB per head and block in float32. The flash / memory-efficient kernels (GPU, and
+    PyTorch's CPU flash kernel) never build that matrix, and on CPU the fused kernel is also
+    several times faster (benchmarks/attention.py measures it).
+
+    Why the one transpose-copy of ``qkv`` to [B, T, 3*H*C]: every fused kernel requires the
+    head dimension to have stride 1. Plain transposed views of the channel-major projection
+    have stride T there, and SDPA then silently falls back to its "math" backend, which is
+    the einsum arithmetic again (same T x T matrix, same speed). The copy is O(T*C).
+
+    Dtypes: the old code scaled q and k by C^-1/4 each and ran the softmax in float32 before
+    casting back. The overall scale is unchanged (passed explicitly as 1/sqrt(C), which is
+    also SDPA's default); the fused kernels accumulate the softmax in float32 for float16 /
+    bfloat16 inputs, so autocast results stay comparable, and float32 results agree with the
+    einsum form to float rounding (tests/test_adm.py). The output has the input's dtype.
+    No parameters are involved, so state dicts are unaffected.
     """
     b, width, length = qkv.shape
     ch = width // (3 * num_heads)
-    if legacy:
-        q, k, v = qkv.reshape(b * num_heads, 3 * ch, length).split(ch, dim=1)
-    else:
-        q, k, v = (part.reshape(b * num_heads, ch, length) for part in qkv.chunk(3, dim=1))
-    scale = 1 / math.sqrt(math.sqrt(ch))
-    logits = torch.einsum("bct,bcs->bts", q * scale, k * scale)
-    weights = torch.softmax(logits.float(), dim=-1).type(logits.dtype)
-    out = torch.einsum("bts,bcs->bct", weights, v)
-    return out.reshape(b, -1, length)
+    seq = qkv.transpose(1, 2).contiguous()  # [B, T, 3*H*C]: channels innermost, stride 1
+    if legacy:  # channel = (head, q/k/v, c)
+        q, k, v = seq.reshape(b, length, num_heads, 3, ch).unbind(dim=3)
+    else:  # channel = (q/k/v, head, c)
+        q, k, v = seq.reshape(b, length, 3, num_heads, ch).unbind(dim=2)
+    # [B, T, H, C] -> [B, H, T, C] (views; the C stride stays 1), the layout SDPA expects.
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=1 / math.sqrt(ch)
+    )
+    return out.transpose(-1, -2).reshape(b, num_heads * ch, length)
 
 
 class AttentionBlock(nn.Module):
