@@ -44,5 +44,6 @@ def run(params_path: Path, cache_path: Path = CACHE_PATH, model_dir: Path = CLAS
     write_json(METRICS_DIR / "test.json", result.metrics)
     m = result.metrics
     print(f"test ({m['num_images']} images): dice {m['dice']:.4f}  iou {m['iou']:.4f}  "
-          f"dice_pixel {m['dice_pixel']:.4f}  aji {m['aji']:.4f}  pq {m['pq']:.4f}")
+          f"dice_pixel {m['dice_pixel']:.4f}  aji {m['aji']:.4f}  pq {m['pq']:.4f}  "
+          f"| release scoring: dice {m['dice_release']:.4f}  iou {m['iou_release']:.4f}")
     return m

@@ -42,7 +42,7 @@ def test_readme_parameter_table_states_the_defaults():
     rows = [line for line in (REPO / "README.md").read_text().splitlines() if line.startswith("| `")]
     defaults = {f"{name}.{k}": v for name, section in _sections(parse_params({})).items()
                 for k, v in section_dict(section).items()}
-    checked = 0
+    checked, covered = 0, set()
     for row in rows:
         keys_cell, default_cell = [c.strip() for c in row.strip("|").split("|")][:2]
         keys = [k.strip().strip("`") for k in keys_cell.split(",")]
@@ -50,6 +50,7 @@ def test_readme_parameter_table_states_the_defaults():
         keys = [section + k if k.startswith(".") else k for k in keys]
         if not all(k in defaults for k in keys):
             continue
+        covered.update(keys)
         values = _split_cells(default_cell) if len(keys) > 1 else [default_cell]
         assert len(values) == len(keys), row
         for key, shown in zip(keys, values):
@@ -63,7 +64,8 @@ def test_readme_parameter_table_states_the_defaults():
                 got = got if isinstance(got, list) else [got]
             assert got == expected, f"README says {key} = {shown}, params.py says {expected!r}"
             checked += 1
-    assert checked >= 30, checked  # the table covers the parameters, it is not silently skipped
+    assert checked >= 30, checked  # the rows are read, not silently skipped
+    assert covered == set(defaults), f"parameters missing from the README table: {sorted(set(defaults) - covered)}"
 
 
 def test_milestones_must_fall_before_the_last_epoch():

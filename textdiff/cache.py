@@ -4,6 +4,8 @@ Layout (zarr v3), one group per split holding N images:
     block_<b>      [N, views, steps, C, H, W]  native resolution, `extract.dtype`, one image per chunk
     masks          [N, views, H, W] uint8      the mask seen in each view
     images         [N, H, W, 3] uint8          the identity view, for overlays and the RGB control
+    release_masks  [M, s, s] uint8             the released code's dilated ground truth per source
+                                               image (M = N in resize mode), for the second scoring
     text_tokens    [N, L, D] float32           last_hidden_state, padded/truncated to L
     text_mask      [N, L] uint8
     text_pooled    [N, D] float32
@@ -73,6 +75,8 @@ class CacheSpec:
     tile: int = 0  # tiles mode only, like the two below
     stride: int = 0
     full_size: int = 0  # the source images' (square) side
+    protocol: str = "project"  # how data/prepared made images and masks (project | release)
+    release_size: int = 0  # side of the release ground truth (0 = image_size)
     version: int = SPEC_VERSION
 
     def __post_init__(self) -> None:
@@ -88,6 +92,10 @@ class CacheSpec:
     @property
     def tiled(self) -> bool:
         return self.mode == "tiles"
+
+    @property
+    def release_side(self) -> int:
+        return self.release_size or self.image_size
 
     def block_shapes(self) -> dict[int, tuple[int, int, int]]:
         """(C, H, W) of every cached feature block, from the spec alone."""
@@ -164,6 +172,8 @@ def array_shapes(spec: CacheSpec, layout: SplitLayout) -> dict[str, tuple[tuple[
     out["text_mask"] = ((n, length), (max(n, 1), length), np.uint8)
     out["text_pooled"] = ((n, dim), (max(n, 1), dim), np.float32)
     out["complete"] = ((n,), (1,), np.uint8)
+    m, r = (len(layout.tiles.image_ids) if layout.tiles is not None else n), spec.release_side
+    out["release_masks"] = ((m, r, r), (1, r, r), np.uint8)  # per source image
     if layout.tiles is not None:
         m, full = len(layout.tiles.image_ids), layout.tiles.full_size
         out["tile_image"] = ((n,), (max(n, 1),), np.int32)
@@ -375,6 +385,10 @@ class CachedSplit:
 
     def full_mask(self, image_index: int) -> np.ndarray:
         return np.asarray(self.group["full_masks"][image_index])
+
+    def release_mask(self, image_index: int) -> np.ndarray:
+        """The released code's (dilated) ground truth of source image `image_index`."""
+        return np.asarray(self.group["release_masks"][image_index])
 
     def text(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if not self._text:

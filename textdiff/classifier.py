@@ -61,6 +61,9 @@ from textdiff.errors import TextDiffError
 
 FUSIONS = ("cross_attention", "hierarchical", "concat", "none")
 _ATTENTION_FUSIONS = ("cross_attention", "hierarchical")
+VARIANTS = ("project", "release")
+DECODER_NORMS = ("image", "running")
+RELEASE_HEAD_DIM = 64  # the release: 8 heads x 64 = 512 inner width, whatever d_model is
 
 
 class CrossAttention(nn.Module):
@@ -78,22 +81,18 @@ class CrossAttention(nn.Module):
         self.to_v = nn.Linear(d_model, d_model, bias=False)
         self.to_out = nn.Linear(d_model, d_model)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """x [B, N, d] queries, context [B, L, d] text tokens, mask [B, L] bool (True = real)."""
+    def forward(self, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """x [B, N, d] queries, context [B, L, d] text tokens, mask [B, L] bool (True = real; None = all)."""
         B, N, D = x.shape
         L = context.shape[1]
         h = self.heads
         q = self.to_q(x).view(B, N, h, D // h).transpose(1, 2)
         k = self.to_k(context).view(B, L, h, D // h).transpose(1, 2)
         v = self.to_v(context).view(B, L, h, D // h).transpose(1, 2)
-        # A row whose text is all padding would softmax over nothing (NaN). Let it attend to
-        # everything (finite), then zero its output below: no text means no text contribution.
-        has_text = mask.any(dim=1)
-        safe_mask = mask | ~has_text[:, None]
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=safe_mask[:, None, None, :])
-        out = out.transpose(1, 2).reshape(B, N, D)
-        out = self.to_out(out)
-        return out * has_text[:, None, None].to(out.dtype)
+        # A row whose text is all padding would softmax over nothing (NaN): it attends to
+        # everything (finite) and its output is zeroed: no text means no text contribution.
+        out = self.to_out(_masked_attention(q, k, v, mask).transpose(1, 2).reshape(B, N, D))
+        return out if mask is None else out * mask.any(dim=1)[:, None, None].to(out.dtype)
 
 
 class FusionBlock(nn.Module):
@@ -110,11 +109,67 @@ class FusionBlock(nn.Module):
         self.ff_in = nn.Linear(d_model, 2 * ff_mult * d_model)
         self.ff_out = nn.Linear(ff_mult * d_model, d_model)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """x [B, N, d], context [B, L, d], mask [B, L] bool -> [B, N, d]."""
+    def forward(self, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """x [B, N, d], context [B, L, d], mask [B, L] bool or None -> [B, N, d]."""
         x = x + self.attn(self.norm1(x), context, mask)
         a, gate = self.ff_in(self.norm2(x)).chunk(2, dim=-1)
         return x + self.ff_out(a * F.gelu(gate))
+
+
+def _masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                      scale: float | None = None) -> torch.Tensor:
+    """SDPA over text tokens; `mask` [B, L] bool (True = real token) or None (attend to all)."""
+    if mask is None:
+        return F.scaled_dot_product_attention(q, k, v, scale=scale)
+    has_text = mask.any(dim=1)
+    safe_mask = mask | ~has_text[:, None]  # an all-padding row would softmax over nothing
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=safe_mask[:, None, None, :], scale=scale)
+    return out * has_text[:, None, None, None].to(out.dtype)
+
+
+class ReleaseCrossAttention(nn.Module):
+    """The released code's attention (diffusers' CrossAttention as modified there): bias-free
+    q/k/v to heads x 64, keys/values straight from the text width, and an output projection
+    that is Linear *followed by LayerNorm* (the release appends it to `to_out`)."""
+
+    def __init__(self, d_model: int, context_dim: int, heads: int, head_dim: int = RELEASE_HEAD_DIM):
+        super().__init__()
+        inner = heads * head_dim
+        self.heads, self.head_dim = heads, head_dim
+        self.to_q = nn.Linear(d_model, inner, bias=False)
+        self.to_k = nn.Linear(context_dim, inner, bias=False)
+        self.to_v = nn.Linear(context_dim, inner, bias=False)
+        self.to_out = nn.Linear(inner, d_model)
+        self.out_norm = nn.LayerNorm(d_model)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        B, N, _ = x.shape
+        L, h, c = context.shape[1], self.heads, self.head_dim
+        q = self.to_q(x).view(B, N, h, c).transpose(1, 2)
+        k = self.to_k(context).view(B, L, h, c).transpose(1, 2)
+        v = self.to_v(context).view(B, L, h, c).transpose(1, 2)
+        out = _masked_attention(q, k, v, mask, scale=c**-0.5).transpose(1, 2).reshape(B, N, h * c)
+        return self.out_norm(self.to_out(out))
+
+
+class ReleaseBlock(nn.Module):
+    """The released fusion block: pre-LN, *two* cross-attention sublayers on the text, then a
+    "feed-forward" that is only GELU -> Linear(d, d) (the release's GEGLU and 4x width are
+    commented out), each with a residual."""
+
+    def __init__(self, d_model: int, context_dim: int, heads: int):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(d_model)
+        self.attn1 = ReleaseCrossAttention(d_model, context_dim, heads)
+        self.norm2 = nn.LayerNorm(d_model)
+        self.attn2 = ReleaseCrossAttention(d_model, context_dim, heads)
+        self.norm3 = nn.LayerNorm(d_model)
+        self.ff_out = nn.Linear(d_model, d_model)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        x = self.attn1(self.norm1(x), context, mask) + x
+        x = self.attn2(self.norm2(x), context, mask) + x
+        return self.ff_out(F.gelu(self.norm3(x))) + x
 
 
 def _init_weights(m: nn.Module) -> None:
@@ -159,6 +214,12 @@ class ClassifierConfig:
     out_size: logits resolution, (H, W) (an int means square).
     num_classes, contrastive_dim: output classes; width of the contrastive embeddings.
     decoder_channels: widths of the two hidden decoder convs (release: 128, 32).
+    variant: "project" (this file's design) or "release" (the released classifier: `ReleaseBlock`,
+        1x1 convs only for blocks whose width is not d_model, shared as the release shares them,
+        raw text into keys/values, no contrastive heads).
+    padding_mask: whether pixels ignore the text's padding tokens (the release attends to them).
+    decoder_norm: "image" (BatchNorm with each image's own statistics, also at inference) or
+        "running" (BatchNorm's running averages at inference, as the release).
     """
 
     block_channels: tuple[int, ...]
@@ -171,10 +232,19 @@ class ClassifierConfig:
     num_classes: int = 2
     contrastive_dim: int = 128
     decoder_channels: tuple[int, int] = (128, 32)
+    variant: str = "project"
+    padding_mask: bool = True
+    decoder_norm: str = "image"
 
     def __post_init__(self) -> None:
         if self.fusion not in FUSIONS:
             raise TextDiffError(f"unknown fusion {self.fusion!r}; valid: {', '.join(FUSIONS)}")
+        if self.variant not in VARIANTS:
+            raise TextDiffError(f"unknown classifier variant {self.variant!r}; valid: {', '.join(VARIANTS)}")
+        if self.variant == "release" and self.fusion not in _ATTENTION_FUSIONS:
+            raise TextDiffError(f"the release classifier fuses text by attention; fusion {self.fusion!r} is not one")
+        if self.decoder_norm not in DECODER_NORMS:
+            raise TextDiffError(f"unknown decoder_norm {self.decoder_norm!r}; valid: {', '.join(DECODER_NORMS)}")
         channels = self.block_channels
         if isinstance(channels, Mapping):
             channels = [channels[k] for k in sorted(channels)]
@@ -225,35 +295,69 @@ class PixelClassifier(nn.Module):
         self.fusion, self.out_size = fusion, config.out_size
         n = len(channels)
 
-        # Per-block 1x1 conv: (timesteps x channels) -> d_model. (The release only has two such
-        # convs and skips blocks that already have 768 channels; we project every block.)
-        self.proj = nn.ModuleList(nn.Conv2d(c * num_steps, d_model, 1) for c in channels)
-
-        if fusion in _ATTENTION_FUSIONS:
-            self.text_proj = nn.Linear(text_dim, d_model) if text_dim != d_model else nn.Identity()
-            n_blocks = 1 if fusion == "cross_attention" else n
-            self.blocks = nn.ModuleList(FusionBlock(d_model, config.heads) for _ in range(n_blocks))
-        elif fusion == "concat":
-            self.pooled_proj = nn.Linear(text_dim, d_model)
-            self.concat_conv = nn.Conv2d(2 * d_model, d_model, 1)  # shared by all scales
+        self.variant, self.padding_mask = config.variant, config.padding_mask
+        if config.variant == "release":
+            self._build_release(channels, num_steps, d_model, text_dim, fusion, config.heads)
+        else:
+            self._build_project(channels, num_steps, d_model, text_dim, fusion, config.heads)
 
         c1, c2 = config.decoder_channels
+        running = config.decoder_norm == "running"
         self.decoder = nn.Sequential(
             nn.Conv2d(n * d_model, c1, 3, 1, 1),
-            nn.BatchNorm2d(c1, track_running_stats=False),
+            nn.BatchNorm2d(c1, track_running_stats=running),
             nn.ReLU(inplace=True),
             nn.Conv2d(c1, c2, 3, 1, 1),
-            nn.BatchNorm2d(c2, track_running_stats=False),
+            nn.BatchNorm2d(c2, track_running_stats=running),
             nn.ReLU(inplace=True),
             nn.Conv2d(c2, config.num_classes, 3, 1, 1),
         )
 
-        self.has_contrastive = fusion != "none"
+        self.has_contrastive = fusion != "none" and config.variant == "project"
         if self.has_contrastive:
             self.image_head = nn.Linear(n * d_model, config.contrastive_dim)
             self.text_head = nn.Linear(text_dim, config.contrastive_dim)
 
         self.apply(_init_weights)
+
+    def _build_project(self, channels: list[int], num_steps: int, d_model: int, text_dim: int, fusion: str,
+                       heads: int) -> None:
+        # Per-block 1x1 conv: (timesteps x channels) -> d_model, for every block.
+        self.proj = nn.ModuleList(nn.Conv2d(c * num_steps, d_model, 1) for c in channels)
+        if fusion in _ATTENTION_FUSIONS:
+            self.text_proj = nn.Linear(text_dim, d_model) if text_dim != d_model else nn.Identity()
+            n_blocks = 1 if fusion == "cross_attention" else len(channels)
+            self.blocks = nn.ModuleList(FusionBlock(d_model, heads) for _ in range(n_blocks))
+        elif fusion == "concat":
+            self.pooled_proj = nn.Linear(text_dim, d_model)
+            self.concat_conv = nn.Conv2d(2 * d_model, d_model, 1)  # shared by all scales
+
+    def _build_release(self, channels: list[int], num_steps: int, d_model: int, text_dim: int, fusion: str,
+                       heads: int) -> None:
+        """The release projects a block only when its width (channels x steps) is not d_model,
+        with conv `down{min(idx + 1, 2)}`: so the third and fourth blocks share the second's conv.
+        Where that sharing cannot hold (another width), the block gets its own conv."""
+        self.down = nn.ModuleDict()
+        self.down_keys: list[str | None] = []
+        for idx, c in enumerate(channels):
+            width = c * num_steps
+            if width == d_model:
+                self.down_keys.append(None)
+                continue
+            key = f"down{min(idx + 1, 2)}"
+            if key in self.down and self.down[key].in_channels != width:
+                key = f"down{idx + 1}"
+            if key not in self.down:
+                self.down[key] = nn.Conv2d(width, d_model, 1)
+            self.down_keys.append(key)
+        n_blocks = 1 if fusion == "cross_attention" else len(channels)
+        self.blocks = nn.ModuleList(ReleaseBlock(d_model, text_dim, heads) for _ in range(n_blocks))
+
+    def _project(self, k: int, x: torch.Tensor) -> torch.Tensor:
+        if self.variant == "release":
+            key = self.down_keys[k]
+            return x if key is None else self.down[key](x)
+        return self.proj[k](x)
 
     # ------------------------------------------------------------------ forward
 
@@ -284,8 +388,10 @@ class PixelClassifier(nn.Module):
             _check_shape("text_pooled", text_pooled, (B, self.text_dim))
         if self.fusion in _ATTENTION_FUSIONS:
             _check_shape("text_tokens", text_tokens, (B, None, self.text_dim))
-            context = self.text_proj(text_tokens.to(dtype))
-            if text_mask is None:
+            context = text_tokens.to(dtype) if self.variant == "release" else self.text_proj(text_tokens.to(dtype))
+            if not self.padding_mask:
+                mask = None
+            elif text_mask is None:
                 mask = torch.ones(text_tokens.shape[:2], dtype=torch.bool, device=text_tokens.device)
             else:
                 _check_shape("text_mask", text_mask, tuple(text_tokens.shape[:2]))
@@ -297,7 +403,7 @@ class PixelClassifier(nn.Module):
         for k, feat in enumerate(features):
             _check_shape(f"feature block {k}", feat, (B, self.num_steps, self.block_channels[k], None, None))
             _, S, C, H, W = feat.shape
-            x = self.proj[k](feat.reshape(B, S * C, H, W).to(dtype))
+            x = self._project(k, feat.reshape(B, S * C, H, W).to(dtype))
             fused.append(self._fuse(k, x, context, mask, pooled))
 
         up = [F.interpolate(m, size=self.out_size, mode="bilinear", align_corners=False) for m in fused]

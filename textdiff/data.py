@@ -29,6 +29,7 @@ byte-identical outputs (DVC then sees nothing new downstream).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -55,7 +56,7 @@ MASK_SUFFIX = ".png"
 IMAGE_COLUMN = "Image"
 TEXT_COLUMN = "Description"
 MANIFEST = "manifest.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: release_masks (the released code's ground truth) in every split
 
 # PIL modes that convert to RGB without inventing or losing colour information (alpha is dropped).
 _RGB_MODES = {"RGB", "RGBA", "RGBX", "L", "LA", "P", "PA", "1"}
@@ -75,6 +76,7 @@ class Sample:
     mask_path: Path
     image_sha256: str = ""  # of the source file's bytes ("" = not computed)
     mask_sha256: str = ""
+    release_mask: np.ndarray | None = None  # the released code's ground truth at the working size
 
 
 @dataclass
@@ -88,6 +90,7 @@ class PreparedSplit:
     texts: list[str]
     image_size: int
     image_paths: list[str] = field(default_factory=list)  # relative to the manifest's source_root
+    release_masks: np.ndarray | None = None  # (N, s, s) the released code's ground truth, s = data.image_size
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -379,17 +382,48 @@ def read_splits(
     return out
 
 
-def resize_sample(sample: Sample, size: int) -> Sample:
-    """A copy of `sample` at size x size: the image bicubic (uint8), the mask nearest (stays {0,1}).
+PROTOCOLS = ("project", "release")
+
+
+def release_mask(mask: np.ndarray, size: int) -> np.ndarray:
+    """The released code's ground truth: the 0/255 mask resized bilinearly (OpenCV's default
+    INTER_LINEAR), then every non-zero pixel taken as nucleus, which dilates the nuclei by up to a
+    pixel. The paper's Dice was scored against these masks."""
+    import cv2
+
+    resized = cv2.resize(np.ascontiguousarray(mask, dtype=np.uint8) * 255, (size, size))
+    return (resized > 0).astype(np.uint8)
+
+
+def release_image(image: np.ndarray, size: int) -> np.ndarray:
+    """The released code's teacher input: `cv2.imread` order (BGR, never converted) resized with
+    OpenCV's default bilinear interpolation, no antialiasing."""
+    import cv2
+
+    return cv2.resize(np.ascontiguousarray(image[..., ::-1]), (size, size))
+
+
+def resize_sample(sample: Sample, size: int, protocol: str = "project") -> Sample:
+    """A copy of `sample` at size x size, with its release ground truth.
+
+    `project`: the image bicubic RGB (PIL), the mask nearest (stays {0,1}). `release`: image and
+    mask exactly as the released TextDiff code prepares them (`release_image`, `release_mask`).
     Non-square images are squashed, as the published 256x256 protocol does."""
     if size <= 0:
         raise ValueError(f"size must be > 0, got {size}")
-    image = Image.fromarray(sample.image, "RGB").resize((size, size), Image.Resampling.BICUBIC)
-    mask = Image.fromarray(sample.mask, "L").resize((size, size), Image.Resampling.NEAREST)
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
+    dilated = release_mask(sample.mask, size)
+    if protocol == "release":
+        image, mask = release_image(sample.image, size), dilated
+    else:
+        image = np.asarray(Image.fromarray(sample.image, "RGB").resize((size, size), Image.Resampling.BICUBIC))
+        mask = np.asarray(Image.fromarray(sample.mask, "L").resize((size, size), Image.Resampling.NEAREST))
     return Sample(
         id=sample.id,
         image=np.asarray(image, dtype=np.uint8).copy(),
         mask=np.asarray(mask, dtype=np.uint8).copy(),
+        release_mask=dilated,
         text=sample.text,
         image_path=sample.image_path,
         mask_path=sample.mask_path,
@@ -423,6 +457,13 @@ def _save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
 
 
 def _split_arrays(samples: list[Sample], size: int, root: Path | None) -> dict[str, np.ndarray]:
+    # A sample without its release ground truth gets it at its own size.
+    samples = [s if s.release_mask is not None else dataclasses.replace(s, release_mask=release_mask(s.mask, size))
+               for s in samples]
+    release = {s.release_mask.shape for s in samples}
+    if len(release) > 1:
+        raise ValueError(f"release masks of several sizes {sorted(release)}")
+    release_shape = release.pop() if release else (size, size)
     for s in samples:
         if s.image.shape != (size, size, 3) or s.image.dtype != np.uint8:
             raise ValueError(f"{s.id}: image is {s.image.shape} {s.image.dtype}, expected ({size}, {size}, 3) uint8")
@@ -434,6 +475,8 @@ def _split_arrays(samples: list[Sample], size: int, root: Path | None) -> dict[s
     return {
         "images": np.stack([s.image for s in samples]) if samples else np.zeros((0, size, size, 3), np.uint8),
         "masks": np.stack([s.mask for s in samples]) if samples else np.zeros((0, size, size), np.uint8),
+        "release_masks": (np.stack([s.release_mask for s in samples]) if samples
+                          else np.zeros((0, *release_shape), np.uint8)),
         "ids": np.array(ids, dtype=str),
         "texts": np.array([s.text for s in samples], dtype=str),
         "image_paths": np.array([_relative(s.image_path, root) for s in samples], dtype=str),
@@ -526,7 +569,7 @@ def load_prepared(out_dir: str | Path, split: str) -> PreparedSplit:
         raise TextDiffError(f"{path}: not a valid .npz file (corrupt or truncated); run `textdiff prepare` again")
     try:
         with np.load(path, allow_pickle=False) as npz:
-            images, masks = npz["images"], npz["masks"]
+            images, masks, release_masks = npz["images"], npz["masks"], npz["release_masks"]
             ids, texts = [str(x) for x in npz["ids"]], [str(x) for x in npz["texts"]]
             paths = [str(x) for x in npz["image_paths"]] if "image_paths" in npz.files else []
     except Exception as err:
@@ -537,10 +580,11 @@ def load_prepared(out_dir: str | Path, split: str) -> PreparedSplit:
         ids != list(manifest["splits"][split]["ids"])
         or images.shape != (n, size, size, 3)
         or masks.shape != (n, size, size)
+        or len(release_masks) != n
         or len(texts) != n
     ):
         raise TextDiffError(f"{path}: does not match {out_dir / MANIFEST}; run `textdiff prepare` again")
-    return PreparedSplit(split, images, masks, ids, texts, size, paths)
+    return PreparedSplit(split, images, masks, ids, texts, size, paths, release_masks)
 
 
 
@@ -568,17 +612,22 @@ def native_size(splits: dict[str, list[Sample]], tile: int) -> int:
 def prepare_dataset(params: "DataParams", root: Path, out_dir: Path) -> dict[str, list[Sample]]:
     """Read and validate every split under `root`, bring it to the working size, write `out_dir`.
 
-    `resize` (the paper's protocol) resizes every image to `data.image_size`; `tiles` keeps the
-    native resolution (extract cuts windows), which needs one square size. Returns what was written.
+    `resize` (the paper's protocol) resizes every image to `data.image_size` (`data.protocol`:
+    ours, or the released code's BGR/bilinear images and dilated masks); `tiles` keeps the native
+    resolution (extract cuts windows), which needs one square size. Every split also keeps the
+    release ground truth at `data.image_size`, so any run is scored both ways. Returns what was written.
     """
     from textdiff.params import section_dict
 
     splits = read_splits(root, SPLITS, progress=True)
-    if params.mode == "tiles":
+    if params.mode == "tiles":  # native resolution; the release ground truth at data.image_size
         size = native_size(splits, params.tile)
+        splits = {split: [dataclasses.replace(s, release_mask=release_mask(s.mask, params.image_size)) for s in samples]
+                  for split, samples in splits.items()}
     else:
         size = params.image_size
-        splits = {split: [resize_sample(s, size) for s in samples] for split, samples in splits.items()}
+        splits = {split: [resize_sample(s, size, params.protocol) for s in samples]
+                  for split, samples in splits.items()}
     meta = {"image_size": size, "source_root": str(Path(root).resolve()), "data_params": section_dict(params)}
     write_prepared(out_dir, splits, meta)
     return splits

@@ -1,5 +1,8 @@
 """Scoring a trained classifier on the cached test split.
 
+Every model is scored twice: `dice`/`iou` (and the instance metrics) against the prepared masks,
+and `dice_release`/`iou_release` against the released code's dilated 256-px ground truth, the one
+the paper's table was scored on (`data.release_mask`), so any run can be set beside the paper.
 Resize models are scored on the prepared masks. Tiles models are scored on whole images at native
 resolution: the window probabilities of each source image are blended with the same Gaussian
 weights `textdiff predict` uses (`tiles.blend_tiles`) and compared with the full-size masks.
@@ -11,12 +14,13 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from textdiff.cache import CachedSplit, FeatureCache
 from textdiff.classifier import PixelClassifier
 from textdiff.errors import TextDiffError
 from textdiff.inference import ModelCard, SampleStore, predict_split
-from textdiff.metrics import dice_pixel, image_metrics, summarize
+from textdiff.metrics import dice_pixel, image_metrics, iou_dice_textdiff, summarize
 from textdiff.tiles import blend_tiles, paste_tiles
 
 
@@ -50,6 +54,16 @@ def stitch_windows(split: CachedSplit, window_probs: list[np.ndarray], overlays:
     return image_ids, probs, gts, images
 
 
+def release_prediction(pred: np.ndarray, prob: np.ndarray, side: int) -> np.ndarray:
+    """The prediction at the release ground truth's size: as is when it already has it, else the
+    probabilities resized bilinearly and thresholded (tiles models, other working sizes)."""
+    if pred.shape == (side, side):
+        return pred
+    resized = F.interpolate(torch.from_numpy(np.ascontiguousarray(prob, np.float32))[None, None], size=(side, side),
+                            mode="bilinear", align_corners=False)[0, 0]
+    return (resized.numpy() > 0.5).astype(np.uint8)
+
+
 def evaluate_test(model: PixelClassifier, card: ModelCard, cache: FeatureCache, device: torch.device,
                   overlays: int) -> Evaluation:
     """Metrics of the classifier on the test split of the cache it was trained on."""
@@ -62,11 +76,15 @@ def evaluate_test(model: PixelClassifier, card: ModelCard, cache: FeatureCache, 
         preds = [(p > 0.5).astype(np.uint8) for p in probs]
     else:
         ids, images = test.ids, [test.image(k) for k in range(min(overlays, len(test)))]
-    per_image = [{"id": image_id, **image_metrics(p, g)} for image_id, p, g in zip(ids, preds, gts)]
+    per_image = []
+    for k, (image_id, p, g) in enumerate(zip(ids, preds, gts)):
+        dice_r, iou_r = iou_dice_textdiff(release_prediction(p, probs[k], test.spec.release_side), test.release_mask(k))
+        per_image.append({"id": image_id, **image_metrics(p, g), "dice_release": dice_r, "iou_release": iou_r})
     summary = summarize(per_image)
     metrics = {
         "dice": summary["dice"], "iou": summary["iou"], "dice_pixel": dice_pixel(preds, gts),
         "aji": summary["aji"], "pq": summary["pq"], "dq": summary["dq"], "sq": summary["sq"],
+        "dice_release": summary["dice_release"], "iou_release": summary["iou_release"],
         "num_images": len(per_image),
     }
     return Evaluation(list(ids), probs, preds, gts, images, per_image, metrics)

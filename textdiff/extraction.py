@@ -41,6 +41,7 @@ class SplitInputs:
     images: np.ndarray  # [N, S, S, 3] uint8
     masks: np.ndarray  # [N, S, S] uint8
     report_texts: list[str]  # one per source image (tiles: repeated per window via layout.tiles)
+    release_masks: np.ndarray  # per source image: the released code's ground truth
     full_masks: np.ndarray | None = None  # tiles mode: the source images' masks
 
 
@@ -73,10 +74,11 @@ def _load_prepared_for(params: Params, prepared_dir: Path) -> dict[str, Prepared
 def _split_inputs(params: Params, data: PreparedSplit) -> SplitInputs:
     if params.data.mode != "tiles":
         layout = SplitLayout(ids=list(data.ids), texts=list(data.texts))
-        return SplitInputs(layout, data.images, data.masks, list(data.texts))
+        return SplitInputs(layout, data.images, data.masks, list(data.texts), data.release_masks)
     windows = cut_tiles(data.images, data.masks, list(data.ids), list(data.texts), params.data.tile, params.data.stride)
     layout = SplitLayout(ids=windows.ids, texts=windows.texts, tiles=windows.layout)
-    return SplitInputs(layout, windows.images, windows.masks, list(data.texts), full_masks=data.masks)
+    return SplitInputs(layout, windows.images, windows.masks, list(data.texts), data.release_masks,
+                       full_masks=data.masks)
 
 
 def plan_cache(params: Params, prepared_dir: Path = PREPARED_DIR) -> CachePlan:
@@ -88,11 +90,13 @@ def plan_cache(params: Params, prepared_dir: Path = PREPARED_DIR) -> CachePlan:
         image_size=params.data.tile if tiled else params.data.image_size,
         views=params.extract.views, dtype=params.extract.dtype, text_encoder=encoder_id,
         text_hidden_size=hidden, text_max_length=params.text.max_length,
-        data={split: sha256_split(list(d.ids), list(d.texts), d.images, d.masks) for split, d in prepared.items()},
+        data={split: sha256_split(list(d.ids), list(d.texts), d.images, d.masks, d.release_masks)
+              for split, d in prepared.items()},
+        protocol=params.data.protocol,
     )
     if tiled:
         common.update(mode="tiles", tile=params.data.tile, stride=params.data.stride,
-                      full_size=int(prepared["train"].images.shape[1]))
+                      full_size=int(prepared["train"].images.shape[1]), release_size=params.data.image_size)
     if params.teacher.kind == "rgb":
         teacher, spec = None, CacheSpec(teacher_kind="rgb", steps=(0,), blocks=(0,), **common)
     else:
@@ -113,6 +117,8 @@ def write_text(group: zarr.Group, tokens: np.ndarray, mask: np.ndarray, pooled: 
     group["text_tokens"][:] = tokens
     group["text_mask"][:] = mask
     group["text_pooled"][:] = pooled
+    if inputs is not None:
+        group["release_masks"][:] = inputs.release_masks
     tiles = inputs.layout.tiles if inputs is not None else None
     if tiles is not None:
         group["tile_image"][:] = np.asarray(tiles.image_index, np.int32)

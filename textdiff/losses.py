@@ -5,7 +5,7 @@ y_pred, y_batch); loss += 1.5 * criterion_dice(y_pred, y_batch)`). Its Dice is t
 `DiceLoss`: per class, over the whole batch, with squared terms in the denominator and a 1e-5
 smoothing on both numerator and denominator, averaged over classes. One deliberate difference: the
 release calls that loss with `softmax=False`, i.e. on raw logits; we apply the softmax, which is
-what the loss is written for.
+what the loss is written for. `dice_on="logits"` reproduces the release (train.classifier: release).
 """
 
 from __future__ import annotations
@@ -27,16 +27,20 @@ def _check_target(logits: torch.Tensor, target: torch.Tensor) -> None:
         )
 
 
-def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1e-5,
+                   on: str = "probabilities") -> torch.Tensor:
     """1 - mean over classes of (2*sum(p*t) + eps) / (sum(p^2) + sum(t^2) + eps).
 
     p = softmax(logits) and t = one-hot(target); the sums run over the batch and all pixels
     together (as in the release), so an image with an empty class does not get a 0/0 of its own.
+    `on="logits"` uses the raw logits as p, as the released code does (its `softmax=False`).
     logits [B, C, H, W], target [B, H, W] integer class ids.
     """
     _check_target(logits, target)
     num_classes = logits.shape[1]
-    probs = torch.softmax(logits.float(), dim=1)
+    if on not in ("probabilities", "logits"):
+        raise TextDiffError(f"soft_dice_loss: on must be probabilities or logits, got {on!r}")
+    probs = torch.softmax(logits.float(), dim=1) if on == "probabilities" else logits.float()
     onehot = F.one_hot(target.long(), num_classes).permute(0, 3, 1, 2).to(probs.dtype)
     dims = (0, 2, 3)
     intersect = (probs * onehot).sum(dims)
@@ -57,6 +61,7 @@ def total_loss(
     target: torch.Tensor,
     dice_weight: float = 1.5,
     contrastive_weight: float = 0.0,
+    dice_on: str = "probabilities",
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """CE + dice_weight*Dice + contrastive_weight*contrastive, from a PixelClassifier output dict.
 
@@ -70,7 +75,7 @@ def total_loss(
     _check_target(logits, target)
     target = target.long()
     ce = F.cross_entropy(logits.float(), target)
-    dice = soft_dice_loss(logits, target)
+    dice = soft_dice_loss(logits, target, on=dice_on)
     loss = ce + dice_weight * dice
     parts = {"ce": ce.item(), "dice": dice.item()}
     if contrastive_weight > 0:

@@ -65,6 +65,7 @@ class DataParams:
     mode: str = "resize"
     tile: int = 256
     stride: int = 192
+    protocol: str = "project"  # or release: the released code's BGR/bilinear images and dilated masks
 
     def check(self) -> None:
         _positive("data.image_size", self.image_size)
@@ -75,6 +76,10 @@ class DataParams:
         _positive("data.stride", self.stride)
         if self.stride > self.tile:
             raise ValueError(f"data.stride ({self.stride}) must be <= data.tile ({self.tile})")
+        _one_of("data.protocol", self.protocol, ("project", "release"))
+        if self.protocol == "release" and self.mode == "tiles":
+            raise ValueError("data.protocol=release is the released code's 256-px resize protocol; "
+                             "it does not apply to data.mode=tiles")
 
 
 @dataclass(frozen=True)
@@ -189,9 +194,18 @@ class TrainParams:
     heads: int = 4
     augment: bool = True
     device: str = "auto"
+    classifier: str = "project"  # or release: the released pixel classifier and loss, exactly
+    padding_mask: bool = True  # pixels ignore the report's padding tokens (the release attends to them)
+    decoder_norm: str = "image"  # image: BatchNorm on each image's own statistics; running: the release's
 
     def check(self) -> None:
         _one_of("train.fusion", self.fusion, FUSIONS)
+        _one_of("train.classifier", self.classifier, ("project", "release"))
+        _one_of("train.decoder_norm", self.decoder_norm, ("image", "running"))
+        if self.classifier == "release" and self.fusion not in ("cross_attention", "hierarchical"):
+            raise ValueError(f"train.classifier=release fuses the text by attention; train.fusion={self.fusion} is not")
+        if self.classifier == "release" and self.contrastive_weight > 0:
+            raise ValueError("train.contrastive_weight > 0 needs the contrastive heads; the release classifier has none")
         _non_negative("train.contrastive_weight", self.contrastive_weight)
         _positive("train.epochs", self.epochs)
         _non_negative("train.num_labeled", self.num_labeled)

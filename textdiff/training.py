@@ -70,7 +70,8 @@ def classifier_config(cache: FeatureCache, params: TrainParams) -> ClassifierCon
     return ClassifierConfig(
         block_channels=tuple(cache.block_channels()), num_steps=len(spec.steps), text_dim=spec.text_hidden_size,
         d_model=params.d_model or spec.text_hidden_size, heads=params.heads, fusion=params.fusion,
-        out_size=(spec.image_size, spec.image_size),
+        out_size=(spec.image_size, spec.image_size), variant=params.classifier, padding_mask=params.padding_mask,
+        decoder_norm=params.decoder_norm,
     )
 
 
@@ -104,7 +105,8 @@ def _train_epoch(model: PixelClassifier, data: SampleStore, optimizer: torch.opt
             vs, js = [0] * len(chunk), [0] * len(chunk)
         feats, mask, tokens, text_mask, pooled = batch_of(chunk, vs, js, device)
         out = model(feats, tokens, text_mask, pooled)
-        loss, parts = total_loss(out, mask, params.dice_weight, params.contrastive_weight)
+        loss, parts = total_loss(out, mask, params.dice_weight, params.contrastive_weight,
+                                 dice_on="logits" if params.classifier == "release" else "probabilities")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

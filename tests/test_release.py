@@ -1,0 +1,139 @@
+"""The `release` switches reproduce the released TextDiff code, checked against references written
+here from its description (not from its code): README "Reproducing the paper"."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from typer.testing import CliRunner
+
+from stages.cli import app
+from textdiff.classifier import ClassifierConfig, PixelClassifier
+from textdiff.data import read_split, release_image, release_mask, resize_sample
+from textdiff.losses import soft_dice_loss
+
+runner = CliRunner()
+CHANNELS, STEPS, TEXT_DIM, D, HEADS = [8, 8, 8, 4], 3, 10, 12, 2  # widths 24, 24, 24, 12 (= D: raw)
+
+
+def _release_model(**kw) -> PixelClassifier:
+    torch.manual_seed(0)
+    kw = {"padding_mask": False, "decoder_norm": "running", **kw}
+    config = ClassifierConfig(CHANNELS, STEPS, TEXT_DIM, d_model=D, heads=HEADS, out_size=16, variant="release", **kw)
+    return PixelClassifier(config).double().eval()
+
+
+def _layer_norm(x, ln):
+    mu = x.mean(-1, keepdim=True)
+    var = ((x - mu) ** 2).mean(-1, keepdim=True)
+    return (x - mu) / torch.sqrt(var + ln.eps) * ln.weight + ln.bias
+
+
+def _attention(x, ctx, attn):
+    """softmax(q k^T / sqrt(64)) v per head, over every text token (no mask), then
+    Linear and LayerNorm: the release's to_out."""
+    q, k, v = x @ attn.to_q.weight.T, ctx @ attn.to_k.weight.T, ctx @ attn.to_v.weight.T
+    heads = []
+    for h in range(attn.heads):
+        cols = slice(h * 64, (h + 1) * 64)
+        w = torch.softmax(q[..., cols] @ k[..., cols].transpose(-1, -2) / 8.0, dim=-1)
+        heads.append(w @ v[..., cols])
+    out = torch.cat(heads, dim=-1) @ attn.to_out.weight.T + attn.to_out.bias
+    return _layer_norm(out, attn.out_norm)
+
+
+def _reference(model: PixelClassifier, feats, tokens):
+    """The released classifier as written out in the README, on the model's own weights."""
+    block = model.blocks[0]
+    maps = []
+    for idx, f in enumerate(feats):
+        x = f.reshape(1, -1, *f.shape[-2:])
+        if x.shape[1] != D:  # 1x1 conv `down{min(idx+1, 2)}`
+            conv = model.down[f"down{min(idx + 1, 2)}"]
+            x = torch.einsum("bchw,oc->bohw", x, conv.weight[:, :, 0, 0]) + conv.bias[None, :, None, None]
+        hgt, wid = x.shape[-2:]
+        t = x.flatten(2).transpose(1, 2)
+        t = _attention(_layer_norm(t, block.norm1), tokens, block.attn1) + t
+        t = _attention(_layer_norm(t, block.norm2), tokens, block.attn2) + t
+        t = F.gelu(_layer_norm(t, block.norm3)) @ block.ff_out.weight.T + block.ff_out.bias + t
+        x = t.transpose(1, 2).reshape(1, D, hgt, wid)
+        maps.append(F.interpolate(x, size=(16, 16), mode="bilinear", align_corners=False))
+    return model.decoder(torch.cat(maps, dim=1))
+
+
+def test_release_classifier_matches_the_written_formulas():
+    model = _release_model()
+    assert set(model.down) == {"down1", "down2"} and model.down_keys == ["down1", "down2", "down2", None]
+    assert not hasattr(model, "image_head")  # no contrastive heads in the release
+    g = torch.Generator().manual_seed(3)
+    feats = [torch.randn(1, STEPS, c, s, s, generator=g, dtype=torch.float64) for c, s in zip(CHANNELS, (2, 4, 8, 16))]
+    tokens = torch.randn(1, 5, TEXT_DIM, generator=g, dtype=torch.float64)
+    padding = torch.tensor([[1, 1, 1, 0, 0]])
+    with torch.no_grad():
+        got = model(feats, tokens, padding, tokens[:, 0])["logits"]  # padding_mask=False: the mask is ignored
+        torch.testing.assert_close(got, _reference(model, feats, tokens), rtol=1e-9, atol=1e-9)
+        masked = _release_model(padding_mask=True)
+        masked.load_state_dict(model.state_dict())
+        assert not torch.allclose(masked(feats, tokens, padding, tokens[:, 0])["logits"], got)  # the check can fail
+
+
+def test_release_decoder_uses_running_statistics_at_inference():
+    model = _release_model()
+    assert all(bn.track_running_stats for bn in model.decoder if isinstance(bn, torch.nn.BatchNorm2d))
+    image_norm = PixelClassifier(ClassifierConfig(CHANNELS, STEPS, TEXT_DIM, d_model=D, heads=HEADS, out_size=16))
+    assert not any(bn.track_running_stats for bn in image_norm.decoder if isinstance(bn, torch.nn.BatchNorm2d))
+
+
+def test_release_dice_is_on_raw_logits():
+    logits = torch.tensor([[[[2.0, -1.0]], [[-2.0, 3.0]]]])  # [1, 2, 1, 2]
+    target = torch.tensor([[[0, 1]]])
+    s, t = logits[0], torch.stack([target[0] == 0, target[0] == 1]).double()
+    expected = np.mean([1 - (2 * (s[i] * t[i]).sum() + 1e-5) / ((s[i] ** 2).sum() + (t[i] ** 2).sum() + 1e-5)
+                        for i in range(2)])
+    assert soft_dice_loss(logits, target, on="logits").item() == pytest.approx(float(expected), rel=1e-6)
+    assert soft_dice_loss(logits, target).item() != pytest.approx(float(expected), rel=1e-3)
+
+
+def test_release_images_and_masks_match_opencv_on_the_real_data(monuseg_root):
+    import cv2
+
+    sample = read_split(monuseg_root, "test")[0]
+    raw = cv2.imread(str(sample.image_path))  # the release: default flags, BGR, never converted
+    np.testing.assert_array_equal(release_image(sample.image, 256), cv2.resize(raw, (256, 256)))
+    gt = cv2.resize(cv2.imread(str(sample.mask_path), 0), (256, 256))
+    np.testing.assert_array_equal(release_mask(sample.mask, 256), (gt > 0).astype(np.uint8))
+    ours = resize_sample(sample, 256)
+    assert release_mask(sample.mask, 256).sum() > ours.mask.sum()  # bilinear + "> 0" dilates
+    rel = resize_sample(sample, 256, "release")
+    np.testing.assert_array_equal(rel.mask, rel.release_mask)
+    np.testing.assert_array_equal(ours.release_mask, rel.release_mask)
+
+
+def test_release_switches_train_and_every_run_is_scored_both_ways(tiny_project):
+    tiny_project.write_params(data={"protocol": "release", "image_size": 32})
+    assert runner.invoke(app, ["prepare"]).exit_code == 0
+    assert runner.invoke(app, ["extract"]).exit_code == 0
+    tiny_project.write_params(data={"protocol": "release", "image_size": 32},
+                              train={"epochs": 1, "d_model": 16, "heads": 2, "classifier": "release",
+                                     "padding_mask": False, "decoder_norm": "running"})
+    result = runner.invoke(app, ["train"])
+    assert result.exit_code == 0, result.output
+    card = json.loads(Path("models/classifier/model.json").read_text())
+    assert card["classifier"]["variant"] == "release" and card["cache_spec"]["protocol"] == "release"
+    assert runner.invoke(app, ["evaluate"]).exit_code == 0
+    metrics = json.loads(Path("metrics/test.json").read_text())
+    per_image = json.loads(Path("metrics/test_per_image.json").read_text())["images"]
+    # The release protocol trains on the release ground truth, so the two scorings coincide.
+    assert metrics["dice_release"] == pytest.approx(metrics["dice"])
+    assert metrics["dice_release"] == pytest.approx(np.mean([r["dice_release"] for r in per_image]))
+
+
+def test_release_protocol_with_tiles_is_refused(tiny_project):
+    tiny_project.write_params(data={"protocol": "release", "mode": "tiles"})
+    result = runner.invoke(app, ["prepare"])
+    assert result.exit_code == 1 and "data.protocol=release" in result.output and "Traceback" not in result.output
