@@ -99,12 +99,14 @@ def predict(
     scale: float = typer.Option(None, "--scale", help="Rescale by this factor and slide the training-size window "
                                 "(default: resize each image to the training size, the paper's protocol)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    masks: Path = typer.Option(None, "--masks", help="Folder of ground-truth masks <image id>.png: scores each "
+                               "image and draws the evaluation panel (image | truth | prediction | errors)."),
 ) -> None:
-    """Segment images: masks, overlays, probability maps (HDF5) and a per-nucleus CSV."""
+    """Segment images: masks, pictures, probability maps (HDF5) and a per-nucleus CSV."""
     from stages import predict as stage
 
     failed = stage.run(inputs, out, text=text, reports=reports, model=model, teacher=teacher, scale=scale,
-                       device=device)
+                       device=device, masks=masks)
     if failed:
         raise typer.Exit(1)
 

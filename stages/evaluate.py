@@ -1,7 +1,9 @@
-"""Stage `evaluate`: test-split metrics, overlays and probability maps (DVC stage two, second half)."""
+"""Stage `evaluate`: test-split metrics, error panels, the summary plot's data and probability maps
+(DVC stage two, second half)."""
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -10,12 +12,12 @@ import numpy as np
 
 from textdiff.atomic import atomic_dir, atomic_file, write_json
 from textdiff.cache import FeatureCache
-from textdiff.evaluation import evaluate_test
+from textdiff.evaluation import evaluate_test, panel_caption, summary_rows
 from textdiff.errors import TextDiffError
 from textdiff.inference import load_trained
-from textdiff.overlays import overlay, save_png
+from textdiff.panels import panel, save_png
 from textdiff.params import load_params
-from textdiff.paths import CACHE_PATH, CLASSIFIER_DIR, METRICS_DIR, OVERLAY_DIR, PREDICTIONS_H5
+from textdiff.paths import CACHE_PATH, CLASSIFIER_DIR, METRICS_DIR, PANEL_DIR, PREDICTIONS_H5, SUMMARY_CSV
 from textdiff.runtime import resolve_device
 
 
@@ -25,7 +27,7 @@ def run(params_path: Path, cache_path: Path = CACHE_PATH, model_dir: Path = CLAS
     cache = FeatureCache(cache_path)
     model, card = load_trained(model_dir, device)
     try:
-        result = evaluate_test(model, card, cache, device, params.evaluate.overlays)
+        result = evaluate_test(model, card, cache, device, params.evaluate.panels)
     except TextDiffError as err:
         raise TextDiffError(f"{model_dir}/model.json: {err}") from None
 
@@ -37,9 +39,15 @@ def run(params_path: Path, cache_path: Path = CACHE_PATH, model_dir: Path = CLAS
             for image_id, prob in zip(result.ids, result.probs):
                 ds = h5.create_dataset(image_id, data=prob.astype(np.float32), compression="gzip")
                 ds.attrs["description"] = "foreground probability (softmax class 1), test view 0"
-    with atomic_dir(OVERLAY_DIR) as tmp:
+    with atomic_dir(PANEL_DIR) as tmp:
         for k, image in enumerate(result.images):
-            save_png(tmp / f"{result.ids[k]}.png", overlay(image, result.preds[k], result.gts[k]))
+            scale = 2 if max(image.shape[:2]) <= 512 else 1  # crisp pixels, pages that still fit a screen
+            save_png(tmp / f"{result.ids[k]}.png", panel(image, result.gts[k], result.preds[k],
+                                                         panel_caption(result.per_image[k]), scale=scale))
+    with atomic_file(SUMMARY_CSV) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["id", "metric", "value"])
+        writer.writeheader()
+        writer.writerows(summary_rows(result.per_image))
     write_json(METRICS_DIR / "test_per_image.json", {"images": result.per_image})
     write_json(METRICS_DIR / "test.json", result.metrics)
     m = result.metrics

@@ -17,9 +17,10 @@ import numpy as np
 from tqdm import tqdm
 
 from textdiff.atomic import atomic_file
-from textdiff.data import read_image, read_reports
+from textdiff.data import read_image, read_mask, read_reports
 from textdiff.errors import TextDiffError
-from textdiff.overlays import overlay, save_png
+from textdiff.metrics import image_metrics
+from textdiff.panels import overlay, panel, save_png
 from textdiff.paths import CLASSIFIER_DIR
 from textdiff.runtime import resolve_device
 from textdiff.segmenter import Segmenter, build_segmenter, collect_images, megapixels, nucleus_table
@@ -35,28 +36,54 @@ def report_for(path: Path, text: str | None, report_rows: dict[str, str] | None,
     return report_rows[path.stem]
 
 
-def segment_one(segmenter: Segmenter, path: Path, sentence: str, out: Path, h5: h5py.File) -> tuple[list[dict], float]:
-    """Mask, overlay and probability map of one image; returns its nuclei rows and megapixels."""
+def ground_truth(path: Path, masks: Path | None, shape: tuple[int, ...]) -> np.ndarray | None:
+    """`<masks>/<id>.png` when --masks names a folder holding it (checked against the image size)."""
+    if masks is None or not (masks / f"{path.stem}.png").is_file():
+        return None
+    gt, _ = read_mask(masks / f"{path.stem}.png")
+    if gt.shape != shape[:2]:
+        raise TextDiffError(f"{masks / (path.stem + '.png')}: mask is {gt.shape[1]}x{gt.shape[0]} but its image "
+                            f"{path.name} is {shape[1]}x{shape[0]}")
+    return gt
+
+
+def segment_one(segmenter: Segmenter, path: Path, sentence: str, out: Path, h5: h5py.File,
+                masks: Path | None = None) -> tuple[list[dict], float]:
+    """Mask, picture and probability map of one image; returns its nuclei rows and megapixels.
+
+    With a ground-truth mask the picture is the evaluation panel (image | truth | prediction |
+    errors, scored); without one, the image with the predicted contours."""
     image, _ = read_image(path)
+    gt = ground_truth(path, masks, image.shape)
     prob = segmenter.probabilities(image, sentence)
     mask = (prob > 0.5).astype(np.uint8)
     save_png(out / f"{path.stem}_mask.png", mask * 255)
-    save_png(out / f"{path.stem}_overlay.png", overlay(image, pred=mask))
+    scored = ""
+    if gt is None:
+        save_png(out / f"{path.stem}_overlay.png", overlay(image, pred=mask))
+    else:
+        m = image_metrics(mask, gt)
+        scored = f"; Dice {m['dice']:.3f}, AJI {m['aji']:.3f} against {masks}"
+        caption = f"{path.stem}   Dice {m['dice']:.3f}   AJI {m['aji']:.3f}"
+        save_png(out / f"{path.stem}_panel.png", panel(image, gt, mask, caption, scale=2 if max(image.shape[:2]) <= 512 else 1))
     ds = h5.create_dataset(path.stem, data=prob, compression="gzip")
     ds.attrs.update({"source": str(path.resolve()), "text": sentence, "description": "foreground (nucleus) probability"})
     rows = nucleus_table(path.stem, mask)
-    tqdm.write(f"{path.stem}: {len(rows)} nuclei, {100 * mask.mean():.1f}% covered ({image.shape[1]}x{image.shape[0]})")
+    tqdm.write(f"{path.stem}: {len(rows)} nuclei, {100 * mask.mean():.1f}% covered "
+               f"({image.shape[1]}x{image.shape[0]}){scored}")
     return rows, megapixels(image.shape)
 
 
 def run(inputs: list[Path], out: Path, text: str | None = None, reports: Path | None = None,
         model: Path = CLASSIFIER_DIR, teacher: Path | None = None, scale: float | None = None,
-        device: str = "auto") -> int:
+        device: str = "auto", masks: Path | None = None) -> int:
     """Returns the number of images that failed (the CLI exits non-zero when it is not 0)."""
     if text is not None and reports is not None:
         raise TextDiffError("give either --text or --reports, not both")
     if scale is not None and scale <= 0:
         raise TextDiffError(f"--scale must be > 0, got {scale}")
+    if masks is not None and not masks.is_dir():
+        raise TextDiffError(f"{masks}: --masks must be a folder of <image id>.png masks")
     model_dir = model.parent if model.suffix == ".pt" else model
     paths = collect_images(inputs)
     report_rows = read_reports(reports) if reports is not None else None
@@ -75,7 +102,7 @@ def run(inputs: list[Path], out: Path, text: str | None = None, reports: Path | 
                          "teacher_sha256": card.spec.teacher_sha256 or "rgb"})
         for path in tqdm(paths, unit="img", desc="predict", dynamic_ncols=True):
             try:
-                rows, mp = segment_one(segmenter, path, report_for(path, text, report_rows, reports), out, h5)
+                rows, mp = segment_one(segmenter, path, report_for(path, text, report_rows, reports), out, h5, masks)
             except TextDiffError as err:
                 failures.append(str(err))
                 tqdm.write(f"error: {err}")

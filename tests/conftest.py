@@ -155,7 +155,7 @@ class TinyProject:
             "text": {"max_length": 8},
             "extract": {"views": 1, "batch_size": 2},
             "train": {"epochs": 2, "d_model": 16, "heads": 2},
-            "evaluate": {"overlays": 2},
+            "evaluate": {"panels": 2},
         }
 
     def write_params(self, **overrides) -> Path:

@@ -27,7 +27,7 @@ TINY = {
     "teacher": {"kind": "adm", "checkpoint": "", "config": {}, "steps": [50, 150], "blocks": [1, 5]},
     "train": {"fusion": "cross_attention", "contrastive_weight": 0.0, "epochs": 2, "d_model": 16, "heads": 2,
               "num_labeled": 6},
-    "evaluate": {"overlays": 2},
+    "evaluate": {"panels": 2},
 }
 
 

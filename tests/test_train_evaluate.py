@@ -55,7 +55,7 @@ def test_train_then_evaluate(extracted, monkeypatch):
             assert prob.shape == (32, 32)
             dice, iou = iou_dice_textdiff((prob > 0.5).astype(np.uint8), test.mask(k, 0).numpy())
             assert dice == pytest.approx(row["dice"]) and iou == pytest.approx(row["iou"])
-    assert sorted(p.name for p in Path("metrics/overlays").iterdir()) == ["img_test_0.png", "img_test_1.png"]
+    assert sorted(p.name for p in Path("metrics/panels").iterdir()) == ["img_test_0.png", "img_test_1.png"]
 
 
 @pytest.mark.parametrize("fusion", ["none", "concat", "hierarchical"])

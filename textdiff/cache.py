@@ -3,7 +3,7 @@
 Layout (zarr v3), one group per split holding N images:
     block_<b>      [N, views, steps, C, H, W]  native resolution, `extract.dtype`, one image per chunk
     masks          [N, views, H, W] uint8      the mask seen in each view
-    images         [N, H, W, 3] uint8          the identity view, for overlays and the RGB control
+    images         [N, H, W, 3] uint8          the identity view, for the panels and the RGB control
     release_masks  [M, s, s] uint8             the released code's dilated ground truth per source
                                                image (M = N in resize mode), for the second scoring
     text_tokens    [N, L, D] float32           last_hidden_state, padded/truncated to L

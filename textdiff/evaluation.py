@@ -23,6 +23,8 @@ from textdiff.inference import ModelCard, SampleStore, predict_split
 from textdiff.metrics import dice_pixel, image_metrics, iou_dice_textdiff, summarize
 from textdiff.tiles import blend_tiles, paste_tiles
 
+SUMMARY_METRICS = ("dice", "aji")  # the summary plot's columns, per test image
+
 
 @dataclass
 class Evaluation:
@@ -32,14 +34,14 @@ class Evaluation:
     probs: list[np.ndarray]
     preds: list[np.ndarray]
     gts: list[np.ndarray]
-    images: list[np.ndarray]  # the first `overlays` images, for overlays
+    images: list[np.ndarray]  # the first `panels` images, for the error panels (RGB)
     per_image: list[dict]
     metrics: dict[str, float]
 
 
-def stitch_windows(split: CachedSplit, window_probs: list[np.ndarray], overlays: int):
+def stitch_windows(split: CachedSplit, window_probs: list[np.ndarray], panels: int):
     """Tiles mode: (image ids, blended full-size probabilities, full-size masks, the first
-    `overlays` images rebuilt from their windows)."""
+    `panels` images rebuilt from their windows)."""
     image_ids, index, origins = split.tile_layout()
     probs, gts, images = [], [], []
     for k in range(len(image_ids)):
@@ -49,7 +51,7 @@ def stitch_windows(split: CachedSplit, window_probs: list[np.ndarray], overlays:
         prob = blend_tiles([torch.from_numpy(window_probs[w]) for w in windows], where, height, width)
         probs.append(prob.numpy().astype(np.float32))
         gts.append(split.full_mask(k))
-        if k < overlays:
+        if k < panels:
             images.append(paste_tiles([split.image(int(w)) for w in windows], where, height, width))
     return image_ids, probs, gts, images
 
@@ -65,17 +67,17 @@ def release_prediction(pred: np.ndarray, prob: np.ndarray, side: int) -> np.ndar
 
 
 def evaluate_test(model: PixelClassifier, card: ModelCard, cache: FeatureCache, device: torch.device,
-                  overlays: int) -> Evaluation:
+                  panels: int) -> Evaluation:
     """Metrics of the classifier on the test split of the cache it was trained on."""
     if card.spec != cache.spec:
         raise TextDiffError("the classifier was trained on another cache; re-run `textdiff train`")
     test = cache.split("test")
     preds, gts, probs = predict_split(model, SampleStore(test), device, keep_probs=True)
     if cache.spec.tiled:  # score whole images at native resolution, not windows
-        ids, probs, gts, images = stitch_windows(test, probs, overlays)
+        ids, probs, gts, images = stitch_windows(test, probs, panels)
         preds = [(p > 0.5).astype(np.uint8) for p in probs]
     else:
-        ids, images = test.ids, [test.image(k) for k in range(min(overlays, len(test)))]
+        ids, images = test.ids, [test.image(k) for k in range(min(panels, len(test)))]
     per_image = []
     for k, (image_id, p, g) in enumerate(zip(ids, preds, gts)):
         dice_r, iou_r = iou_dice_textdiff(release_prediction(p, probs[k], test.spec.release_side), test.release_mask(k))
@@ -87,4 +89,16 @@ def evaluate_test(model: PixelClassifier, card: ModelCard, cache: FeatureCache, 
         "dice_release": summary["dice_release"], "iou_release": summary["iou_release"],
         "num_images": len(per_image),
     }
+    if cache.spec.protocol == "release":  # the release feeds BGR; people look at RGB
+        images = [np.ascontiguousarray(image[..., ::-1]) for image in images]
     return Evaluation(list(ids), probs, preds, gts, images, per_image, metrics)
+
+
+def summary_rows(per_image: list[dict]) -> list[dict]:
+    """The per-image scores in long form (id, metric, value): the data of the summary plot."""
+    return [{"id": row["id"], "metric": metric, "value": round(float(row[metric]), 6)}
+            for metric in SUMMARY_METRICS for row in per_image]
+
+
+def panel_caption(row: dict) -> str:
+    return f"{row['id']}   Dice {row['dice']:.3f}   AJI {row['aji']:.3f}"

@@ -72,6 +72,11 @@ def build_featurizer(spec: CacheSpec, teacher_path: Path | None, device: torch.d
     if teacher_path is None:
         raise TextDiffError("an adm cache spec needs its teacher checkpoint")
     model = load_teacher(teacher_path, spec.teacher_config).to(device)
+    if (spec.teacher_config or {}).get("use_fp16"):
+        if device.type == "cuda":  # the release's fp16 torso; features come back as float32
+            model.convert_to_fp16()
+        else:
+            print(f"teacher.config use_fp16: the fp16 torso runs on a GPU only; {device} runs it in float32")
     return FeatureExtractor(model, Diffusion(spec.schedule, spec.diffusion_steps), steps=list(spec.steps),
                             blocks=list(spec.blocks), noise_seed=spec.noise_seed, device=device)
 

@@ -227,13 +227,13 @@ class TrainParams:
 
 @dataclass(frozen=True)
 class EvaluateParams:
-    """Test-split metrics, overlays and probability maps."""
+    """Test-split metrics, error panels, the per-image summary plot and probability maps."""
 
-    overlays: int = 14
+    panels: int = 14  # error panels written (the first N test images); the plots page shows them all
     device: str = "auto"
 
     def check(self) -> None:
-        _non_negative("evaluate.overlays", self.overlays)
+        _non_negative("evaluate.panels", self.panels)
         _one_of("evaluate.device", self.device, DEVICES)
 
 

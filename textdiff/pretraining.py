@@ -29,7 +29,7 @@ from textdiff.atomic import atomic_file, remove_stale_temporaries, write_json
 from textdiff.data import load_prepared
 from textdiff.errors import TextDiffError
 from textdiff.hashing import sha256_images
-from textdiff.overlays import save_png
+from textdiff.panels import save_png
 from textdiff.params import Params, section_dict
 from textdiff.paths import PREPARED_DIR, PRETRAIN_LIVE_DIR, TEACHER_FILE
 from textdiff.runtime import provenance, resolve_device

@@ -13,9 +13,10 @@ preserved is compatibility with the released checkpoints, so this file keeps:
   FiLM "scale-shift" norm, up/down-sampling inside residual blocks), so that a released
   256x256 checkpoint produces the same activations as it does upstream.
 
-What is dropped: class conditioning (rejected with a clear error), the fp16 torso conversion
-(``use_fp16`` is accepted but parameters stay float32; use ``torch.autocast`` instead), 1-D
-and 3-D variants, and the encoder / super-resolution models.
+What is dropped: class conditioning (rejected with a clear error), 1-D and 3-D variants, and
+the encoder / super-resolution models. The fp16 torso is kept as upstream has it, but applied on
+request (`UNetModel.convert_to_fp16`; the feature extractor does it for ``use_fp16: true`` on a
+GPU), so that building a model never changes its parameters' dtype behind the caller's back.
 
 Reading guide, top to bottom: config validation, small layers, ResBlock, AttentionBlock,
 UNetModel (construction then forward), ``build_adm``.
@@ -603,6 +604,21 @@ class UNetModel(nn.Module):
             zero_module(nn.Conv2d(input_ch, self.out_channels, 3, padding=1)),
         )
 
+    torso_dtype: torch.dtype = torch.float32
+
+    def convert_to_fp16(self) -> "UNetModel":
+        """guided-diffusion's fp16 torso (what the TextDiff release runs with `use_fp16=True`):
+        the conv weights of the input, middle and output blocks in float16; the timestep MLP,
+        the embedding projections, the norms (computed in float32) and the output head stay float32."""
+        for part in (self.input_blocks, self.middle_block, self.output_blocks):
+            for module in part.modules():
+                if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+                    module.weight.data = module.weight.data.half()
+                    if module.bias is not None:
+                        module.bias.data = module.bias.data.half()
+        self.torso_dtype = torch.float16
+        return self
+
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor | int) -> torch.Tensor:
         """x: [N, 3, H, W] (H, W divisible by 2^(levels-1)); timesteps: [N] (or a scalar)."""
         if not torch.is_tensor(timesteps):
@@ -611,14 +627,14 @@ class UNetModel(nn.Module):
             timesteps = timesteps.expand(x.shape[0])
         emb = self.time_embed(timestep_embedding(timesteps.to(x.device), self.model_channels))
         skips = []
-        h = x
+        h = x.type(self.torso_dtype) if self.torso_dtype != torch.float32 else x
         for block in self.input_blocks:
             h = block(h, emb)
             skips.append(h)
         h = self.middle_block(h, emb)
         for block in self.output_blocks:
             h = block(torch.cat([h, skips.pop()], dim=1), emb)
-        return self.out(h)
+        return self.out(h.type(x.dtype))
 
 
 def build_adm(config: Mapping[str, Any]) -> UNetModel:
