@@ -40,12 +40,11 @@ def test_panel_shows_the_error_map_crisp_and_upscaled():
     pred[2:6, 2:6] = 1
     image = np.full((8, 8, 3), 200, np.uint8)
     out = panel(image, gt, pred, "img   Dice 0.250   AJI 0.143", scale=2)
-    from textdiff import panels
+    from textdiff.panels import _mask_rgb, tile_origin
 
-    y0, w = panels._HEADER + panels._LABELS, 16  # tiles sit below the caption and column labels
-    for k, expected in enumerate([image, panels._mask_rgb(gt), panels._mask_rgb(pred), error_map(pred, gt)]):
-        x0 = panels._GAP + k * (w + panels._GAP)
-        tile = out[y0 : y0 + w, x0 : x0 + w]
+    for k, expected in enumerate([image, _mask_rgb(gt), _mask_rgb(pred), error_map(pred, gt)]):
+        x0, y0 = tile_origin(k, (16, 16))
+        tile = out[y0 : y0 + 16, x0 : x0 + 16]
         np.testing.assert_array_equal(tile, expected.repeat(2, axis=0).repeat(2, axis=1))  # nearest x2, no blending
 
 

@@ -37,10 +37,10 @@ def test_rows_from_exp_show_skip_runs_without_metrics():
 def test_markdown_table_orders_and_labels_variations():
     table = markdown_table(rows_from_exp_show(EXP_SHOW))
     lines = table.strip().splitlines()
-    assert lines[0].startswith("| Variation | Description | Dice (%) | IoU (%) | AJI (%)")
+    assert lines[0].startswith("| Variation | Description | Dice (%) | Dice vs release GT (%) | IoU (%) | AJI (%)")
     labels = [line.split("|")[1].strip() for line in lines[2:]]
     assert labels == ["ζ1", "ζ2", "TextDiff", "Ext. 1", "Ext. 2"]
-    assert "| 78.67 | 64.98 | 55.00 |" in lines[4]
+    assert "| 78.67 | – | 64.98 | 55.00 |" in lines[4]  # no release scoring in these older runs
     assert "λ = 0.1" in lines[6]
 
 
@@ -60,3 +60,16 @@ def test_controls_and_duplicates_keep_the_newest():
     assert "| TextDiff |" in table and "76.00" in table
     assert "| Control (c) |" in table and "| Control (b), TextDiff |" in table
     assert table.strip().splitlines()[-1].startswith("| Control")
+
+
+def test_release_switches_are_their_own_rows():
+    base = _record("main", "cross_attention", 0.0, 0.7788, 0.639, 0.468)
+    base["data"]["metrics"]["metrics/test.json"]["data"]["dice_release"] = 0.7857
+    rel = _record("rel", "cross_attention", 0.0, 0.79, 0.65, 0.40)
+    rel["data"]["params"]["params.yaml"]["data"]["data"] = {"protocol": "release"}
+    rel["data"]["params"]["params.yaml"]["data"]["train"]["classifier"] = "release"
+    rows = rows_from_exp_show([base, rel])
+    assert sorted(r["name"] for r in rows) == ["main", "rel"]  # not merged as one variation
+    table = markdown_table(rows)
+    assert "| TextDiff | pixels cross-attend" in table and "| 77.88 | 78.57 |" in table
+    assert "| TextDiff, release classifier, release data |" in table

@@ -1,6 +1,6 @@
 """Pictures a person can read: where a segmentation is right and where it is wrong.
 
-One panel per image: image | ground truth | prediction | error map, each upscaled x2 with nearest
+One panel per image: image, ground truth, prediction and error map in a 2x2 grid, each upscaled x2 with nearest
 neighbours (a nucleus at the 256-px working size is a few pixels: smoothing would hide exactly the
 errors one looks for), captioned with the image id and its scores, with a legend. The error map
 colours come from the Okabe-Ito palette, which stays distinguishable under the common colour-vision
@@ -54,24 +54,31 @@ def _mask_rgb(mask: np.ndarray) -> np.ndarray:
     return np.repeat((mask.astype(bool) * 255).astype(np.uint8)[..., None], 3, axis=2)
 
 
+def tile_origin(k: int, size: tuple[int, int]) -> tuple[int, int]:
+    """(x, y) of tile k in the 2x2 grid (image, truth / prediction, errors) of tiles of `size` (h, w)."""
+    h, w = size
+    row, col = divmod(k, 2)
+    return _GAP + col * (w + _GAP), _HEADER + row * (_LABELS + h) + _LABELS
+
+
 def panel(image: np.ndarray, gt: np.ndarray, pred: np.ndarray, caption: str, scale: int = 2) -> np.ndarray:
-    """image | ground truth | prediction | error map, upscaled by `scale`, captioned, with a legend."""
+    """image | ground truth over prediction | error map, upscaled by `scale`, captioned, with a
+    legend. A 2x2 grid: at x2 a 256-px image makes a 1,042-px-wide panel that fits a screen."""
     tiles = [np.asarray(image, np.uint8), _mask_rgb(gt), _mask_rgb(pred), error_map(pred, gt)]
     tiles = [t.repeat(scale, axis=0).repeat(scale, axis=1) for t in tiles]
     h, w = tiles[0].shape[:2]
-    width = 4 * w + 5 * _GAP
-    canvas = Image.new("RGB", (width, _HEADER + _LABELS + h + _FOOTER + _GAP), (255, 255, 255))
+    canvas = Image.new("RGB", (2 * w + 3 * _GAP, _HEADER + 2 * (_LABELS + h) + _FOOTER + _GAP), (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
     draw.text((_GAP, 6), caption, fill=(0, 0, 0), font=_font(16))
     for k, (tile, label) in enumerate(zip(tiles, COLUMNS)):
-        x = _GAP + k * (w + _GAP)
-        draw.text((x, _HEADER + 2), label, fill=(60, 60, 60), font=_font(13))
-        canvas.paste(Image.fromarray(tile), (x, _HEADER + _LABELS))
-    y, x = _HEADER + _LABELS + h + 8, _GAP + 3 * (w + _GAP)
-    for label, colour in LEGEND:  # under the error map, left to right
+        x, y = tile_origin(k, (h, w))
+        draw.text((x, y - _LABELS + 3), label, fill=(60, 60, 60), font=_font(13))
+        canvas.paste(Image.fromarray(tile), (x, y))
+    x, y = _GAP, _HEADER + 2 * (_LABELS + h) + 8
+    for label, colour in LEGEND:
         draw.rectangle((x, y, x + 12, y + 12), fill=colour, outline=(0, 0, 0))
-        draw.text((x + 16, y - 1), label, fill=(0, 0, 0), font=_font(11))
-        x += 16 + int(draw.textlength(label, font=_font(11))) + 12
+        draw.text((x + 16, y - 1), label, fill=(0, 0, 0), font=_font(12))
+        x += 16 + int(draw.textlength(label, font=_font(12))) + 14
     return np.asarray(canvas)
 
 
