@@ -131,9 +131,30 @@ def test_release_switches_train_and_every_run_is_scored_both_ways(tiny_project):
     # The release protocol trains on the release ground truth, so the two scorings coincide.
     assert metrics["dice_release"] == pytest.approx(metrics["dice"])
     assert metrics["dice_release"] == pytest.approx(np.mean([r["dice_release"] for r in per_image]))
+    # predict brings a new image to the teacher exactly as prepare did (BGR, bilinear).
+    from textdiff.data import load_prepared, read_image
+    from textdiff.featurizer import images_to_model_range
+    from textdiff.segmenter import build_segmenter
+
+    segmenter, _ = build_segmenter(Path("models/classifier"), torch.device("cpu"), None, None)
+    seen = []
+    extractor = segmenter.extractor
+    segmenter.extractor = lambda x: seen.append(x.clone()) or extractor(x)
+    image, _ = read_image(tiny_project.data_root / "Test_Folder" / "img" / "img_test_0.tif")
+    segmenter.probabilities(image, "Many nuclei.")
+    prepared = load_prepared("data/prepared", "test")
+    torch.testing.assert_close(seen[0][0], images_to_model_range(prepared.images[:1])[0], rtol=0, atol=0)
 
 
 def test_release_protocol_with_tiles_is_refused(tiny_project):
     tiny_project.write_params(data={"protocol": "release", "mode": "tiles"})
     result = runner.invoke(app, ["prepare"])
     assert result.exit_code == 1 and "data.protocol=release" in result.output and "Traceback" not in result.output
+
+
+def test_extract_refuses_data_prepared_under_another_protocol(tiny_project):
+    """The spec must not claim `release` for images prepared the project's way."""
+    tiny_project.write_params(data={"protocol": "release"})  # data/prepared was made with `project`
+    result = runner.invoke(app, ["extract"])
+    assert result.exit_code == 1 and "data.protocol=project" in result.output and "textdiff prepare" in result.output
+    assert "Traceback" not in result.output and not Path("cache/features.zarr").exists()

@@ -398,9 +398,25 @@ def release_mask(mask: np.ndarray, size: int) -> np.ndarray:
 def release_image(image: np.ndarray, size: int) -> np.ndarray:
     """The released code's teacher input: `cv2.imread` order (BGR, never converted) resized with
     OpenCV's default bilinear interpolation, no antialiasing."""
-    import cv2
+    return to_working_size(image, (size, size), "release")
 
-    return cv2.resize(np.ascontiguousarray(image[..., ::-1]), (size, size))
+
+def to_working_size(image: np.ndarray, size: tuple[int, int], protocol: str = "project") -> np.ndarray:
+    """An RGB uint8 image as the teacher sees it at `size` (height, width): `project` resizes it
+    bicubic (PIL); `release` turns it into `cv2.imread`'s BGR order and resizes it bilinear
+    (OpenCV's default), as the released code does. prepare and `textdiff predict` both use this,
+    so a model meets new images exactly as it met its training images."""
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
+    height, width = size
+    if protocol == "release":
+        import cv2
+
+        bgr = np.ascontiguousarray(image[..., ::-1])
+        return bgr if bgr.shape[:2] == (height, width) else cv2.resize(bgr, (width, height))
+    if image.shape[:2] == (height, width):
+        return np.array(image, dtype=np.uint8, copy=True)
+    return np.asarray(Image.fromarray(image, "RGB").resize((width, height), Image.Resampling.BICUBIC), dtype=np.uint8)
 
 
 def resize_sample(sample: Sample, size: int, protocol: str = "project") -> Sample:
@@ -411,13 +427,11 @@ def resize_sample(sample: Sample, size: int, protocol: str = "project") -> Sampl
     Non-square images are squashed, as the published 256x256 protocol does."""
     if size <= 0:
         raise ValueError(f"size must be > 0, got {size}")
-    if protocol not in PROTOCOLS:
-        raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
+    image = to_working_size(sample.image, (size, size), protocol)
     dilated = release_mask(sample.mask, size)
     if protocol == "release":
-        image, mask = release_image(sample.image, size), dilated
+        mask = dilated
     else:
-        image = np.asarray(Image.fromarray(sample.image, "RGB").resize((size, size), Image.Resampling.BICUBIC))
         mask = np.asarray(Image.fromarray(sample.mask, "L").resize((size, size), Image.Resampling.NEAREST))
     return Sample(
         id=sample.id,

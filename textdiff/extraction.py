@@ -60,12 +60,15 @@ def _load_prepared_for(params: Params, prepared_dir: Path) -> dict[str, Prepared
     """data/prepared, refused when it was prepared for another protocol or size."""
     prepared = {split: load_prepared(prepared_dir, split) for split in SPLITS}
     tiled = params.data.mode == "tiles"
-    prepared_mode = read_manifest(prepared_dir).get("data_params", {}).get("mode", "resize")
+    made_with = read_manifest(prepared_dir).get("data_params", {})
+    prepared_mode, prepared_protocol = made_with.get("mode", "resize"), made_with.get("protocol", "project")
     for data in prepared.values():
-        if prepared_mode != params.data.mode or (not tiled and data.image_size != params.data.image_size):
+        if (prepared_mode != params.data.mode or prepared_protocol != params.data.protocol
+                or (not tiled and data.image_size != params.data.image_size)):
             raise TextDiffError(
-                f"{prepared_dir}: prepared with data.mode={prepared_mode} at {data.image_size} px, but params ask for "
-                f"data.mode={params.data.mode}" + ("" if tiled else f" at {params.data.image_size} px")
+                f"{prepared_dir}: prepared with data.mode={prepared_mode}, data.protocol={prepared_protocol} at "
+                f"{data.image_size} px, but params ask for data.mode={params.data.mode}, "
+                f"data.protocol={params.data.protocol}" + ("" if tiled else f" at {params.data.image_size} px")
                 + "; run `textdiff prepare`"
             )
     return prepared

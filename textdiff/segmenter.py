@@ -21,10 +21,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import zarr
-from PIL import Image
 
 from textdiff.classifier import PixelClassifier
-from textdiff.data import IMAGE_SUFFIXES
+from textdiff.data import IMAGE_SUFFIXES, to_working_size
 from textdiff.errors import TextDiffError
 from textdiff.featurizer import Featurizer, build_featurizer, images_to_model_range
 from textdiff.hashing import sha256_file
@@ -65,6 +64,7 @@ class Segmenter:
     stride: int = 192
     scale: float | None = None
     device: torch.device = torch.device("cpu")
+    protocol: str = "project"  # how prepare brought the training images to the teacher (data.protocol)
 
     def __post_init__(self) -> None:
         self._text_cache: dict[str, tuple] = {}
@@ -96,8 +96,7 @@ class Segmenter:
             size = (max(1, round(h * factor)), max(1, round(w * factor)))
             tile = self.tile if self.mode == "tiles" else self.image_size
             stride = self.stride if self.mode == "tiles" else max(1, (3 * self.image_size) // 4)
-        resized = image if size == (h, w) else np.array(Image.fromarray(image).resize(size[::-1], Image.BICUBIC))
-        x = images_to_model_range(np.array(resized[None]))[0]  # a writable copy for torch
+        x = images_to_model_range(to_working_size(image, size, self.protocol)[None])[0]
         prob = sliding_window(x, tile, stride, predict_tile)
         if prob.shape != (h, w):
             prob = F.interpolate(prob[None, None], size=(h, w), mode="bilinear", align_corners=False)[0, 0]
@@ -178,5 +177,5 @@ def build_segmenter(model_dir: Path, device: torch.device, teacher_override: Pat
     segmenter = Segmenter(extractor=build_featurizer(spec, teacher, device), blocks=list(spec.blocks),
                           classifier=classifier, encoder=encoder, image_size=spec.image_size, mode=spec.mode,
                           tile=spec.tile or spec.image_size, stride=spec.stride or spec.image_size, scale=scale,
-                          device=device)
+                          device=device, protocol=spec.protocol)
     return segmenter, card
