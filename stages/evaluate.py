@@ -12,10 +12,10 @@ import numpy as np
 
 from textdiff.atomic import atomic_dir, atomic_file, write_json
 from textdiff.cache import FeatureCache
-from textdiff.evaluation import evaluate_test, panel_caption, summary_rows
+from textdiff.evaluation import evaluate_test, summary_rows
 from textdiff.errors import TextDiffError
 from textdiff.inference import load_trained
-from textdiff.panels import panel, save_png
+from textdiff.panels import panel, panel_caption, save_png
 from textdiff.params import load_params
 from textdiff.paths import CACHE_PATH, CLASSIFIER_DIR, METRICS_DIR, PANEL_DIR, PREDICTIONS_H5, SUMMARY_CSV
 from textdiff.runtime import resolve_device
@@ -41,9 +41,8 @@ def run(params_path: Path, cache_path: Path = CACHE_PATH, model_dir: Path = CLAS
                 ds.attrs["description"] = "foreground probability (softmax class 1), test view 0"
     with atomic_dir(PANEL_DIR) as tmp:
         for k, image in enumerate(result.images):
-            scale = 2 if max(image.shape[:2]) <= 512 else 1  # crisp pixels, pages that still fit a screen
-            save_png(tmp / f"{result.ids[k]}.png", panel(image, result.gts[k], result.preds[k],
-                                                         panel_caption(result.per_image[k]), scale=scale))
+            save_png(tmp / f"{result.ids[k]}.png",
+                     panel(image, result.gts[k], result.preds[k], panel_caption(result.ids[k], result.per_image[k])))
     with atomic_file(SUMMARY_CSV) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=["id", "metric", "value"])
         writer.writeheader()

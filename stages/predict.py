@@ -20,7 +20,7 @@ from textdiff.atomic import atomic_file
 from textdiff.data import read_image, read_mask, read_reports
 from textdiff.errors import TextDiffError
 from textdiff.metrics import image_metrics
-from textdiff.panels import overlay, panel, save_png
+from textdiff.panels import overlay, panel, panel_caption, save_png
 from textdiff.paths import CLASSIFIER_DIR
 from textdiff.runtime import resolve_device
 from textdiff.segmenter import Segmenter, build_segmenter, collect_images, megapixels, nucleus_table
@@ -64,8 +64,7 @@ def segment_one(segmenter: Segmenter, path: Path, sentence: str, out: Path, h5: 
     else:
         m = image_metrics(mask, gt)
         scored = f"; Dice {m['dice']:.3f}, AJI {m['aji']:.3f} against {masks}"
-        caption = f"{path.stem}   Dice {m['dice']:.3f}   AJI {m['aji']:.3f}"
-        save_png(out / f"{path.stem}_panel.png", panel(image, gt, mask, caption, scale=2 if max(image.shape[:2]) <= 512 else 1))
+        save_png(out / f"{path.stem}_panel.png", panel(image, gt, mask, panel_caption(path.stem, m)))
     ds = h5.create_dataset(path.stem, data=prob, compression="gzip")
     ds.attrs.update({"source": str(path.resolve()), "text": sentence, "description": "foreground (nucleus) probability"})
     rows = nucleus_table(path.stem, mask)

@@ -175,7 +175,7 @@ def array_shapes(spec: CacheSpec, layout: SplitLayout) -> dict[str, tuple[tuple[
     m, r = (len(layout.tiles.image_ids) if layout.tiles is not None else n), spec.release_side
     out["release_masks"] = ((m, r, r), (1, r, r), np.uint8)  # per source image
     if layout.tiles is not None:
-        m, full = len(layout.tiles.image_ids), layout.tiles.full_size
+        full = layout.tiles.full_size
         out["tile_image"] = ((n,), (max(n, 1),), np.int32)
         out["tile_origin"] = ((n, 2), (max(n, 1), 2), np.int32)
         out["full_masks"] = ((m, full, full), (1, full, full), np.uint8)

@@ -99,6 +99,3 @@ def summary_rows(per_image: list[dict]) -> list[dict]:
     return [{"id": row["id"], "metric": metric, "value": round(float(row[metric]), 6)}
             for metric in SUMMARY_METRICS for row in per_image]
 
-
-def panel_caption(row: dict) -> str:
-    return f"{row['id']}   Dice {row['dice']:.3f}   AJI {row['aji']:.3f}"

@@ -46,6 +46,11 @@ def overlay(image: np.ndarray, pred: np.ndarray) -> np.ndarray:
     return out
 
 
+def panel_caption(image_id: str, scores: dict) -> str:
+    """The panel's caption: which image, and how good the prediction is."""
+    return f"{image_id}   Dice {scores['dice']:.3f}   AJI {scores['aji']:.3f}"
+
+
 def _font(size: int) -> ImageFont.ImageFont:
     return ImageFont.load_default(size=size)
 
@@ -61,9 +66,12 @@ def tile_origin(k: int, size: tuple[int, int]) -> tuple[int, int]:
     return _GAP + col * (w + _GAP), _HEADER + row * (_LABELS + h) + _LABELS
 
 
-def panel(image: np.ndarray, gt: np.ndarray, pred: np.ndarray, caption: str, scale: int = 2) -> np.ndarray:
+def panel(image: np.ndarray, gt: np.ndarray, pred: np.ndarray, caption: str, scale: int | None = None) -> np.ndarray:
     """image | ground truth over prediction | error map, upscaled by `scale`, captioned, with a
-    legend. A 2x2 grid: at x2 a 256-px image makes a 1,042-px-wide panel that fits a screen."""
+    legend. A 2x2 grid: at x2 a 256-px image makes a 1,042-px-wide panel that fits a screen.
+    `scale=None`: x2 up to 512 px (crisp pixels), x1 above (a page that still fits a screen)."""
+    if scale is None:
+        scale = 2 if max(image.shape[:2]) <= 512 else 1
     tiles = [np.asarray(image, np.uint8), _mask_rgb(gt), _mask_rgb(pred), error_map(pred, gt)]
     tiles = [t.repeat(scale, axis=0).repeat(scale, axis=1) for t in tiles]
     h, w = tiles[0].shape[:2]
