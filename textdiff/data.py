@@ -416,7 +416,8 @@ def to_working_size(image: np.ndarray, size: tuple[int, int], protocol: str = "p
         return bgr if bgr.shape[:2] == (height, width) else cv2.resize(bgr, (width, height))
     if image.shape[:2] == (height, width):
         return np.array(image, dtype=np.uint8, copy=True)
-    return np.asarray(Image.fromarray(image, "RGB").resize((width, height), Image.Resampling.BICUBIC), dtype=np.uint8)
+    # np.array, not asarray: PIL's buffer is read-only, and torch.from_numpy warns on it.
+    return np.array(Image.fromarray(image, "RGB").resize((width, height), Image.Resampling.BICUBIC), dtype=np.uint8)
 
 
 def resize_sample(sample: Sample, size: int, protocol: str = "project") -> Sample:
