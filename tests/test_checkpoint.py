@@ -221,3 +221,67 @@ def test_guided_diffusion_fixture_loads_as_teacher():
     teacher = load_teacher(FIXTURES / "adm_small_state_dict.pt", io["config"])
     with torch.no_grad():
         assert (teacher(io["x_t"], io["t"]) - io["output"]).abs().max().item() <= 1e-4
+
+
+# -- sharded checkpoints (Hugging Face convention) ---------------------------------------------
+
+SHARDED = dict(TINY)  # 3.2 MiB in float32: four shards of at most 1 MiB
+
+
+def _sharded(tmp_path, shard_mb=1.0, **kwargs):
+    torch.manual_seed(0)
+    model = build_adm(SHARDED)
+    return model, save_checkpoint(model, tmp_path / "t.safetensors", shard_mb=shard_mb, **kwargs)
+
+
+def test_a_large_checkpoint_is_written_as_shards_with_an_index_and_loads_like_one_file(tmp_path):
+    model, index = _sharded(tmp_path, extra_metadata={"steps": 3})
+    assert index.name == "t.safetensors.index.json"
+    shards = sorted(tmp_path.glob("t-*-of-*.safetensors"))
+    assert len(shards) >= 3 and not (tmp_path / "t.safetensors").exists()
+    assert shards[0].name == f"t-00001-of-{len(shards):05d}.safetensors"
+    assert all(s.stat().st_size <= 2**20 for s in shards)  # the limit holds for whole files
+    data = json.loads(index.read_text())
+    assert set(data["weight_map"]) == set(model.state_dict())
+    assert sorted(set(data["weight_map"].values())) == [s.name for s in shards]
+    loaded = load_teacher(index)  # config from the sidecar t.json
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
+    assert json.loads((tmp_path / "t.json").read_text())["steps"] == 3
+    (tmp_path / "t.json").unlink()  # the config is also in every shard's header
+    assert load_teacher(index).config["num_channels"] == 32
+    with pytest.raises(TextDiffError) as err:  # a tensor larger than a shard: said, not silently oversized
+        save_checkpoint(model, tmp_path / "u.safetensors", shard_mb=0.1)
+    _one_line(err, "more than a shard may hold")
+
+
+def test_a_missing_or_corrupt_shard_is_one_line_naming_the_shard(tmp_path):
+    _, index = _sharded(tmp_path)
+    second = sorted(tmp_path.glob("t-00002-of-*.safetensors"))[0]
+    second.write_bytes(second.read_bytes()[:100])
+    with pytest.raises(TextDiffError) as err:
+        load_teacher(index)
+    _one_line(err, second.name, "not a readable safetensors file")
+    second.unlink()
+    with pytest.raises(TextDiffError) as err:
+        load_teacher(index)
+    _one_line(err, second.name, "shard of t.safetensors.index.json not found")
+    index.write_text("{not json")
+    with pytest.raises(TextDiffError) as err:
+        load_checkpoint(index)
+    _one_line(err, index.name, "not a valid checkpoint index")
+
+
+def test_the_sharded_identity_changes_with_any_shard_and_re_exports_leave_no_stale_layout(tmp_path):
+    from textdiff.teacher import checkpoint_sha256
+
+    model, index = _sharded(tmp_path)
+    before = checkpoint_sha256(index)
+    last = sorted(tmp_path.glob("t-*-of-*.safetensors"))[-1]
+    save_file({"x": torch.zeros(1)}, str(last))
+    assert checkpoint_sha256(index) != before
+    single = save_checkpoint(model, tmp_path / "t.safetensors", shard_mb=15)  # fits: one file again
+    assert single.name == "t.safetensors"
+    assert not list(tmp_path.glob("t-*-of-*.safetensors")) and not index.exists()
+    assert checkpoint_sha256(single) == sha256_file(single)  # single files keep their old identity
+    _sharded(tmp_path)
+    assert not (tmp_path / "t.safetensors").exists()  # and the other way round

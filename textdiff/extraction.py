@@ -24,7 +24,8 @@ from textdiff.data import SPLITS, PreparedSplit, load_prepared, read_manifest
 from textdiff.errors import TextDiffError
 from textdiff.featurizer import (Featurizer, TeacherChoice, attention_report, build_featurizer, choose_teacher,
                                  images_to_model_range)
-from textdiff.hashing import sha256_file, sha256_split
+from textdiff.hashing import sha256_split
+from textdiff.teacher import checkpoint_sha256
 from textdiff.params import Params
 from textdiff.paths import CACHE_PATH, PREPARED_DIR
 from textdiff.runtime import provenance, resolve_device
@@ -106,7 +107,7 @@ def plan_cache(params: Params, prepared_dir: Path = PREPARED_DIR) -> CachePlan:
         teacher = choose_teacher(params)
         spec = CacheSpec(
             teacher_kind="adm", steps=params.teacher.steps, blocks=params.teacher.blocks,
-            teacher_sha256=sha256_file(teacher.path), teacher_config=teacher.config,
+            teacher_sha256=checkpoint_sha256(teacher.path), teacher_config=teacher.config,
             noise_seed=params.teacher.noise_seed, schedule=params.teacher.schedule,
             diffusion_steps=params.teacher.diffusion_steps, **common,
         )

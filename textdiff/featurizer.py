@@ -17,7 +17,7 @@ from textdiff.cache import CacheSpec
 from textdiff.errors import TextDiffError
 from textdiff.params import Params
 from textdiff.paths import TEACHER_FILE
-from textdiff.teacher import Diffusion, FeatureExtractor, load_teacher, normalize_config, teacher_config
+from textdiff.teacher import Diffusion, FeatureExtractor, existing_checkpoint, load_teacher, normalize_config, teacher_config
 from textdiff.teacher.adm import attention_token_counts
 from textdiff.teacher.diffusion import to_model_range
 
@@ -46,9 +46,9 @@ def choose_teacher(params: Params) -> TeacherChoice:
     if params.teacher.checkpoint:
         path, origin = Path(params.teacher.checkpoint), "teacher.checkpoint"
     else:
-        path = Path(params.pretrain.out) / TEACHER_FILE
+        path = existing_checkpoint(Path(params.pretrain.out) / TEACHER_FILE)
         origin = "the pretrain stage's teacher (teacher.checkpoint is empty)"
-    if not path.is_file():
+    if not path.is_file():  # an index is a file too; its shards are checked when loading
         hint = "" if params.teacher.checkpoint else " (run `dvc repro pretrain` or set teacher.checkpoint)"
         raise TextDiffError(f"{path}: teacher checkpoint not found, from {origin}{hint}")
     try:

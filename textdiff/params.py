@@ -143,9 +143,26 @@ class PretrainParams:
     # The exported EMA's storage type. bfloat16 halves the file (what ships under models/teacher/);
     # loading casts back to float32 either way.
     export_dtype: str = "float32"
+    # Exports larger than this many MiB are written as Hugging Face shards + an index.
+    shard_mb: float = 15.0
+    # Random zoom of each crop, +-octaves around the working scale, resampled from the source-resolution
+    # images in data.root (0 = crops of data/prepared as they are).
+    scale_jitter: float = 0.0
+    # A folder of the user's own unlabeled images at the source magnification ("" = none); never test images.
+    extra_images: str = ""
+    # Stop after this many minutes of training, checkpoint and export (0 = no limit); a later run resumes.
+    max_minutes: float = 0.0
+    compile: bool = False  # torch.compile the UNet for training (worth it on a GPU for long runs)
+    log_every: int = 25  # steps between reading the loss back from the device (and logging it)
 
     def check(self) -> None:
         _non_negative("pretrain.steps", self.steps)
+        _positive("pretrain.shard_mb", self.shard_mb)
+        _non_negative("pretrain.scale_jitter", self.scale_jitter)
+        if self.scale_jitter > 2:
+            raise ValueError(f"pretrain.scale_jitter is in octaves (1 = zoom 0.5x..2x); {self.scale_jitter} is more than 2")
+        _non_negative("pretrain.max_minutes", self.max_minutes)
+        _positive("pretrain.log_every", self.log_every)
         _positive("pretrain.batch_size", self.batch_size)
         _positive("pretrain.lr", self.lr)
         _non_negative("pretrain.weight_decay", self.weight_decay)

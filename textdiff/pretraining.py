@@ -13,62 +13,57 @@ its step count (the DVC out is `persist: true` so DVC does not delete it first).
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import hashlib
 import json
 import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
+from textdiff.crops import CropSampler
 from textdiff.atomic import atomic_file, remove_stale_temporaries, write_json
-from textdiff.data import load_prepared
+from PIL import Image
+
+from textdiff.data import IMAGE_SUFFIXES, list_images, load_prepared, read_image, to_working_size
 from textdiff.errors import TextDiffError
 from textdiff.hashing import sha256_images
 from textdiff.panels import save_png
 from textdiff.params import Params, section_dict
-from textdiff.paths import PREPARED_DIR, PRETRAIN_LIVE_DIR, TEACHER_FILE
-from textdiff.runtime import provenance, resolve_device
+from textdiff.paths import PREPARED_DIR, PRETRAIN_LIVE_DIR, TEACHER_FILE, resolve_data_root
+from textdiff.runtime import device_name, provenance, resolve_device
 from textdiff.teacher import normalize_config, save_checkpoint
-from textdiff.teacher.checkpoint import sidecar_path
+from textdiff.teacher.checkpoint import INDEX_SUFFIX, is_index, shard_paths, sidecar_path
 from textdiff.teacher import Diffusion, build_adm
-from textdiff.teacher.diffusion import from_model_range, to_model_range
-from textdiff.views import NUM_VIEWS, apply_view
+from textdiff.teacher.diffusion import from_model_range
+
+if TYPE_CHECKING:
+    from textdiff.params import DataParams
 
 
-class CropSampler:
-    """Random model-size crops of uint8 [N, H, W, 3] images, flipped/rotated, scaled to [-1, 1]."""
+def ema_decay_at(updates: int, decay: float) -> float:
+    """The EMA decay for update number `updates` (0-based): ``min(decay, (1 + n) / (10 + n))``.
 
-    def __init__(self, images: np.ndarray, crop: int, seed: int):
-        if images.ndim != 4 or images.shape[-1] != 3 or len(images) == 0:
-            raise TextDiffError(f"pretrain needs a non-empty [N, H, W, 3] image stack, got {images.shape}")
-        h, w = images.shape[1:3]
-        if crop > min(h, w):
-            raise TextDiffError(f"pretrain.config image_size {crop} is larger than the images ({h}x{w})")
-        self.images = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2)
-        self.crop = crop
-        self.gen = torch.Generator().manual_seed(seed)
-
-    def sample(self, batch: int) -> torch.Tensor:
-        n, _, h, w = self.images.shape
-        out = []
-        for _ in range(batch):
-            i = int(torch.randint(n, (1,), generator=self.gen))
-            y = int(torch.randint(h - self.crop + 1, (1,), generator=self.gen))
-            x = int(torch.randint(w - self.crop + 1, (1,), generator=self.gen))
-            view = int(torch.randint(NUM_VIEWS, (1,), generator=self.gen))
-            out.append(apply_view(self.images[i, :, y : y + self.crop, x : x + self.crop], view))
-        return to_model_range(torch.stack(out))
+    A constant decay keeps ``decay**n`` of the random initialisation in the average: 16.5 % after
+    1,800 steps at 0.999, and such a teacher samples pure noise. The warm-up (the schedule of
+    TensorFlow's ExponentialMovingAverage with num_updates, also used by diffusers) makes the
+    average follow the weights closely at first; the share of the initialisation left after n
+    updates is ``prod (1+k)/(10+k)`` = 9! n! / (n+9)!, about 3.6e5 / n**9 (1e-24 at n = 1,800).
+    """
+    return min(decay, (1.0 + updates) / (10.0 + updates))
 
 
 @torch.no_grad()
 def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
-    for e, p in zip(ema.parameters(), model.parameters()):
-        e.lerp_(p.detach(), 1.0 - decay)
+    """One fused pass over all parameters (a Python loop over 300 tensors costs 6 ms a step on a GPU)."""
+    ema_params = list(ema.parameters())
+    torch._foreach_lerp_(ema_params, [p.detach() for p in model.parameters()], 1.0 - decay)
     for e, b in zip(ema.buffers(), model.buffers()):
         e.copy_(b)
 
@@ -80,15 +75,18 @@ class PretrainState:
     optimizer: torch.optim.Optimizer
     step: int = 0
     losses: list | None = None
-    # What the last `pretrain` call did, for the steps/s figure (not saved: a resume starts a new run).
+    # What the last `pretrain` call did, for the samples/s figure (not saved: a resume starts a new run).
     trained_steps: int = 0
     seconds: float = 0.0
+    stopped_by: str = "steps"  # or "max_minutes": the time box ended the run before pretrain.steps
 
     def state_dict(self, sampler: CropSampler, identity: str) -> dict:
         """Everything a resumed run needs to continue exactly where this one stopped.
 
         `identity` (a JSON string of what was trained: config, hyper-parameters, schedule, data)
         lives inside the same file, so a checkpoint can never be resumed under other settings.
+        The sampler's generator also drew every timestep and noise tensor, so its state is the
+        whole random stream.
         """
         return {
             "identity": identity,
@@ -97,8 +95,8 @@ class PretrainState:
             "optimizer": self.optimizer.state_dict(),
             "step": self.step,
             "losses": list(self.losses or []),
-            "sampler_rng": sampler.gen.get_state(),
-            "torch_rng": torch.get_rng_state(),
+            "sampler_rng": sampler.get_state(),
+            "sampler_device": sampler.device.type,
         }
 
 
@@ -106,7 +104,9 @@ def new_state(config: dict, lr: float, weight_decay: float, seed: int, device: t
     torch.manual_seed(seed)
     model = build_adm(config).to(device)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    # fused AdamW: one kernel for all parameters on a GPU; the CPU keeps the default (foreach).
+    fused = True if device.type == "cuda" else None
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, fused=fused)
     return PretrainState(model, ema, optimizer, 0, [])
 
 
@@ -114,8 +114,9 @@ def resume_state(state: PretrainState, path: Path, sampler: CropSampler, max_ste
     """Continue from the checkpoint at `path` if it was made with the same `identity`.
 
     Returns "resumed", or why not: "different" (other config, hyper-parameters, schedule or
-    images) or "past" (a checkpoint beyond `max_step` is not used: training cannot be undone, and a
-    budget of 0 steps must give the randomly initialised control, not yesterday's teacher).
+    images), "past" (a checkpoint beyond `max_step` is not used: training cannot be undone, and a
+    budget of 0 steps must give the randomly initialised control, not yesterday's teacher), or
+    "device" (made on another kind of device, whose random stream cannot be continued here).
     """
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
@@ -123,11 +124,12 @@ def resume_state(state: PretrainState, path: Path, sampler: CropSampler, max_ste
             return "different"
         if int(blob["step"]) > max_step:
             return "past"
+        if blob.get("sampler_device", "cpu") != sampler.device.type:
+            return "device"
         state.model.load_state_dict(blob["model"])
         state.ema.load_state_dict(blob["ema"])
         state.optimizer.load_state_dict(blob["optimizer"])
-        sampler.gen.set_state(blob["sampler_rng"])
-        torch.set_rng_state(blob["torch_rng"])
+        sampler.set_state(blob["sampler_rng"])
         state.step = int(blob["step"])
         state.losses = [float(v) for v in blob.get("losses", [])]
     except Exception as err:  # noqa: BLE001 - a torn or foreign file: say which
@@ -152,50 +154,82 @@ def pretrain(
     device: torch.device,
     checkpoint: Callable[[PretrainState], None] | None = None,
     checkpoint_every: int = 500,
-    on_step: Callable[[int, float], None] | None = None,
+    on_log: Callable[[int, list[float]], None] | None = None,
+    log_every: int = 50,
+    max_seconds: float | None = None,
+    compile: bool = False,
     progress: bool = True,
 ) -> PretrainState:
-    """Run the DDPM objective from `state.step` up to `total_steps`."""
+    """Run the DDPM objective from `state.step` up to `total_steps` (or until `max_seconds`).
+
+    Nothing in a step waits for the device: crops, timesteps and noise are drawn there, the
+    losses stay there and are read back every `log_every` steps (where a diverged loss is caught),
+    at checkpoints and at the end. `on_log(step, losses)` receives the per-step losses since the
+    previous call.
+    """
     model = state.model.train()
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest convolutions
+    forward = torch.compile(model) if compile else model
     use_bf16 = device.type == "cuda"
-    remaining = max(0, total_steps - state.step)
+    first = state.step
     bar = tqdm(total=total_steps, initial=state.step, unit="step", desc="pretrain", disable=not progress,
                dynamic_ncols=True)
-    started, window = time.perf_counter(), []
+    started = time.perf_counter()
+    pending: list[torch.Tensor] = []
+    params = [p for p in model.parameters()]
+
+    def flush() -> None:
+        if not pending:
+            return
+        values = torch.stack(pending).float().tolist()
+        pending.clear()
+        step0 = state.step - len(values)
+        for k, value in enumerate(values):
+            if not math.isfinite(value):
+                raise TextDiffError(f"pretraining diverged at step {step0 + k} (loss {value}); lower pretrain.lr")
+        state.losses.extend(values)
+        if on_log is not None:
+            on_log(state.step, values)
+        elapsed = time.perf_counter() - started
+        done = state.step - first
+        bar.set_postfix(loss=f"{np.mean(state.losses[-50:]):.4f}",
+                        samples_s=f"{done * batch_size / max(elapsed, 1e-9):.1f}", refresh=False)
+
     while state.step < total_steps:
-        # Timesteps and noise come from the CPU generator, whose state the checkpoint saves: a run
-        # resumed on a GPU then continues the same random stream as one that was never stopped.
+        if max_seconds is not None and time.perf_counter() - started >= max_seconds:
+            state.stopped_by = "max_minutes"
+            break
         x0 = sampler.sample(batch_size)
-        t = torch.randint(diffusion.num_timesteps, (batch_size,))
-        noise = torch.randn(x0.shape)
+        t = torch.randint(diffusion.num_timesteps, (batch_size,), generator=sampler.gen, device=sampler.device)
+        noise = torch.randn(x0.shape, generator=sampler.gen, device=sampler.device)
         x0, t, noise = x0.to(device), t.to(device), noise.to(device)
         for group in state.optimizer.param_groups:
             group["lr"] = lr_at(state.step, lr, warmup)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-            losses = diffusion.training_losses(model, x0, t, noise)
-        loss = losses["loss"].mean()
-        if not torch.isfinite(loss):
-            raise TextDiffError(f"pretraining diverged at step {state.step} (loss {loss.item()}); lower pretrain.lr")
+            loss = diffusion.training_losses(forward, x0, t, noise)["loss"].mean()
         state.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+            torch.nn.utils.clip_grad_norm_(params, grad_clip, foreach=True)
         state.optimizer.step()
-        ema_update(state.ema, model, ema_decay)
+        ema_update(state.ema, model, ema_decay_at(state.step, ema_decay))
         state.step += 1
-        value = float(loss.detach())
-        state.losses.append(value)
-        window.append(value)
-        if on_step is not None:
-            on_step(state.step, value)
-        elapsed = time.perf_counter() - started
-        bar.set_postfix(loss=f"{np.mean(window[-50:]):.4f}", steps_s=f"{len(window) / max(elapsed, 1e-9):.2f}")
+        pending.append(loss.detach())
         bar.update(1)
-        if checkpoint is not None and (state.step % checkpoint_every == 0 or state.step == total_steps):
+        at_checkpoint = checkpoint is not None and state.step % checkpoint_every == 0
+        if state.step % log_every == 0 or at_checkpoint:
+            flush()
+        if at_checkpoint:
             checkpoint(state)
-    bar.close()
+    flush()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     state.seconds = time.perf_counter() - started
-    state.trained_steps = remaining
+    state.trained_steps = state.step - first
+    if checkpoint is not None and state.trained_steps and state.step % checkpoint_every:
+        checkpoint(state)  # the last step (or where the time box stopped) is resumable too
+    bar.close()
     return state
 
 
@@ -219,12 +253,87 @@ def sample_grid(model: torch.nn.Module, diffusion: Diffusion, n: int, size: int,
 # the pretrain stage's work
 
 PRETRAIN_SPLITS = ("train", "val")
-STALE_EXPORTS = (TEACHER_FILE, "teacher.json", "samples.png")
+EXPORT_EXTRAS = ("samples.png",)
 
 
 def unlabeled_images(prepared_dir: Path = PREPARED_DIR) -> np.ndarray:
     """Train + val images only. The masks are not used: pretraining needs no labels."""
     return np.concatenate([load_prepared(prepared_dir, split).images for split in PRETRAIN_SPLITS])
+
+
+def working_scale(data: "DataParams", height: int, width: int) -> float:
+    """Working pixels per source pixel: what prepare does to an image of this size (resize
+    squeezes it to image_size², tiles keeps it native)."""
+    return 1.0 if data.mode == "tiles" else data.image_size / math.sqrt(height * width)
+
+
+def _read_folder(folder: Path) -> list[np.ndarray]:
+    if not folder.is_dir():
+        raise TextDiffError(f"{folder}: pretrain.extra_images folder not found")
+    paths = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+                   and not p.name.startswith("."))
+    if not paths:
+        raise TextDiffError(f"{folder}: pretrain.extra_images holds no images ({', '.join(IMAGE_SUFFIXES)})")
+    return [read_image(path)[0] for path in tqdm(paths, desc="extra images", unit="image", leave=False)]
+
+
+@dataclass
+class TeacherImages:
+    """What the teacher trains on: images, each one's working scale, and one hash of the pixels."""
+
+    images: list[np.ndarray]
+    scales: list[float]
+    sha256: str
+    described: str
+
+
+def pretraining_images(params: Params, prepared_dir: Path = PREPARED_DIR) -> TeacherImages:
+    """Train + val images (never test) and the user's `extra_images`, at the resolution the sampler
+    needs: data/prepared as they are, or with `scale_jitter` the source-resolution files of
+    data.root, so that zoomed-in crops are sharp. Under the release protocol the teacher sees BGR,
+    as prepare writes it."""
+    p, data = params.pretrain, params.data
+    source_sizes: list[tuple[int, int]] = []
+    if p.scale_jitter > 0 or p.extra_images:
+        root = resolve_data_root(data.root)
+        paths = [path for split in PRETRAIN_SPLITS for path in list_images(root, split)]
+    if p.scale_jitter > 0:
+        images = [read_image(path)[0] for path in tqdm(paths, desc="source images", unit="image", leave=False)]
+        source_sizes = [im.shape[:2] for im in images]
+        scales = [working_scale(data, *size) for size in source_sizes]
+        described = f"{len(images)} train+val images at source resolution"
+    else:
+        images = list(unlabeled_images(prepared_dir))
+        scales = [1.0] * len(images)
+        described = f"{len(images)} train+val images of {prepared_dir}"
+        if p.extra_images:
+            for path in paths:
+                with Image.open(path) as im:
+                    source_sizes.append((im.height, im.width))
+    if data.protocol == "release" and p.scale_jitter > 0:
+        images = [np.ascontiguousarray(im[..., ::-1]) for im in images]
+    if p.extra_images:
+        extra = _read_folder(Path(p.extra_images))
+        if data.protocol == "release":
+            extra = [np.ascontiguousarray(im[..., ::-1]) for im in extra]
+        scale = float(np.median([working_scale(data, *size) for size in source_sizes]))
+        if p.scale_jitter > 0:
+            images += extra
+            scales += [scale] * len(extra)
+        else:  # the exact-crop sampler needs them at the working resolution
+            for im in extra:
+                size = (max(1, round(im.shape[0] * scale)), max(1, round(im.shape[1] * scale)))
+                images.append(to_working_size(im, size, "project"))
+            scales += [1.0] * len(extra)
+        described += f" + {len(extra)} of {p.extra_images}"
+    if len({im.shape for im in images}) == 1:
+        sha = sha256_images(np.stack(images))
+    else:
+        digest = hashlib.sha256()
+        for im in images:
+            digest.update(sha256_images(im[None]).encode())
+        sha = digest.hexdigest()
+    return TeacherImages(images, scales, sha, described)
 
 
 def trim_dvclive(folder: Path, max_step: int) -> None:
@@ -240,14 +349,15 @@ def trim_dvclive(folder: Path, max_step: int) -> None:
             tmp.write_text("\n".join(kept) + "\n")
 
 
-def training_identity(params: Params, images_sha: str) -> dict:
+def training_identity(params: Params, images_sha: str, scales: list[float] | None = None) -> dict:
     """What makes two runs the same training run: a checkpoint resumes only under all of it.
 
     The budget and the bookkeeping (steps, checkpoint interval, samples, device, export type)
     are left out: a longer budget continues the same run.
     """
-    not_training = ("steps", "checkpoint_every", "samples", "sample_steps", "device", "export_dtype", "out")
-    return {
+    not_training = ("steps", "checkpoint_every", "samples", "sample_steps", "device", "export_dtype", "out",
+                    "shard_mb", "max_minutes", "compile", "log_every")
+    identity = {
         "config": normalize_config(params.pretrain.config),
         "pretrain": {k: v for k, v in section_dict(params.pretrain).items() if k not in not_training},
         "schedule": params.teacher.schedule,
@@ -255,6 +365,9 @@ def training_identity(params: Params, images_sha: str) -> dict:
         "images_sha256": images_sha,
         "splits": list(PRETRAIN_SPLITS),
     }
+    if scales is not None and any(s != 1.0 for s in scales):
+        identity["working_scales"] = [round(s, 6) for s in scales]
+    return identity
 
 
 def skip_reason(params: Params) -> str | None:
@@ -266,16 +379,31 @@ def skip_reason(params: Params) -> str | None:
     return None
 
 
+def _exports(out: Path) -> list[Path]:
+    """The pretrain stage's exported teacher in either layout, its sidecar and sample grid."""
+    stem = out / Path(TEACHER_FILE).stem
+    shards = sorted(out.glob(f"{stem.name}-[0-9][0-9][0-9][0-9][0-9]-of-[0-9][0-9][0-9][0-9][0-9].safetensors"))
+    return [out / TEACHER_FILE, out / f"{stem.name}{INDEX_SUFFIX}", *shards, sidecar_path(out / TEACHER_FILE),
+            *(out / name for name in EXPORT_EXTRAS)]
+
+
 def skip(params: Params, out: Path, reason: str) -> None:
     """Remove the exported teacher (extract must not pick it up by accident) but keep the
     resumable state, so switching back to the in-domain teacher costs nothing. A
-    teacher.checkpoint that names the export itself is the user's choice and is kept."""
+    teacher.checkpoint that names the export itself is the user's choice and is kept (with its
+    sidecar and shards)."""
     brought = Path(params.teacher.checkpoint).resolve() if params.teacher.checkpoint else None
-    for name in STALE_EXPORTS:
-        stale = out / name
-        if brought is not None and stale.resolve() in (brought, sidecar_path(brought)):
-            continue
-        stale.unlink(missing_ok=True)
+    kept: set[Path] = set()
+    if brought is not None and brought.parent == out.resolve():
+        kept = {brought, sidecar_path(brought)}
+        if is_index(brought) and brought.is_file():
+            try:
+                kept.update(path.resolve() for path in shard_paths(brought))
+            except TextDiffError:
+                pass
+    for stale in _exports(out):
+        if stale.resolve() not in kept:
+            stale.unlink(missing_ok=True)
     write_json(out / "summary.json", {"skipped": True, "reason": reason})
 
 
@@ -287,11 +415,13 @@ def _resume(state: PretrainState, state_path: Path, sampler: CropSampler, steps:
         print(f"pretrain: resuming at step {state.step} from {state_path}")
     elif outcome == "past":
         print(f"pretrain: {state_path} is past pretrain.steps={steps}; starting over (it is overwritten at the first checkpoint)")
+    elif outcome == "device":
+        print(f"pretrain: {state_path} was made on another kind of device (its random stream cannot be continued here); starting over")
     else:
         print(f"pretrain: {state_path} was made with another config, hyper-parameters, schedule or images; starting over")
 
 
-def _summary(state: PretrainState, device: torch.device, previous: Path) -> dict:
+def _summary(state: PretrainState, device: torch.device, previous: Path, batch_size: int) -> dict:
     """summary.json; a run with nothing left to train keeps the rate measured before."""
     trained, seconds = state.trained_steps, state.seconds
     losses = state.losses or [float("nan")]
@@ -301,7 +431,9 @@ def _summary(state: PretrainState, device: torch.device, previous: Path) -> dict
         "steps_this_run": trained,
         "seconds_this_run": round(seconds, 1),
         "steps_per_second": round(trained / seconds, 3) if trained and seconds > 0 else None,
-        "device": str(device),
+        "samples_per_second": round(trained * batch_size / seconds, 1) if trained and seconds > 0 else None,
+        "stopped_by": state.stopped_by if trained else None,
+        "device": device_name(device),
         "final_loss_mean_last_100": float(np.mean(losses[-100:])),
         "parameters": sum(t.numel() for t in state.ema.parameters()),
     }
@@ -311,21 +443,24 @@ def _summary(state: PretrainState, device: torch.device, previous: Path) -> dict
         except (OSError, ValueError):
             old = {}
         if isinstance(old, dict) and not old.get("skipped"):
-            for key in ("steps_per_second", "device", "seconds_this_run", "steps_this_run"):
+            for key in ("steps_per_second", "samples_per_second", "stopped_by", "device", "seconds_this_run",
+                        "steps_this_run"):
                 summary[key] = old.get(key, summary[key])
     return summary
 
 
 def export_teacher(state: PretrainState, params: Params, diffusion: Diffusion, data_sha: str,
                    device: torch.device) -> dict:
-    """The EMA teacher (+ sidecar), a sample grid, the loss curve and summary.json, into `pretrain.out`."""
+    """The EMA teacher (+ sidecar; sharded past `pretrain.shard_mb`), a sample grid, the loss curve
+    and summary.json, into `pretrain.out`."""
     p, out = params.pretrain, Path(params.pretrain.out)
-    summary = _summary(state, device, out / "summary.json")
+    summary = _summary(state, device, out / "summary.json", p.batch_size)
     try:
-        save_checkpoint(state.ema, out / TEACHER_FILE, dtype=p.export_dtype, extra_metadata={
+        written = save_checkpoint(state.ema, out / TEACHER_FILE, dtype=p.export_dtype, shard_mb=p.shard_mb, extra_metadata={
             "steps": state.step, "ema_decay": p.ema_decay, "trained_on": list(PRETRAIN_SPLITS),
             "images_sha256": data_sha, "schedule": params.teacher.schedule,
             "diffusion_steps": params.teacher.diffusion_steps, "provenance": provenance()})
+        summary["checkpoint"] = written.name
         if p.samples:
             size = normalize_config(p.config)["image_size"]
             grid = sample_grid(state.ema, diffusion, p.samples, size, p.sample_steps, device, seed=p.seed)
@@ -355,11 +490,14 @@ def run_pretraining(params: Params, params_path: Path, prepared_dir: Path = PREP
     config = normalize_config(p.config)
     device = resolve_device(p.device)
     diffusion = Diffusion(params.teacher.schedule, params.teacher.diffusion_steps)
-    images = unlabeled_images(prepared_dir)
-    data_sha = sha256_images(images)
-    sampler = CropSampler(images, config["image_size"], p.seed)
+    source = pretraining_images(params, prepared_dir)
+    print(f"pretrain: {source.described}, {config['image_size']}px crops"
+          + (f", zoom x2^+-{p.scale_jitter:g} around the working scale" if p.scale_jitter else ""))
+    data_sha = source.sha256
+    sampler = CropSampler(source.images, config["image_size"], p.seed, device=device, scales=source.scales,
+                          jitter=p.scale_jitter)
     state = new_state(config, p.lr, p.weight_decay, p.seed, device)
-    identity_dict = training_identity(params, data_sha)
+    identity_dict = training_identity(params, data_sha, source.scales)
     identity = json.dumps(identity_dict, sort_keys=True)
     state_path = out / "state.pt"
     _resume(state, state_path, sampler, p.steps, identity)
@@ -372,22 +510,35 @@ def run_pretraining(params: Params, params_path: Path, prepared_dir: Path = PREP
         except OSError as err:
             raise TextDiffError(f"{state_path}: cannot write the pretraining checkpoint ({err.strerror or err})") from None
 
-    from dvclive import Live
-
-    if state.step > 0:
-        trim_dvclive(PRETRAIN_LIVE_DIR, state.step)
-    with Live(str(PRETRAIN_LIVE_DIR), save_dvc_exp=False, dvcyaml=None, report=None, resume=state.step > 0) as live:
-        every = max(1, p.steps // 200)
-
-        def log(step: int, loss: float) -> None:
-            if step % every == 0:
-                live.step = step
-                live.log_metric("pretrain/loss", float(np.mean(state.losses[-every:])))
-
+    with _loss_log(state.step) as log:
         pretrain(state, diffusion, sampler, p.steps, p.batch_size, p.lr, p.warmup, p.ema_decay, p.grad_clip,
-                 device, checkpoint=checkpoint, checkpoint_every=p.checkpoint_every, on_step=log)
+                 device, checkpoint=checkpoint, checkpoint_every=p.checkpoint_every, on_log=log,
+                 log_every=p.log_every, max_seconds=p.max_minutes * 60 or None, compile=p.compile)
 
     summary = export_teacher(state, params, diffusion, data_sha, device)
-    rate = (f", {state.trained_steps} this run at {summary['steps_per_second']} steps/s on {device}"
+    rate = (f", {state.trained_steps} this run at {summary['samples_per_second']} samples/s on {summary['device']}"
             if state.trained_steps else ", already trained")
-    return f"pretrain: {state.step} steps{rate}; EMA teacher -> {out / TEACHER_FILE}"
+    if state.stopped_by == "max_minutes" and state.trained_steps:
+        rate += f"; stopped by pretrain.max_minutes={p.max_minutes:g} before pretrain.steps={p.steps} (a re-run resumes)"
+    return f"pretrain: {state.step} steps{rate}; EMA teacher -> {out / summary['checkpoint']}"
+
+
+@contextlib.contextmanager
+def _loss_log(step: int) -> Iterator[Callable[[int, list[float]], None]]:
+    """The loss curve through dvclive, where it is installed (a bare GPU box may lack it: then
+    the curve is only in loss.tsv, and the stage says so)."""
+    try:
+        from dvclive import Live
+    except ImportError:
+        print("pretrain: dvclive is not installed; the loss curve goes to loss.tsv only")
+        yield lambda step, values: None
+        return
+    if step > 0:
+        trim_dvclive(PRETRAIN_LIVE_DIR, step)
+    with Live(str(PRETRAIN_LIVE_DIR), save_dvc_exp=False, dvcyaml=None, report=None, resume=step > 0) as live:
+
+        def log(at: int, values: list[float]) -> None:
+            live.step = at
+            live.log_metric("pretrain/loss", float(np.mean(values)))
+
+        yield log

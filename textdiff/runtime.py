@@ -18,19 +18,39 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def device_name(device: torch.device) -> str:
+    """The device in words, for records a person reads (which GPU; which CPU and how many cores)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in open("/proc/cpuinfo", encoding="utf-8"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"cpu ({cpu}, {torch.get_num_threads()} threads)"
+
+
 def provenance() -> dict:
-    """Versions recorded beside every artefact, so a number can be traced to what made it."""
-    import numpy
-    import transformers
-    import zarr
+    """Versions recorded beside every artefact, so a number can be traced to what made it.
+    A package that is not installed (a bare GPU box may lack zarr) is recorded as such."""
+    from importlib.metadata import PackageNotFoundError, version
 
     import textdiff
+
+    def installed(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "not installed"
 
     return {
         "textdiff": textdiff.__version__,
         "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "zarr": zarr.__version__,
-        "numpy": numpy.__version__,
+        "transformers": installed("transformers"),
+        "zarr": installed("zarr"),
+        "numpy": installed("numpy"),
         "python": platform.python_version(),
     }

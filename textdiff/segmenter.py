@@ -26,7 +26,7 @@ from textdiff.classifier import PixelClassifier
 from textdiff.data import IMAGE_SUFFIXES, to_working_size
 from textdiff.errors import TextDiffError
 from textdiff.featurizer import Featurizer, build_featurizer, images_to_model_range
-from textdiff.hashing import sha256_file
+from textdiff.teacher import checkpoint_sha256
 from textdiff.inference import ModelCard, load_trained
 from textdiff.text import TextEncoder
 from textdiff.tiles import blend_tiles, tile_grid
@@ -157,7 +157,7 @@ def find_teacher(card: ModelCard, model_dir: Path, override: Path | None) -> Pat
             pass
     for path in candidates:
         if path and path.is_file():
-            if sha256_file(path) != card.spec.teacher_sha256:
+            if checkpoint_sha256(path) != card.spec.teacher_sha256:
                 raise TextDiffError(f"{path}: not the teacher {model_dir} was trained with (sha256 differs)")
             return path
     raise TextDiffError(f"{model_dir}/model.json: the teacher it was trained with was not found; pass --teacher PATH")

@@ -8,12 +8,16 @@ is one `TextDiffError` line naming the file.
 Layout on disk for what we write: ``<stem>.safetensors`` with guided-diffusion's key names
 (so the file also loads into upstream code) and the config JSON in its metadata, plus a
 sidecar ``<stem>.json`` holding ``{"config": {...}, ...extra}`` that `load_teacher` reads
-when no config is given. Both are written atomically (temp file + os.replace) so an
+when no config is given. A checkpoint larger than a size limit is written in Hugging Face's
+sharded convention instead: ``<stem>-00001-of-0000N.safetensors`` (each with the config in its
+header) + ``<stem>.safetensors.index.json`` (``{"metadata": {"total_size"}, "weight_map":
+{key: shard}}``), which every loader here accepts in place of a single file. Both are written atomically (temp file + os.replace) so an
 interrupted run never leaves a truncated checkpoint that a later stage would trust.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from collections.abc import Mapping
@@ -24,7 +28,7 @@ import torch
 
 from textdiff.atomic import atomic_file
 from textdiff.errors import TextDiffError
-from textdiff.hashing import sha256_file  # noqa: F401 - re-exported: the teacher's identity
+from textdiff.hashing import sha256_file
 from textdiff.teacher.adm import build_adm, normalize_config
 
 TORCH_SUFFIXES = (".pt", ".pth")
@@ -61,10 +65,96 @@ def _is_tensor_mapping(obj: Any) -> bool:
     )
 
 
-def sidecar_path(path: str | Path) -> Path:
-    """``models/x.safetensors`` -> ``models/x.json``."""
+INDEX_SUFFIX = ".safetensors.index.json"
+
+
+def is_index(path: str | Path) -> bool:
+    """A sharded checkpoint's index (``<stem>.safetensors.index.json``)."""
+    return Path(path).name.lower().endswith(INDEX_SUFFIX)
+
+
+def checkpoint_stem(path: str | Path) -> Path:
+    """``models/x.safetensors`` and ``models/x.safetensors.index.json`` -> ``models/x``."""
     path = Path(path)
-    return path.with_suffix(".json")
+    return path.parent / path.name[: -len(INDEX_SUFFIX)] if is_index(path) else path.with_suffix("")
+
+
+def sidecar_path(path: str | Path) -> Path:
+    """``models/x.safetensors`` (or its sharded index) -> ``models/x.json``."""
+    stem = checkpoint_stem(path)
+    return stem.parent / (stem.name + ".json")
+
+
+def shard_name(stem: str, k: int, n: int) -> str:
+    return f"{stem}-{k:05d}-of-{n:05d}{SAFETENSORS_SUFFIX}"
+
+
+def read_index(path: str | Path) -> dict[str, str]:
+    """The weight_map of a sharded checkpoint's index: parameter name -> shard file name."""
+    path = Path(path)
+    if not path.is_file():
+        raise TextDiffError(f"{path}: checkpoint index not found")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise TextDiffError(f"{path}: not a valid checkpoint index ({_short(err)})") from None
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map or not all(
+            isinstance(k, str) and isinstance(v, str) and "/" not in v and "\\" not in v for k, v in weight_map.items()):
+        raise TextDiffError(f"{path}: expected a 'weight_map' of parameter names to shard files in this folder")
+    return weight_map
+
+
+def shard_paths(index: str | Path) -> list[Path]:
+    """The shard files an index names, in order; a missing one is an error naming it."""
+    index = Path(index)
+    shards = [index.parent / name for name in sorted(set(read_index(index).values()))]
+    for shard in shards:
+        if not shard.is_file():
+            raise TextDiffError(f"{shard}: shard of {index.name} not found")
+    return shards
+
+
+def existing_checkpoint(path: str | Path) -> Path:
+    """Where a checkpoint written to `path` (``<stem>.safetensors``) is to be loaded from: its
+    sharded index if that is what exists, else the file itself."""
+    path = Path(path)
+    index = checkpoint_stem(path).parent / f"{checkpoint_stem(path).name}{INDEX_SUFFIX}"
+    return index if not path.is_file() and index.is_file() else path
+
+
+def checkpoint_sha256(path: str | Path) -> str:
+    """The identity of a checkpoint: its file's sha256, or for a sharded one the sha256 of the
+    index's bytes and every shard's hash (so any changed shard changes it)."""
+    path = Path(path)
+    if not is_index(path):
+        return sha256_file(path)
+    digest = hashlib.sha256(path.read_bytes())
+    for shard in shard_paths(path):
+        digest.update(f"{shard.name}:{sha256_file(shard)}".encode())
+    return digest.hexdigest()
+
+
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path), device="cpu")
+    except Exception as err:  # noqa: BLE001
+        raise TextDiffError(f"{path}: not a readable safetensors file ({_short(err)})") from None
+
+
+def _load_sharded(index: Path) -> dict[str, torch.Tensor]:
+    weight_map = read_index(index)
+    state: dict[str, torch.Tensor] = {}
+    for shard in shard_paths(index):
+        tensors = _load_safetensors(shard)
+        wanted = [k for k, v in weight_map.items() if v == shard.name]
+        missing = [k for k in wanted if k not in tensors]
+        if missing:
+            raise TextDiffError(f"{shard}: lacks {len(missing)} tensors that {index.name} puts there ({missing[0]}, ...)")
+        state.update({k: tensors[k] for k in wanted})
+    return state
 
 
 def load_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
@@ -75,26 +165,23 @@ def load_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     back to float32 (the teacher runs in float32; reduced precision is autocast's job).
     """
     path = Path(path)
-    if not path.is_file():
+    if is_index(path):
+        obj = _load_sharded(path)
+    elif not path.is_file():
         raise TextDiffError(f"{path}: checkpoint file not found")
-    suffix = path.suffix.lower()
-    if suffix in TORCH_SUFFIXES:
+    elif path.suffix.lower() in TORCH_SUFFIXES:
         try:
             obj = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:  # noqa: BLE001 - anything here is a bad file, not a bug
             raise TextDiffError(
                 f"{path}: not a loadable weights-only PyTorch checkpoint ({_torch_load_reason(err)})"
             ) from None
-    elif suffix == SAFETENSORS_SUFFIX:
-        from safetensors.torch import load_file
-
-        try:
-            obj = load_file(str(path), device="cpu")
-        except Exception as err:  # noqa: BLE001
-            raise TextDiffError(f"{path}: not a readable safetensors file ({_short(err)})") from None
+    elif path.suffix.lower() == SAFETENSORS_SUFFIX:
+        obj = _load_safetensors(path)
     else:
         raise TextDiffError(
-            f"{path}: unsupported checkpoint suffix '{path.suffix}' (use .pt, .pth or .safetensors)"
+            f"{path}: unsupported checkpoint suffix '{path.suffix}' (use .pt, .pth, .safetensors "
+            f"or a sharded {INDEX_SUFFIX})"
         )
 
     if not _is_tensor_mapping(obj) and isinstance(obj, Mapping):
@@ -132,6 +219,11 @@ def read_sidecar_config(path: str | Path) -> dict[str, Any] | None:
 
 
 def _safetensors_config(path: Path) -> dict[str, Any] | None:
+    if is_index(path):
+        try:
+            path = shard_paths(path)[0]
+        except TextDiffError:
+            return None  # load_checkpoint will report the real problem
     if path.suffix.lower() != SAFETENSORS_SUFFIX:
         return None
     from safetensors import safe_open
@@ -218,14 +310,44 @@ def load_teacher(path: str | Path, config: Mapping[str, Any] | None = None) -> t
     return model
 
 
+def _shard_groups(tensors: dict[str, torch.Tensor], payload_limit: int) -> list[list[str]]:
+    """Keys in state-dict order, cut greedily into groups of at most `payload_limit` bytes
+    (tensors are never split, as in Hugging Face's convention)."""
+    groups: list[list[str]] = [[]]
+    size = 0
+    for key, value in tensors.items():
+        nbytes = value.numel() * value.element_size()
+        if nbytes > payload_limit:
+            raise TextDiffError(f"{key}: {nbytes / 2**20:.2f} MiB, more than a shard may hold "
+                                f"({payload_limit / 2**20:.2f} MiB after its header); raise the shard size")
+        if groups[-1] and size + nbytes > payload_limit:
+            groups.append([])
+            size = 0
+        groups[-1].append(key)
+        size += nbytes
+    return groups
+
+
+def _remove_other_layouts(stem: Path, keep: set[Path]) -> None:
+    """A re-export must not leave the other layout's files (or extra shards of an older export)
+    beside it: a loader that finds them would load something else."""
+    candidates = [stem.parent / f"{stem.name}{SAFETENSORS_SUFFIX}", stem.parent / f"{stem.name}{INDEX_SUFFIX}",
+                  *stem.parent.glob(f"{stem.name}-[0-9][0-9][0-9][0-9][0-9]-of-[0-9][0-9][0-9][0-9][0-9]{SAFETENSORS_SUFFIX}")]
+    for path in candidates:
+        if path not in keep:
+            path.unlink(missing_ok=True)
+
+
 def save_checkpoint(model: torch.nn.Module, path: str | Path, extra_metadata: Mapping[str, Any] | None = None,
-                    dtype: torch.dtype | str | None = None) -> Path:
+                    dtype: torch.dtype | str | None = None, shard_mb: float | None = None) -> Path:
     """Write ``<stem>.safetensors`` (+ sidecar ``<stem>.json``) for a model built by build_adm.
 
     `dtype` (torch.float16 / torch.bfloat16 or their names) casts floating tensors to halve
     the file; loading casts back to float32. `extra_metadata` (JSON-serializable) goes into
     the sidecar next to the config and, as a JSON string under "extra", into the file header.
-    Returns the safetensors path.
+    With `shard_mb`, a checkpoint whose file would exceed that many MiB is written as shards of at
+    most that size plus ``<stem>.safetensors.index.json``. Returns the path to load: the file, or
+    the index.
     """
     from safetensors.torch import save_file
 
@@ -256,9 +378,30 @@ def save_checkpoint(model: torch.nn.Module, path: str | Path, extra_metadata: Ma
             value = value.to(dtype)
         tensors[key] = value.contiguous().clone()
     metadata = {"format": "pt", "config": json.dumps(config, sort_keys=True), "extra": extra_json}
+    stem = checkpoint_stem(path)
+    limit = None if shard_mb is None else int(shard_mb * 2**20)
+    total = sum(v.numel() * v.element_size() for v in tensors.values())
+    header_room = 1 << 16  # what a header (names, shapes, offsets, the metadata) needs, at most
 
-    with atomic_file(path) as tmp:
-        save_file(tensors, str(tmp), metadata=metadata)
+    if limit is None or total + header_room <= limit:
+        with atomic_file(path) as tmp:
+            save_file(tensors, str(tmp), metadata=metadata)
+        written, keep = path, {path}
+    else:
+        if limit <= header_room:
+            raise TextDiffError(f"{path}: shard size {shard_mb} MiB is too small for a safetensors header")
+        groups = _shard_groups(tensors, limit - header_room)
+        names = [shard_name(stem.name, k + 1, len(groups)) for k in range(len(groups))]
+        for name, keys in zip(names, groups):
+            with atomic_file(stem.parent / name) as tmp:
+                save_file({k: tensors[k] for k in keys}, str(tmp), metadata=metadata)
+        index = {"metadata": {"total_size": total, "format": "pt"},
+                 "weight_map": {k: name for name, keys in zip(names, groups) for k in keys}}
+        written = stem.parent / f"{stem.name}{INDEX_SUFFIX}"
+        with atomic_file(written) as tmp:
+            tmp.write_text(json.dumps(index, indent=2) + "\n")
+        keep = {written, *(stem.parent / n for n in names)}
+    _remove_other_layouts(stem, keep)
     with atomic_file(sidecar_path(path)) as tmp:
         tmp.write_text(json.dumps({"config": config, **extra}, indent=2, sort_keys=False) + "\n")
-    return path
+    return written
