@@ -74,3 +74,19 @@ def test_the_extract_stage_depends_on_the_shipped_folder():
     """Replacing the shipped file must make `dvc repro` re-run extract."""
     dvc = yaml.safe_load((REPO / "dvc.yaml").read_text())
     assert "models/teacher" in dvc["stages"]["extract"]["deps"]
+
+
+def test_the_gpu_teacher_ships_in_shards_that_load_and_match_its_model_card():
+    from textdiff.teacher import checkpoint_sha256
+    from textdiff.teacher.checkpoint import shard_paths
+
+    index = REPO / "models" / "teacher" / "monuseg-adm64.safetensors.index.json"
+    shards = shard_paths(index)
+    assert len(shards) == 3 and all(s.stat().st_size <= 15 * 2**20 for s in shards)
+    model = load_teacher(index)  # every key of the index, strictly, from the shards
+    assert sum(p.numel() for p in model.parameters()) == 22_771_782
+    meta = json.loads(sidecar_path(index).read_text())
+    assert meta["trained_on"] == ["train", "val"] and meta["steps"] == 3786
+    card = (REPO / "models" / "teacher" / "README.md").read_text()
+    assert checkpoint_sha256(index) in card, "the model card names the shards it describes"
+    assert all(sha256_file(s)[:8] in card for s in shards)
