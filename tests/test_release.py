@@ -158,3 +158,68 @@ def test_extract_refuses_data_prepared_under_another_protocol(tiny_project):
     result = runner.invoke(app, ["extract"])
     assert result.exit_code == 1 and "data.protocol=project" in result.output and "textdiff prepare" in result.output
     assert "Traceback" not in result.output and not Path("cache/features.zarr").exists()
+
+
+# -- train.augment: release (the released code's augmentation, from cached views) ----------------
+
+
+def test_release_augmentation_draws_the_released_mix_of_views():
+    from textdiff.training import choose_view
+
+    rng = np.random.default_rng(0)
+    draws = [choose_view("release", 8, 4, rng) for _ in range(20000)]
+    views = np.array([v for v, _ in draws])
+    assert all(j == 0 for _, j in draws)  # real teacher features of each view, never flipped features
+    assert set(views) <= {0, 4, 5, 6, 7, 8, 9, 10, 11}  # a quarter turn + flip is always a reflection
+    share = lambda sel: float(np.mean(sel))  # noqa: E731
+    assert share(views == 0) == pytest.approx(0.25, abs=0.015)
+    assert share((views >= 4) & (views < 8)) == pytest.approx(0.5, abs=0.015)
+    assert share(views >= 8) == pytest.approx(0.25, abs=0.015)
+    for v in range(4, 12):
+        assert share(views == v) == pytest.approx(0.125 if v < 8 else 0.0625, abs=0.01)
+    dihedral = [choose_view("dihedral", 8, 4, rng)[0] for _ in range(4000)]
+    assert set(dihedral) == set(range(8))  # the rotated copies are the release's alone
+    assert choose_view("none", 8, 4, rng) == (0, 0)
+
+
+def test_the_release_rotation_keeps_image_and_mask_aligned_with_black_corners():
+    from textdiff.extraction import rotate_like_release
+
+    rng = np.random.default_rng(1)
+    image = rng.integers(1, 256, (64, 64, 3), dtype=np.uint8)
+    mask = (image[..., 0] > 128).astype(np.uint8)
+    for angle in (-20, -7, 13, 19):
+        rotated, rotated_mask = rotate_like_release(image, angle), rotate_like_release(mask, angle)
+        assert rotated.shape == image.shape and rotated_mask.shape == mask.shape
+        inside = rotated.any(-1)  # the source has no black pixel: black = outside the rotated square
+        assert not inside[0, 0] and not inside[-1, -1]  # black corners
+        assert np.array_equal(rotated_mask[inside], (rotated[..., 0] > 128)[inside])  # same nearest pixels
+        assert not rotated_mask[~inside].any()
+
+
+def test_extracting_rotated_copies_and_training_with_the_release_augmentation(tiny_project):
+    from textdiff.cache import FeatureCache
+    from textdiff.extraction import rotate_like_release
+
+    tiny_project.write_params(extract={"views": 1, "batch_size": 2, "rotations": 2}, train={"augment": "release"})
+    assert runner.invoke(app, ["extract"]).exit_code == 0
+    train = runner.invoke(app, ["train"])  # no reflections in the cache: refused in one line
+    assert train.exit_code == 1 and "train.augment=release needs the 8 dihedral views" in train.output
+    assert "Traceback" not in train.output
+
+    split = FeatureCache("cache/features.zarr").split("train")
+    angles = np.asarray(split.group["rotation_angles"][:])
+    assert angles.shape == (len(split), 2) and angles.min() >= -20 and angles.max() <= 19
+    assert split.group["block_0"].shape[1] == 3  # the image, then two rotated copies
+    for i in range(len(split)):
+        for k in range(2):
+            expected = rotate_like_release(split.mask(i, 0).numpy(), float(angles[i, k]))
+            assert np.array_equal(split.mask(i, 1 + k).numpy(), expected)
+
+    tiny_project.write_params(extract={"views": 8, "batch_size": 2, "rotations": 1},
+                              train={"augment": "release", "epochs": 1})
+    assert runner.invoke(app, ["extract"]).exit_code == 0
+    again = np.asarray(FeatureCache("cache/features.zarr").split("train").group["rotation_angles"][:])
+    assert np.array_equal(again[:, 0], angles[:, 0])  # seeded per image: the same first angle
+    result = runner.invoke(app, ["train"])
+    assert result.exit_code == 0, result.output

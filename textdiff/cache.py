@@ -3,6 +3,7 @@
 Layout (zarr v3), one group per split holding N images:
     block_<b>      [N, views, steps, C, H, W]  native resolution, `extract.dtype`, one image per chunk
     masks          [N, views, H, W] uint8      the mask seen in each view
+    rotation_angles [N, rotations] int16       degrees of the rotated views (after the dihedral ones)
     images         [N, H, W, 3] uint8          the identity view, for the panels and the RGB control
     release_masks  [M, s, s] uint8             the released code's dilated ground truth per source
                                                image (M = N in resize mode), for the second scoring
@@ -60,7 +61,7 @@ class CacheSpec:
     steps: tuple[int, ...]  # noise levels ([0] for rgb)
     blocks: tuple[int, ...]  # tapped output blocks ([0] for rgb)
     image_size: int  # side of what the teacher sees: the image (resize) or the window (tiles)
-    views: int
+    views: int  # dihedral views (1 or 8), views[0] the image itself
     dtype: str  # storage dtype of the features
     text_encoder: str
     text_hidden_size: int
@@ -77,6 +78,7 @@ class CacheSpec:
     full_size: int = 0  # the source images' (square) side
     protocol: str = "project"  # how data/prepared made images and masks (project | release)
     release_size: int = 0  # side of the release ground truth (0 = image_size)
+    rotations: int = 0  # further views after the dihedral ones: seeded +-20 degree rotations
     version: int = SPEC_VERSION
 
     def __post_init__(self) -> None:
@@ -92,6 +94,11 @@ class CacheSpec:
     @property
     def tiled(self) -> bool:
         return self.mode == "tiles"
+
+    @property
+    def total_views(self) -> int:
+        """Cached views per image: the dihedral views, then the rotated copies."""
+        return self.views + self.rotations
 
     @property
     def release_side(self) -> int:
@@ -161,7 +168,7 @@ class SplitLayout:
 
 def array_shapes(spec: CacheSpec, layout: SplitLayout) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], Any]]:
     """name -> (shape, chunks, numpy dtype) of every array of one split's group."""
-    n, v, s, size = layout.n, spec.views, len(spec.steps), spec.image_size
+    n, v, s, size = layout.n, spec.total_views, len(spec.steps), spec.image_size
     length, dim = spec.text_max_length, spec.text_hidden_size
     out = {}
     for b, (c, h, w) in spec.block_shapes().items():
@@ -172,6 +179,8 @@ def array_shapes(spec: CacheSpec, layout: SplitLayout) -> dict[str, tuple[tuple[
     out["text_mask"] = ((n, length), (max(n, 1), length), np.uint8)
     out["text_pooled"] = ((n, dim), (max(n, 1), dim), np.float32)
     out["complete"] = ((n,), (1,), np.uint8)
+    if spec.rotations:
+        out["rotation_angles"] = ((n, spec.rotations), (max(n, 1), spec.rotations), np.int16)
     m, r = (len(layout.tiles.image_ids) if layout.tiles is not None else n), spec.release_side
     out["release_masks"] = ((m, r, r), (1, r, r), np.uint8)  # per source image
     if layout.tiles is not None:

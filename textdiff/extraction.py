@@ -92,7 +92,8 @@ def plan_cache(params: Params, prepared_dir: Path = PREPARED_DIR) -> CachePlan:
     encoder_id, hidden = text_hidden_size(params.text.encoder)
     common = dict(
         image_size=params.data.tile if tiled else params.data.image_size,
-        views=params.extract.views, dtype=params.extract.dtype, text_encoder=encoder_id,
+        views=params.extract.views, rotations=params.extract.rotations, dtype=params.extract.dtype,
+        text_encoder=encoder_id,
         text_hidden_size=hidden, text_max_length=params.text.max_length,
         data={split: sha256_split(list(d.ids), list(d.texts), d.images, d.masks, d.release_masks)
               for split, d in prepared.items()},
@@ -131,19 +132,49 @@ def write_text(group: zarr.Group, tokens: np.ndarray, mask: np.ndarray, pooled: 
     group.attrs["text_complete"] = True
 
 
+def rotation_angles(spec: CacheSpec, split: str, n: int) -> np.ndarray:
+    """[n, spec.rotations] integer degrees in [-20, 19] (the released code's `randint(-20, 20)`),
+    seeded by the noise seed, the split and the image, so a resumed or re-run extract draws the same."""
+    split_id = SPLITS.index(split) if split in SPLITS else len(SPLITS)
+    return np.stack([np.random.default_rng([spec.noise_seed, split_id, i]).integers(-20, 20, spec.rotations)
+                     for i in range(n)]).astype(np.int16) if spec.rotations else np.zeros((n, 0), np.int16)
+
+
+def rotate_like_release(image: np.ndarray, degrees: float) -> np.ndarray:
+    """`scipy.ndimage.rotate(order=0, reshape=False)`, the released code's call: nearest neighbour,
+    the same size, black (0) where the rotated square leaves the frame. Works on [H, W] and [H, W, C]."""
+    from scipy import ndimage
+
+    return ndimage.rotate(image, degrees, axes=(1, 0), order=0, reshape=False, mode="constant", cval=0)
+
+
+def _views_of(images: np.ndarray, masks: np.ndarray, angles: np.ndarray, views: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Model-range images [B, V, 3, H, W] and masks [B, V, H, W]: the dihedral views, then rotations."""
+    x = images_to_model_range(images)
+    m = torch.from_numpy(np.ascontiguousarray(masks))
+    x_views = [apply_view(x, v) for v in range(views)]
+    m_views = [apply_view(m, v) for v in range(views)]
+    for k in range(angles.shape[1]):
+        rotated = np.stack([rotate_like_release(im, float(a)) for im, a in zip(images, angles[:, k])])
+        x_views.append(images_to_model_range(rotated))
+        m_views.append(torch.from_numpy(np.stack([rotate_like_release(mk, float(a)) for mk, a in zip(masks, angles[:, k])])))
+    return torch.stack(x_views, dim=1), torch.stack(m_views, dim=1)
+
+
 def extract_split(group: zarr.Group, spec: CacheSpec, images: np.ndarray, masks: np.ndarray,
-                  featurizer: Featurizer, batch_size: int, device: torch.device, desc: str = "") -> dict:
+                  featurizer: Featurizer, batch_size: int, device: torch.device, desc: str = "",
+                  split: str = "") -> dict:
     """Fill every unflagged image of one split; returns counts and timing for the summary."""
     todo = np.flatnonzero(group["complete"][:] == 0)
-    views = spec.views
+    views = spec.total_views
+    angles = rotation_angles(spec, split, len(images))
+    if spec.rotations:
+        group["rotation_angles"][:] = angles
     started = time.perf_counter()
     with tqdm(total=len(todo), unit="img", desc=desc, dynamic_ncols=True, disable=len(todo) == 0) as bar:
         for start in range(0, len(todo), batch_size):
             index = todo[start : start + batch_size]
-            x = images_to_model_range(images[index])
-            m = torch.from_numpy(np.ascontiguousarray(masks[index]))
-            x_views = torch.stack([apply_view(x, v) for v in range(views)], dim=1)
-            m_views = torch.stack([apply_view(m, v) for v in range(views)], dim=1)
+            x_views, m_views = _views_of(images[index], masks[index], angles[index], spec.views)
             feats = featurizer(x_views.flatten(0, 1).to(device))
             for j, i in enumerate(index):
                 for b, f in feats.items():
@@ -180,7 +211,7 @@ def extract_cache(params: Params, cache_path: Path = CACHE_PATH, rebuild: bool =
                 emb.tokens, emb.mask, emb.pooled = (a[index] for a in (emb.tokens, emb.mask, emb.pooled))
             write_text(group, emb.tokens, emb.mask, emb.pooled, inputs)
         stats = extract_split(group, plan.spec, inputs.images, inputs.masks, featurizer,
-                              params.extract.batch_size, device, desc=f"extract {split}")
+                              params.extract.batch_size, device, desc=f"extract {split}", split=split)
         rate = stats["done"] / stats["seconds"] if stats["done"] and stats["seconds"] > 0 else 0.0
         print(f"{split}: {stats['done']} extracted, {stats['skipped']} already cached"
               + (f", {rate:.2f} img/s" if stats["done"] else ""))

@@ -49,6 +49,18 @@ class SampleStore:
     def __len__(self) -> int:
         return len(self.indices)
 
+    def get_view(self, position: int, view: int) -> FeatureSample:
+        """One view of one image, as a one-view sample: a split too large for RAM reads only that
+        view from zarr (with 8 dihedral views and rotated copies, an image is 12x its own size)."""
+        if self.cached is not None:
+            full = self.get(position)
+            return FeatureSample([f[view : view + 1] for f in full.features], full.mask[view : view + 1],
+                                 full.tokens, full.text_mask, full.pooled)
+        i = self.indices[position]
+        tokens, text_mask, pooled = self.split.text(i)
+        return FeatureSample([f[None] for f in self.split.features(i, view)], self.split.mask(i, view)[None],
+                             tokens, text_mask, pooled)
+
     def get(self, position: int) -> FeatureSample:
         i = self.indices[position]
         if self.cached is not None and i in self.cached:

@@ -27,6 +27,8 @@ DEVICES = ("auto", "cpu", "cuda")
 
 # The in-domain teacher `textdiff pretrain` trains (and the shipped one was trained with): a
 # compact ADM sized for a CPU, on 64x64 crops.
+AUGMENTATIONS = ("none", "dihedral", "release")
+
 COMPACT_ADM = {
     "image_size": 64,
     "num_channels": 32,
@@ -182,12 +184,16 @@ class ExtractParams:
     """Running the teacher once per image, view and timestep into cache/features.zarr."""
 
     views: int = 1
+    # Extra views rotated by a seeded integer angle in [-20, 19] degrees (nearest, black corners), as
+    # the released code augments; train.augment=release draws from them.
+    rotations: int = 0
     dtype: str = "float16"
     batch_size: int = 4
     device: str = "auto"
 
     def check(self) -> None:
         _one_of("extract.views", self.views, (1, 8))
+        _non_negative("extract.rotations", self.rotations)
         _one_of("extract.dtype", self.dtype, DTYPES)
         _positive("extract.batch_size", self.batch_size)
         _one_of("extract.device", self.device, DEVICES)
@@ -209,7 +215,10 @@ class TrainParams:
     batch_size: int = 1
     d_model: int = 32  # 0 = the text encoder's width (the release: 768)
     heads: int = 4
-    augment: bool = True
+    # none | dihedral (the cached dihedral views, or flips of the features with one view) | release
+    # (the released code's mix: 50 % a reflection, 25 % a +-20 degree rotation, 25 % none; needs
+    # extract.views 8 and extract.rotations >= 1)
+    augment: str = "dihedral"
     device: str = "auto"
     classifier: str = "project"  # or release: the released pixel classifier and loss, exactly
     padding_mask: bool = True  # pixels ignore the report's padding tokens (the release attends to them)
@@ -219,6 +228,7 @@ class TrainParams:
         _one_of("train.fusion", self.fusion, FUSIONS)
         _one_of("train.classifier", self.classifier, ("project", "release"))
         _one_of("train.decoder_norm", self.decoder_norm, ("image", "running"))
+        _one_of("train.augment", self.augment, AUGMENTATIONS)
         if self.classifier == "release" and self.fusion not in ("cross_attention", "hierarchical"):
             raise ValueError(f"train.classifier=release fuses the text by attention; train.fusion={self.fusion} is not")
         if self.classifier == "release" and self.contrastive_weight > 0:

@@ -88,8 +88,38 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def choose_view(augment: str, views: int, rotations: int, rng: np.random.Generator) -> tuple[int, int]:
+    """(cached view, dihedral op on the features) for one training image this epoch.
+
+    dihedral: one of the cached dihedral views, or with only one view cached a flip/turn of its
+    features (cheaper, but not the teacher's own features of the turned image). release: the
+    released code's mix, `random() > 0.5` -> a quarter turn then a flip (which is always one of
+    the 4 reflections, views 4-7, each equally likely), else `random() > 0.5` -> a rotation by a
+    random angle (one of the cached rotated copies), else the image as it is.
+    """
+    if augment == "none":
+        return 0, 0
+    if augment == "dihedral":
+        return (int(rng.integers(views)), 0) if views > 1 else (0, int(rng.integers(NUM_VIEWS)))
+    if rng.random() > 0.5:
+        return 4 + int(rng.integers(4)), 0
+    if rng.random() > 0.5:
+        return views + int(rng.integers(rotations)), 0
+    return 0, 0
+
+
+def check_augment(augment: str, spec: "CacheSpec") -> None:
+    """train.augment=release draws cached reflections and rotations: refuse a cache without them."""
+    if augment == "release" and (spec.views != NUM_VIEWS or spec.rotations < 1):
+        raise TextDiffError(
+            f"train.augment=release needs the 8 dihedral views and rotated copies in the cache (it has "
+            f"extract.views={spec.views}, extract.rotations={spec.rotations}); set extract.views: 8 and "
+            "extract.rotations: 4 (or more) and run extract")
+
+
 def _train_epoch(model: PixelClassifier, data: SampleStore, optimizer: torch.optim.Optimizer, params: TrainParams,
-                 views: int, rng: np.random.Generator, device: torch.device, bar_desc: str, progress: bool) -> float:
+                 views: int, rotations: int, rng: np.random.Generator, device: torch.device, bar_desc: str,
+                 progress: bool) -> float:
     """One pass over the labelled images in a seeded order; returns the mean loss."""
     model.train()
     order = rng.permutation(len(data))
@@ -97,13 +127,10 @@ def _train_epoch(model: PixelClassifier, data: SampleStore, optimizer: torch.opt
     bar = tqdm(range(0, len(order), params.batch_size), desc=bar_desc, unit="batch", leave=False,
                disable=not progress, dynamic_ncols=True)
     for start in bar:
-        chunk = [data.get(int(p)) for p in order[start : start + params.batch_size]]
-        if params.augment:
-            vs = [int(rng.integers(views)) for _ in chunk]
-            js = [0 if views > 1 else int(rng.integers(NUM_VIEWS)) for _ in chunk]
-        else:
-            vs, js = [0] * len(chunk), [0] * len(chunk)
-        feats, mask, tokens, text_mask, pooled = batch_of(chunk, vs, js, device)
+        positions = [int(p) for p in order[start : start + params.batch_size]]
+        choices = [choose_view(params.augment, views, rotations, rng) for _ in positions]
+        chunk = [data.get_view(p, v) for p, (v, _) in zip(positions, choices)]
+        feats, mask, tokens, text_mask, pooled = batch_of(chunk, [0] * len(chunk), [j for _, j in choices], device)
         out = model(feats, tokens, text_mask, pooled)
         loss, parts = total_loss(out, mask, params.dice_weight, params.contrastive_weight,
                                  dice_on="logits" if params.classifier == "release" else "probabilities")
@@ -124,6 +151,7 @@ def train_classifier(
 ) -> TrainingResult:
     """Train for `params.epochs`; keep the weights of the best validation Dice."""
     seed_everything(params.seed)
+    check_augment(params.augment, cache.spec)
     train_split, val_split = cache.split("train"), cache.split("val")
     indices = labeled_subset(len(train_split), params.num_labeled, params.seed)
     train_data, val_data = SampleStore(train_split, indices), SampleStore(val_split)
@@ -137,7 +165,7 @@ def train_classifier(
                           train_ids=[train_split.ids[i] for i in indices])
     for epoch in range(1, params.epochs + 1):
         started = time.perf_counter()
-        loss = _train_epoch(model, train_data, optimizer, params, train_split.views, rng, device,
+        loss = _train_epoch(model, train_data, optimizer, params, train_split.views, train_split.spec.rotations, rng, device,
                             f"epoch {epoch}/{params.epochs}", progress)
         scheduler.step()
         val_dice, val_iou = evaluate_dice(model, val_data, device)
