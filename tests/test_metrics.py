@@ -185,3 +185,26 @@ def test_bad_inputs_raise():
         pq(np.zeros((2, 4, 4)), np.zeros((2, 4, 4)))
     with pytest.raises(TextDiffError, match="iou_thresh"):
         pq(np.zeros((4, 4)), np.zeros((4, 4)), iou_thresh=0.3)
+
+
+# -- boundary F1 -------------------------------------------------------------------------------
+
+
+def test_boundary_f1_against_a_hand_count():
+    from textdiff.metrics import boundary_f1
+
+    gt = np.zeros((40, 40), np.uint8)
+    gt[10:30, 10:30] = 1  # inner contour: 4 * 20 - 4 = 76 pixels
+    assert boundary_f1(gt, gt) == 1.0
+    wide = np.zeros_like(gt)
+    wide[8:32, 8:32] = 1  # 2 px too wide all round: contour of 92 pixels
+    # Each side of the wide contour has 20 pixels exactly 2 px from the true contour; its 2 + 2 end
+    # pixels are sqrt(5) or more away. So precision = 80 / 92; every true contour pixel has a
+    # predicted one 2 px away, recall = 1; F1 = 2 p r / (p + r) = 160 / 172.
+    assert boundary_f1(wide, gt) == pytest.approx(160 / 172)
+    assert boundary_f1(wide, gt, tolerance=2.9) == 1.0  # the corners are 2*sqrt(2) = 2.83 away
+    wider = np.zeros_like(gt)
+    wider[7:33, 7:33] = 1  # 3 px: no boundary pixel within 2 px
+    assert boundary_f1(wider, gt) == 0.0
+    assert boundary_f1(np.zeros_like(gt), np.zeros_like(gt)) == 1.0
+    assert boundary_f1(np.zeros_like(gt), gt) == 0.0 and boundary_f1(gt, np.zeros_like(gt)) == 0.0

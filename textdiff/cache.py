@@ -15,7 +15,7 @@ Layout (zarr v3), one group per split holding N images:
   tiles mode (items are windows of full-size images) adds:
     tile_image     [N] int32                   which source image a window comes from
     tile_origin    [N, 2] int32                the window's (y, x) in it
-    full_masks     [M, S, S] uint8             the source images' full-size masks, for scoring
+    full_masks     [M, S, S] uint8             the source images' full-size masks, for native scoring
     attrs          image_ids, image_texts
 and root attrs: `fingerprint` (the `CacheSpec`: everything the features depend on), `format` (this
 layout's version) and `provenance` (library versions).
@@ -75,7 +75,7 @@ class CacheSpec:
     mode: str = "resize"
     tile: int = 0  # tiles mode only, like the two below
     stride: int = 0
-    full_size: int = 0  # the source images' (square) side
+    full_size: int = 0  # the source images' (square) side; 0 = unknown (no native scoring)
     protocol: str = "project"  # how data/prepared made images and masks (project | release)
     release_size: int = 0  # side of the release ground truth (0 = image_size)
     rotations: int = 0  # further views after the dihedral ones: seeded +-20 degree rotations
@@ -184,9 +184,10 @@ def array_shapes(spec: CacheSpec, layout: SplitLayout) -> dict[str, tuple[tuple[
     m, r = (len(layout.tiles.image_ids) if layout.tiles is not None else n), spec.release_side
     out["release_masks"] = ((m, r, r), (1, r, r), np.uint8)  # per source image
     if layout.tiles is not None:
-        full = layout.tiles.full_size
         out["tile_image"] = ((n,), (max(n, 1),), np.int32)
         out["tile_origin"] = ((n, 2), (max(n, 1), 2), np.int32)
+    if spec.full_size:  # the source masks, for scoring at native resolution (tiles, and resize when known)
+        full = spec.full_size
         out["full_masks"] = ((m, full, full), (1, full, full), np.uint8)
     return out
 

@@ -77,6 +77,7 @@ class Sample:
     image_sha256: str = ""  # of the source file's bytes ("" = not computed)
     mask_sha256: str = ""
     release_mask: np.ndarray | None = None  # the released code's ground truth at the working size
+    native_mask: np.ndarray | None = None  # the source mask, kept when the sample is resized (native scoring)
 
 
 @dataclass
@@ -91,6 +92,7 @@ class PreparedSplit:
     image_size: int
     image_paths: list[str] = field(default_factory=list)  # relative to the manifest's source_root
     release_masks: np.ndarray | None = None  # (N, s, s) the released code's ground truth, s = data.image_size
+    native_masks: np.ndarray | None = None  # (N, F, F) the source masks, when resized from one square size
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -439,6 +441,7 @@ def resize_sample(sample: Sample, size: int, protocol: str = "project") -> Sampl
         image=np.asarray(image, dtype=np.uint8).copy(),
         mask=np.asarray(mask, dtype=np.uint8).copy(),
         release_mask=dilated,
+        native_mask=sample.mask,
         text=sample.text,
         image_path=sample.image_path,
         mask_path=sample.mask_path,
@@ -487,7 +490,7 @@ def _split_arrays(samples: list[Sample], size: int, root: Path | None) -> dict[s
     ids = [s.id for s in samples]
     if ids != sorted(ids) or len(set(ids)) != len(ids):
         raise ValueError("samples must be sorted by id with unique ids")
-    return {
+    arrays = {
         "images": np.stack([s.image for s in samples]) if samples else np.zeros((0, size, size, 3), np.uint8),
         "masks": np.stack([s.mask for s in samples]) if samples else np.zeros((0, size, size), np.uint8),
         "release_masks": (np.stack([s.release_mask for s in samples]) if samples
@@ -496,6 +499,12 @@ def _split_arrays(samples: list[Sample], size: int, root: Path | None) -> dict[s
         "texts": np.array([s.text for s in samples], dtype=str),
         "image_paths": np.array([_relative(s.image_path, root) for s in samples], dtype=str),
     }
+    native = {s.native_mask.shape for s in samples if s.native_mask is not None}
+    if samples and all(s.native_mask is not None for s in samples) and len(native) == 1:
+        (h, w), = native
+        if h == w:  # one square source size: what native-resolution scoring needs
+            arrays["native_masks"] = np.stack([s.native_mask for s in samples]).astype(np.uint8)
+    return arrays
 
 
 def _manifest_split(samples: list[Sample], root: Path | None) -> dict:
@@ -587,6 +596,7 @@ def load_prepared(out_dir: str | Path, split: str) -> PreparedSplit:
             images, masks, release_masks = npz["images"], npz["masks"], npz["release_masks"]
             ids, texts = [str(x) for x in npz["ids"]], [str(x) for x in npz["texts"]]
             paths = [str(x) for x in npz["image_paths"]] if "image_paths" in npz.files else []
+            native = npz["native_masks"] if "native_masks" in npz.files else None
     except Exception as err:
         raise TextDiffError(f"{path}: unreadable prepared split ({_describe(err)}); run `textdiff prepare` again") from None
     size = int(manifest["image_size"])
@@ -597,9 +607,10 @@ def load_prepared(out_dir: str | Path, split: str) -> PreparedSplit:
         or masks.shape != (n, size, size)
         or len(release_masks) != n
         or len(texts) != n
+        or (native is not None and len(native) != n)
     ):
         raise TextDiffError(f"{path}: does not match {out_dir / MANIFEST}; run `textdiff prepare` again")
-    return PreparedSplit(split, images, masks, ids, texts, size, paths, release_masks)
+    return PreparedSplit(split, images, masks, ids, texts, size, paths, release_masks, native)
 
 
 

@@ -78,7 +78,8 @@ def _load_prepared_for(params: Params, prepared_dir: Path) -> dict[str, Prepared
 def _split_inputs(params: Params, data: PreparedSplit) -> SplitInputs:
     if params.data.mode != "tiles":
         layout = SplitLayout(ids=list(data.ids), texts=list(data.texts))
-        return SplitInputs(layout, data.images, data.masks, list(data.texts), data.release_masks)
+        native = data.native_masks if data.native_masks is not None and len(data.native_masks) else None
+        return SplitInputs(layout, data.images, data.masks, list(data.texts), data.release_masks, full_masks=native)
     windows = cut_tiles(data.images, data.masks, list(data.ids), list(data.texts), params.data.tile, params.data.stride)
     layout = SplitLayout(ids=windows.ids, texts=windows.texts, tiles=windows.layout)
     return SplitInputs(layout, windows.images, windows.masks, list(data.texts), data.release_masks,
@@ -95,13 +96,18 @@ def plan_cache(params: Params, prepared_dir: Path = PREPARED_DIR) -> CachePlan:
         views=params.extract.views, rotations=params.extract.rotations, dtype=params.extract.dtype,
         text_encoder=encoder_id,
         text_hidden_size=hidden, text_max_length=params.text.max_length,
-        data={split: sha256_split(list(d.ids), list(d.texts), d.images, d.masks, d.release_masks)
+        data={split: sha256_split(list(d.ids), list(d.texts), d.images, d.masks, d.release_masks,
+                                  *([d.native_masks] if d.native_masks is not None else []))
               for split, d in prepared.items()},
         protocol=params.data.protocol,
     )
     if tiled:
         common.update(mode="tiles", tile=params.data.tile, stride=params.data.stride,
                       full_size=int(prepared["train"].images.shape[1]), release_size=params.data.image_size)
+    else:  # the source masks ride along for native-resolution scoring, when they share one square size
+        native = {d.native_masks.shape[1:] if d.native_masks is not None else None for d in prepared.values()}
+        if len(native) == 1 and None not in native:
+            common.update(full_size=int(native.pop()[0]))
     if params.teacher.kind == "rgb":
         teacher, spec = None, CacheSpec(teacher_kind="rgb", steps=(0,), blocks=(0,), **common)
     else:
@@ -128,6 +134,7 @@ def write_text(group: zarr.Group, tokens: np.ndarray, mask: np.ndarray, pooled: 
     if tiles is not None:
         group["tile_image"][:] = np.asarray(tiles.image_index, np.int32)
         group["tile_origin"][:] = np.asarray(tiles.origins, np.int32).reshape(-1, 2)
+    if inputs is not None and inputs.full_masks is not None and "full_masks" in group:
         group["full_masks"][:] = inputs.full_masks
     group.attrs["text_complete"] = True
 

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from textdiff.atomic import atomic_dir
 from textdiff.cache import CachedSplit, CacheSpec
@@ -83,6 +84,16 @@ def batch_of(samples: list[FeatureSample], views: list[int], jitter: list[int], 
     text_mask = torch.stack([s.text_mask for s in samples]).to(device)
     pooled = torch.stack([s.pooled for s in samples]).to(device)
     return feats, mask.long().to(device), tokens, text_mask, pooled
+
+
+def resize_probability(prob: np.ndarray | torch.Tensor, size: tuple[int, int]) -> np.ndarray:
+    """A foreground-probability map at another size, bilinear (no antialiasing: it upsamples).
+    `textdiff predict` brings a resize model's 256-px probabilities to the image's own size with it,
+    and evaluate does the same for native-resolution scoring, so the two agree."""
+    t = torch.as_tensor(np.ascontiguousarray(prob, dtype=np.float32)) if isinstance(prob, np.ndarray) else prob.float()
+    if tuple(t.shape[-2:]) == tuple(size):
+        return t.cpu().numpy()
+    return F.interpolate(t[None, None], size=size, mode="bilinear", align_corners=False)[0, 0].cpu().numpy()
 
 
 @torch.no_grad()

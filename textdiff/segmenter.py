@@ -27,7 +27,7 @@ from textdiff.data import IMAGE_SUFFIXES, to_working_size
 from textdiff.errors import TextDiffError
 from textdiff.featurizer import Featurizer, build_featurizer, images_to_model_range
 from textdiff.teacher import checkpoint_sha256
-from textdiff.inference import ModelCard, load_trained
+from textdiff.inference import ModelCard, load_trained, resize_probability
 from textdiff.text import TextEncoder
 from textdiff.tiles import blend_tiles, tile_grid
 
@@ -98,9 +98,7 @@ class Segmenter:
             stride = self.stride if self.mode == "tiles" else max(1, (3 * self.image_size) // 4)
         x = images_to_model_range(to_working_size(image, size, self.protocol)[None])[0]
         prob = sliding_window(x, tile, stride, predict_tile)
-        if prob.shape != (h, w):
-            prob = F.interpolate(prob[None, None], size=(h, w), mode="bilinear", align_corners=False)[0, 0]
-        return prob.clamp(0, 1).numpy().astype(np.float32)
+        return np.clip(resize_probability(prob, (h, w)), 0, 1).astype(np.float32)
 
 
 def nucleus_table(image_id: str, mask: np.ndarray) -> list[dict]:
