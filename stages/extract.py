@@ -4,13 +4,23 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import os
+
 from textdiff.extraction import extract_cache, verify_cache
+from textdiff.launch import relaunch_under_torchrun
 from textdiff.params import load_params
 from textdiff.paths import CACHE_PATH
 
 
 def run(params_path: Path, rebuild: bool = True, cache_path: Path = CACHE_PATH) -> None:
-    plan = extract_cache(load_params(params_path), cache_path, rebuild=rebuild)
+    params = load_params(params_path)
+    if params.extract.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        relaunch_under_torchrun(params.extract.nproc, ["extract", "--params", str(params_path),
+                                                       "--rebuild" if rebuild else "--no-rebuild"])
+        return
+    plan = extract_cache(params, cache_path, rebuild=rebuild)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return  # rank 0 reports for the job
     size = sum(f.stat().st_size for f in Path(cache_path).rglob("*") if f.is_file())
     n = sum(layout.n for layout in plan.layouts.values())
     print(f"{cache_path}: {n} images, {size / 2**20:.1f} MiB on disk ({size / n / 2**20:.2f} MiB per image)")

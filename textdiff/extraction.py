@@ -20,6 +20,7 @@ import zarr
 from tqdm import tqdm
 
 from textdiff.cache import CacheSpec, SplitLayout, open_for_writing, to_storage, verify
+from textdiff.distributed import Ranks, close_ranks, init_ranks
 from textdiff.data import SPLITS, PreparedSplit, load_prepared, read_manifest
 from textdiff.errors import TextDiffError
 from textdiff.featurizer import (Featurizer, TeacherChoice, attention_report, build_featurizer, choose_teacher,
@@ -170,17 +171,23 @@ def _views_of(images: np.ndarray, masks: np.ndarray, angles: np.ndarray, views: 
 
 def extract_split(group: zarr.Group, spec: CacheSpec, images: np.ndarray, masks: np.ndarray,
                   featurizer: Featurizer, batch_size: int, device: torch.device, desc: str = "",
-                  split: str = "") -> dict:
-    """Fill every unflagged image of one split; returns counts and timing for the summary."""
+                  split: str = "", ranks: Ranks = Ranks()) -> dict:
+    """Fill every unflagged image of one split; returns counts and timing for the summary.
+
+    Under torchrun the unflagged images are cut into the batches one process would run and the
+    batches are dealt round robin to the ranks: every batch is computed exactly as a single process
+    computes it (so the cache is bit-identical), and each rank writes only its own images' chunks
+    (one image per chunk) and completion flags.
+    """
     todo = np.flatnonzero(group["complete"][:] == 0)
     views = spec.total_views
     angles = rotation_angles(spec, split, len(images))
-    if spec.rotations:
-        group["rotation_angles"][:] = angles
+    batches = ranks.share([todo[s : s + batch_size] for s in range(0, len(todo), batch_size)])
+    mine = int(sum(len(b) for b in batches))
+    label = desc if ranks.world == 1 else f"{desc} (rank {ranks.rank}/{ranks.world})"
     started = time.perf_counter()
-    with tqdm(total=len(todo), unit="img", desc=desc, dynamic_ncols=True, disable=len(todo) == 0) as bar:
-        for start in range(0, len(todo), batch_size):
-            index = todo[start : start + batch_size]
+    with tqdm(total=mine, unit="img", desc=label, dynamic_ncols=True, disable=mine == 0 or not ranks.main) as bar:
+        for index in batches:
             x_views, m_views = _views_of(images[index], masks[index], angles[index], spec.views)
             feats = featurizer(x_views.flatten(0, 1).to(device))
             for j, i in enumerate(index):
@@ -192,23 +199,53 @@ def extract_split(group: zarr.Group, spec: CacheSpec, images: np.ndarray, masks:
                 group["complete"][int(i)] = 1  # last: image i now counts
             bar.update(len(index))
     seconds = time.perf_counter() - started
-    return {"done": int(len(todo)), "skipped": int(group["complete"].shape[0] - len(todo)), "seconds": seconds}
+    return {"done": mine, "skipped": int(group["complete"].shape[0] - len(todo)), "seconds": seconds}
 
 
 def extract_cache(params: Params, cache_path: Path = CACHE_PATH, rebuild: bool = True,
                   prepared_dir: Path = PREPARED_DIR) -> CachePlan:
-    """Fill (or resume) the cache the params call for; verify it before returning."""
+    """Fill (or resume) the cache the params call for; verify it before returning.
+
+    Under torchrun (WORLD_SIZE > 1) rank 0 creates or resumes the cache and writes what is shared
+    (layout, spec, report embeddings, rotation angles) while the others wait; then every rank fills
+    its share of the images; rank 0 verifies the whole cache last.
+    """
     plan = plan_cache(params, prepared_dir)
-    device = resolve_device(params.extract.device)
-    # Load both models first: a bad checkpoint or encoder must fail before the cache is touched.
-    featurizer = build_featurizer(plan.spec, plan.teacher.path if plan.teacher else None, device)
-    encoder = TextEncoder(params.text.encoder, params.text.max_length, device)
+    ranks, device = init_ranks(resolve_device(params.extract.device))
+    try:
+        # Load the models first: a bad checkpoint or encoder must fail before the cache is touched.
+        featurizer = build_featurizer(plan.spec, plan.teacher.path if plan.teacher else None, device)
+        if ranks.main:
+            _prepare_shared(params, plan, cache_path, rebuild, device)
+        ranks.barrier()
+        root = zarr.open_group(str(cache_path), mode="r+", zarr_format=3)
+        for split, inputs in plan.splits.items():
+            stats = extract_split(root[split], plan.spec, inputs.images, inputs.masks, featurizer,
+                                  params.extract.batch_size, device, desc=f"extract {split}", split=split,
+                                  ranks=ranks)
+            rate = stats["done"] / stats["seconds"] if stats["done"] and stats["seconds"] > 0 else 0.0
+            if ranks.main:
+                print(f"{split}: {stats['done']} extracted" + (f" by rank 0 of {ranks.world}" if ranks.world > 1 else "")
+                      + f", {stats['skipped']} already cached" + (f", {rate:.2f} img/s" if stats["done"] else ""))
+        ranks.barrier()
+        if ranks.main:
+            problems = verify(cache_path, plan.spec, plan.layouts)
+            if problems:
+                raise TextDiffError(problems[0])
+    finally:
+        close_ranks(ranks)
+    return plan
+
+
+def _prepare_shared(params: Params, plan: CachePlan, cache_path: Path, rebuild: bool, device: torch.device) -> None:
+    """Rank 0's part before the images: open or create the cache, and write the report embeddings
+    and rotation angles of every split (arrays of one chunk per split, so one writer)."""
+    encoder = TextEncoder(params.text.encoder, params.text.max_length, device)  # fails before the cache is touched
     for line in attention_report(plan.spec):
         if line:
             print(line)
-    info = dict(provenance(), teacher_path=str(plan.teacher.path) if plan.teacher else "rgb", device=str(device))
+    info = dict(provenance(), teacher_path=str(plan.teacher.path) if plan.teacher else "rgb", device=device.type)
     root = open_for_writing(cache_path, plan.spec, plan.layouts, info, rebuild=rebuild)
-
     for split, inputs in plan.splits.items():
         group = root[split]
         if not group.attrs.get("text_complete", False):
@@ -216,17 +253,9 @@ def extract_cache(params: Params, cache_path: Path = CACHE_PATH, rebuild: bool =
             if inputs.layout.tiles is not None:  # one report per source image, repeated for its windows
                 index = inputs.layout.tiles.image_index
                 emb.tokens, emb.mask, emb.pooled = (a[index] for a in (emb.tokens, emb.mask, emb.pooled))
+            if plan.spec.rotations:
+                group["rotation_angles"][:] = rotation_angles(plan.spec, split, inputs.layout.n)
             write_text(group, emb.tokens, emb.mask, emb.pooled, inputs)
-        stats = extract_split(group, plan.spec, inputs.images, inputs.masks, featurizer,
-                              params.extract.batch_size, device, desc=f"extract {split}", split=split)
-        rate = stats["done"] / stats["seconds"] if stats["done"] and stats["seconds"] > 0 else 0.0
-        print(f"{split}: {stats['done']} extracted, {stats['skipped']} already cached"
-              + (f", {rate:.2f} img/s" if stats["done"] else ""))
-
-    problems = verify(cache_path, plan.spec, plan.layouts)
-    if problems:
-        raise TextDiffError(problems[0])
-    return plan
 
 
 def verify_cache(params: Params, cache_path: Path = CACHE_PATH,

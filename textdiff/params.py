@@ -190,9 +190,13 @@ class ExtractParams:
     dtype: str = "float16"
     batch_size: int = 4
     device: str = "auto"
+    # Processes: > 1 runs the stage under `torchrun --standalone` on this machine (gloo on CPUs, one
+    # GPU per process); for several machines launch torchrun yourself (README: "Many GPUs, many nodes").
+    nproc: int = 1
 
     def check(self) -> None:
         _one_of("extract.views", self.views, (1, 8))
+        _positive("extract.nproc", self.nproc)
         _non_negative("extract.rotations", self.rotations)
         _one_of("extract.dtype", self.dtype, DTYPES)
         _positive("extract.batch_size", self.batch_size)

@@ -1,0 +1,70 @@
+"""extract under torchrun (gloo, 2 processes on the CPU) builds the same cache, byte for byte, as
+one process; a failing job fails with its message."""
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import zarr
+from typer.testing import CliRunner
+
+from stages.cli import app
+from textdiff.distributed import Ranks
+
+runner = CliRunner()
+
+
+def _arrays(path: Path) -> dict[str, np.ndarray]:
+    root = zarr.open_group(str(path), mode="r")
+    out = {}
+    for split in root.group_keys():
+        for name, array in root[split].arrays():
+            out[f"{split}/{name}"] = np.asarray(array[:])
+    return out
+
+
+def test_ranks_deal_batches_round_robin():
+    batches = list(range(7))
+    shares = [Ranks(r, 3).share(batches) for r in range(3)]
+    assert shares == [[0, 3, 6], [1, 4], [2, 5]]
+    assert sorted(sum(shares, [])) == batches and Ranks().share(batches) == batches
+
+
+def test_two_ranks_build_a_cache_bit_identical_to_one_process(tiny_project, monkeypatch):
+    """Each rank computes whole batches exactly as one process would. torchrun gives every process
+    one thread (OMP_NUM_THREADS=1), and a CPU convolution may sum in another order with another
+    thread count (measured here: one float16 ulp on some pixels), so the single process runs with
+    one thread too."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    tiny_project.write_params(extract={"views": 8, "batch_size": 2, "rotations": 1})
+    try:
+        single = runner.invoke(app, ["extract"])
+    finally:
+        torch.set_num_threads(threads)
+    assert single.exit_code == 0, single.output
+    shutil.move("cache/features.zarr", "cache/single.zarr")
+
+    tiny_project.write_params(extract={"views": 8, "batch_size": 2, "rotations": 1, "nproc": 2})
+    result = runner.invoke(app, ["extract"])
+    assert result.exit_code == 0, result.output
+    assert "running under torchrun with 2 processes" in result.output
+
+    one, two = _arrays(Path("cache/single.zarr")), _arrays(Path("cache/features.zarr"))
+    assert sorted(one) == sorted(two)
+    for name in one:
+        assert one[name].dtype == two[name].dtype and np.array_equal(one[name], two[name]), name
+    attrs = lambda p: {k: v for k, v in zarr.open_group(str(p), mode="r").attrs.items()}  # noqa: E731
+    assert attrs("cache/single.zarr") == attrs("cache/features.zarr")  # spec and provenance alike
+    assert runner.invoke(app, ["cache", "verify"]).exit_code == 0
+
+
+def test_a_failing_distributed_extract_is_one_line_and_leaves_no_cache(tiny_project):
+    Path(tiny_project.teacher).write_bytes(b"not a checkpoint")
+    tiny_project.write_params(extract={"views": 1, "batch_size": 2, "nproc": 2})
+    result = runner.invoke(app, ["extract"])
+    assert result.exit_code == 1
+    assert "under torchrun (2 processes) failed with exit code" in result.output
+    assert not Path("cache/features.zarr").exists()
