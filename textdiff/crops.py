@@ -31,10 +31,12 @@ from textdiff.views import NUM_VIEWS, apply_view
 
 
 def _as_list(images: np.ndarray | Sequence[np.ndarray]) -> list[np.ndarray]:
-    items = list(images) if not isinstance(images, np.ndarray) or images.ndim == 4 else None
+    """A stack [N, H, W, 3] or a list of [H, W, 3] images (sizes may differ) as a checked list."""
+    if isinstance(images, np.ndarray) and images.ndim != 4:
+        raise TextDiffError(f"pretrain needs [N, H, W, 3] images or a list of [H, W, 3] ones, got shape {images.shape}")
+    items = list(images)
     if not items:
-        shape = getattr(images, "shape", None)
-        raise TextDiffError(f"pretrain needs a non-empty list of [H, W, 3] uint8 images, got {shape or 'nothing'}")
+        raise TextDiffError("pretrain needs at least one image, got none")
     for k, image in enumerate(items):
         if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
             raise TextDiffError(f"pretrain image {k}: expected [H, W, 3] uint8, got {image.shape} {image.dtype}")
