@@ -120,6 +120,13 @@ def _split_dir(root: str | Path, split: str) -> Path:
     return folder
 
 
+def image_files(folder: Path, suffixes: tuple[str, ...] = IMAGE_SUFFIXES) -> list[Path]:
+    """The image files directly in `folder`, sorted by name; hidden files and other suffixes are
+    skipped. The one folder scan of the dataset reader, pretraining's extra images and predict."""
+    return sorted(p for p in folder.iterdir()
+                  if p.is_file() and p.suffix.lower() in suffixes and not p.name.startswith("."))
+
+
 def list_images(root: str | Path, split: str) -> list[Path]:
     """The image files of one split, sorted by id; checks the folders exist and the split is not
     empty. Files with other suffixes (and hidden files) in img/ are ignored."""
@@ -127,9 +134,7 @@ def list_images(root: str | Path, split: str) -> list[Path]:
     if not img_dir.is_dir():
         raise TextDiffError(f"{img_dir}: img folder not found")
     by_id: dict[str, Path] = {}
-    for path in sorted(img_dir.iterdir()):
-        if path.name.startswith(".") or path.suffix.lower() not in IMAGE_SUFFIXES or not path.is_file():
-            continue
+    for path in image_files(img_dir):
         if path.stem in by_id:
             raise TextDiffError(f"{img_dir}: two images with id '{path.stem}': {by_id[path.stem].name} and {path.name}")
         by_id[path.stem] = path

@@ -20,7 +20,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from textdiff.cache import CachedSplit, FeatureCache
 from textdiff.classifier import PixelClassifier

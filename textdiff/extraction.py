@@ -171,7 +171,7 @@ def _views_of(images: np.ndarray, masks: np.ndarray, angles: np.ndarray, views: 
 
 def extract_split(group: zarr.Group, spec: CacheSpec, images: np.ndarray, masks: np.ndarray,
                   featurizer: Featurizer, batch_size: int, device: torch.device, desc: str = "",
-                  split: str = "", ranks: Ranks = Ranks()) -> dict:
+                  ranks: Ranks = Ranks()) -> dict:
     """Fill every unflagged image of one split; returns counts and timing for the summary.
 
     Under torchrun the unflagged images are cut into the batches one process would run and the
@@ -181,7 +181,8 @@ def extract_split(group: zarr.Group, spec: CacheSpec, images: np.ndarray, masks:
     """
     todo = np.flatnonzero(group["complete"][:] == 0)
     views = spec.total_views
-    angles = rotation_angles(spec, split, len(images))
+    # The rotated views' angles, as rank 0 stored them (before any rank got here).
+    angles = np.asarray(group["rotation_angles"][:]) if spec.rotations else np.zeros((len(images), 0), np.int16)
     batches = ranks.share([todo[s : s + batch_size] for s in range(0, len(todo), batch_size)])
     mine = int(sum(len(b) for b in batches))
     label = desc if ranks.world == 1 else f"{desc} (rank {ranks.rank}/{ranks.world})"
@@ -221,8 +222,7 @@ def extract_cache(params: Params, cache_path: Path = CACHE_PATH, rebuild: bool =
         root = zarr.open_group(str(cache_path), mode="r+", zarr_format=3)
         for split, inputs in plan.splits.items():
             stats = extract_split(root[split], plan.spec, inputs.images, inputs.masks, featurizer,
-                                  params.extract.batch_size, device, desc=f"extract {split}", split=split,
-                                  ranks=ranks)
+                                  params.extract.batch_size, device, desc=f"extract {split}", ranks=ranks)
             rate = stats["done"] / stats["seconds"] if stats["done"] and stats["seconds"] > 0 else 0.0
             if ranks.main:
                 print(f"{split}: {stats['done']} extracted" + (f" by rank 0 of {ranks.world}" if ranks.world > 1 else "")

@@ -25,13 +25,12 @@ from typing import TYPE_CHECKING, Callable, Iterator
 
 import numpy as np
 import torch
+from PIL import Image
 from tqdm import tqdm
 
-from textdiff.crops import CropSampler
 from textdiff.atomic import atomic_file, remove_stale_temporaries, write_json
-from PIL import Image
-
-from textdiff.data import IMAGE_SUFFIXES, list_images, load_prepared, read_image, to_working_size
+from textdiff.crops import CropSampler
+from textdiff.data import IMAGE_SUFFIXES, image_files, list_images, load_prepared, read_image, to_working_size
 from textdiff.errors import TextDiffError
 from textdiff.hashing import sha256_images
 from textdiff.panels import save_png
@@ -39,7 +38,7 @@ from textdiff.params import Params, section_dict
 from textdiff.paths import PREPARED_DIR, PRETRAIN_LIVE_DIR, TEACHER_FILE, resolve_data_root
 from textdiff.runtime import device_name, provenance, resolve_device
 from textdiff.teacher import normalize_config, save_checkpoint
-from textdiff.teacher.checkpoint import INDEX_SUFFIX, is_index, shard_paths, sidecar_path
+from textdiff.teacher.checkpoint import checkpoint_stem, is_index, layout_files, shard_paths, sidecar_path
 from textdiff.teacher import Diffusion, build_adm
 from textdiff.teacher.diffusion import from_model_range
 
@@ -177,7 +176,7 @@ def pretrain(
                dynamic_ncols=True)
     started = time.perf_counter()
     pending: list[torch.Tensor] = []
-    params = [p for p in model.parameters()]
+    params = list(model.parameters())
 
     def flush() -> None:
         if not pending:
@@ -270,8 +269,7 @@ def working_scale(data: "DataParams", height: int, width: int) -> float:
 def _read_folder(folder: Path) -> list[np.ndarray]:
     if not folder.is_dir():
         raise TextDiffError(f"{folder}: pretrain.extra_images folder not found")
-    paths = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
-                   and not p.name.startswith("."))
+    paths = image_files(folder)
     if not paths:
         raise TextDiffError(f"{folder}: pretrain.extra_images holds no images ({', '.join(IMAGE_SUFFIXES)})")
     return [read_image(path)[0] for path in tqdm(paths, desc="extra images", unit="image", leave=False)]
@@ -381,9 +379,7 @@ def skip_reason(params: Params) -> str | None:
 
 def _exports(out: Path) -> list[Path]:
     """The pretrain stage's exported teacher in either layout, its sidecar and sample grid."""
-    stem = out / Path(TEACHER_FILE).stem
-    shards = sorted(out.glob(f"{stem.name}-[0-9][0-9][0-9][0-9][0-9]-of-[0-9][0-9][0-9][0-9][0-9].safetensors"))
-    return [out / TEACHER_FILE, out / f"{stem.name}{INDEX_SUFFIX}", *shards, sidecar_path(out / TEACHER_FILE),
+    return [*layout_files(checkpoint_stem(out / TEACHER_FILE)), sidecar_path(out / TEACHER_FILE),
             *(out / name for name in EXPORT_EXTRAS)]
 
 

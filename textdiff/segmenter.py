@@ -23,7 +23,7 @@ import torch.nn.functional as F
 import zarr
 
 from textdiff.classifier import PixelClassifier
-from textdiff.data import IMAGE_SUFFIXES, to_working_size
+from textdiff.data import IMAGE_SUFFIXES, image_files, to_working_size
 from textdiff.errors import TextDiffError
 from textdiff.featurizer import Featurizer, build_featurizer, images_to_model_range
 from textdiff.teacher import checkpoint_sha256
@@ -123,8 +123,7 @@ def collect_images(inputs: list[Path]) -> list[Path]:
     paths: list[Path] = []
     for item in inputs:
         if item.is_dir():
-            found = sorted(p for p in item.iterdir()
-                           if p.is_file() and p.suffix.lower() in PREDICT_SUFFIXES and not p.name.startswith("."))
+            found = image_files(item, PREDICT_SUFFIXES)
             if not found:
                 raise TextDiffError(f"{item}: folder holds no images ({', '.join(PREDICT_SUFFIXES)})")
             paths.extend(found)

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from textdiff.cache import FeatureCache
+from textdiff.cache import CacheSpec, FeatureCache
 from textdiff.classifier import ClassifierConfig, PixelClassifier
 from textdiff.errors import TextDiffError
 from textdiff.inference import SampleStore, batch_of, predict_split
@@ -108,7 +108,7 @@ def choose_view(augment: str, views: int, rotations: int, rng: np.random.Generat
     return 0, 0
 
 
-def check_augment(augment: str, spec: "CacheSpec") -> None:
+def check_augment(augment: str, spec: CacheSpec) -> None:
     """train.augment=release draws cached reflections and rotations: refuse a cache without them."""
     if augment == "release" and (spec.views != NUM_VIEWS or spec.rotations < 1):
         raise TextDiffError(

@@ -115,11 +115,24 @@ def shard_paths(index: str | Path) -> list[Path]:
     return shards
 
 
+def index_path(stem: Path) -> Path:
+    """``models/x`` -> ``models/x.safetensors.index.json``."""
+    return stem.parent / f"{stem.name}{INDEX_SUFFIX}"
+
+
+def layout_files(stem: Path) -> list[Path]:
+    """Every weights file a checkpoint of this stem may have on disk, in either layout: the single
+    file, the index and any shards (whatever their count). The sidecar is not among them."""
+    shards = sorted(stem.parent.glob(
+        f"{stem.name}-[0-9][0-9][0-9][0-9][0-9]-of-[0-9][0-9][0-9][0-9][0-9]{SAFETENSORS_SUFFIX}"))
+    return [stem.parent / f"{stem.name}{SAFETENSORS_SUFFIX}", index_path(stem), *shards]
+
+
 def existing_checkpoint(path: str | Path) -> Path:
     """Where a checkpoint written to `path` (``<stem>.safetensors``) is to be loaded from: its
     sharded index if that is what exists, else the file itself."""
     path = Path(path)
-    index = checkpoint_stem(path).parent / f"{checkpoint_stem(path).name}{INDEX_SUFFIX}"
+    index = index_path(checkpoint_stem(path))
     return index if not path.is_file() and index.is_file() else path
 
 
@@ -331,9 +344,7 @@ def _shard_groups(tensors: dict[str, torch.Tensor], payload_limit: int) -> list[
 def _remove_other_layouts(stem: Path, keep: set[Path]) -> None:
     """A re-export must not leave the other layout's files (or extra shards of an older export)
     beside it: a loader that finds them would load something else."""
-    candidates = [stem.parent / f"{stem.name}{SAFETENSORS_SUFFIX}", stem.parent / f"{stem.name}{INDEX_SUFFIX}",
-                  *stem.parent.glob(f"{stem.name}-[0-9][0-9][0-9][0-9][0-9]-of-[0-9][0-9][0-9][0-9][0-9]{SAFETENSORS_SUFFIX}")]
-    for path in candidates:
+    for path in layout_files(stem):
         if path not in keep:
             path.unlink(missing_ok=True)
 
@@ -397,7 +408,7 @@ def save_checkpoint(model: torch.nn.Module, path: str | Path, extra_metadata: Ma
                 save_file({k: tensors[k] for k in keys}, str(tmp), metadata=metadata)
         index = {"metadata": {"total_size": total, "format": "pt"},
                  "weight_map": {k: name for name, keys in zip(names, groups) for k in keys}}
-        written = stem.parent / f"{stem.name}{INDEX_SUFFIX}"
+        written = index_path(stem)
         with atomic_file(written) as tmp:
             tmp.write_text(json.dumps(index, indent=2) + "\n")
         keep = {written, *(stem.parent / n for n in names)}
