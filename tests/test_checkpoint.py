@@ -285,3 +285,26 @@ def test_the_sharded_identity_changes_with_any_shard_and_re_exports_leave_no_sta
     assert checkpoint_sha256(single) == sha256_file(single)  # single files keep their old identity
     _sharded(tmp_path)
     assert not (tmp_path / "t.safetensors").exists()  # and the other way round
+
+
+def test_an_export_that_dies_between_shards_leaves_no_index_to_trust(tmp_path, monkeypatch):
+    import safetensors.torch
+
+    model, index = _sharded(tmp_path)  # a complete earlier export
+    calls = []
+    real = safetensors.torch.save_file
+
+    def dying(tensors, filename, metadata=None):
+        calls.append(filename)
+        if len(calls) == 2:
+            raise OSError("disk full")
+        return real(tensors, filename, metadata=metadata)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", dying)
+    torch.manual_seed(1)
+    with pytest.raises(OSError):
+        save_checkpoint(build_adm(SHARDED), tmp_path / "t.safetensors", shard_mb=1.0)
+    assert not index.exists()  # shard 1 is new, the rest old: nothing may bind them
+    with pytest.raises(TextDiffError) as err:
+        load_teacher(index)
+    _one_line(err, "checkpoint index not found")

@@ -403,6 +403,9 @@ def save_checkpoint(model: torch.nn.Module, path: str | Path, extra_metadata: Ma
             raise TextDiffError(f"{path}: shard size {shard_mb} MiB is too small for a safetensors header")
         groups = _shard_groups(tensors, limit - header_room)
         names = [shard_name(stem.name, k + 1, len(groups)) for k in range(len(groups))]
+        # The index is what binds shards into a checkpoint: an older one goes before any shard is
+        # replaced, so an export that dies half-way leaves no index to load a mix of old and new.
+        index_path(stem).unlink(missing_ok=True)
         for name, keys in zip(names, groups):
             with atomic_file(stem.parent / name) as tmp:
                 save_file({k: tensors[k] for k in keys}, str(tmp), metadata=metadata)
