@@ -4,6 +4,7 @@ Layout (zarr v3), one group per split holding N images:
     block_<b>      [N, views, steps, C, H, W]  native resolution, `extract.dtype`, one image per chunk
     masks          [N, views, H, W] uint8      the mask seen in each view
     rotation_angles [N, rotations] int16       degrees of the rotated views (after the dihedral ones)
+    stain_shifts   [N, K, 2, 3] float32        the HED (scale, bias) of the K stain views (after those)
     images         [N, H, W, 3] uint8          the identity view, for the panels and the RGB control
     release_masks  [M, s, s] uint8             the released code's dilated ground truth per source
                                                image (M = N in resize mode), for the second scoring
@@ -79,6 +80,9 @@ class CacheSpec:
     protocol: str = "project"  # how data/prepared made images and masks (project | release)
     release_size: int = 0  # side of the release ground truth (0 = image_size)
     rotations: int = 0  # further views after the dihedral ones: seeded +-20 degree rotations
+    stain: dict = field(default_factory=dict)  # data.stain's reference ({} = raw colours), see stain.py
+    stain_views: int = 0  # further views after the rotated ones: seeded HED stain jitter
+    stain_sigma: float = 0.0  # their jitter (0 when stain_views is 0)
     version: int = SPEC_VERSION
 
     def __post_init__(self) -> None:
@@ -97,8 +101,8 @@ class CacheSpec:
 
     @property
     def total_views(self) -> int:
-        """Cached views per image: the dihedral views, then the rotated copies."""
-        return self.views + self.rotations
+        """Cached views per image: the dihedral views, the rotated copies, then the stain copies."""
+        return self.views + self.rotations + self.stain_views
 
     @property
     def release_side(self) -> int:
@@ -181,6 +185,8 @@ def array_shapes(spec: CacheSpec, layout: SplitLayout) -> dict[str, tuple[tuple[
     out["complete"] = ((n,), (1,), np.uint8)
     if spec.rotations:
         out["rotation_angles"] = ((n, spec.rotations), (max(n, 1), spec.rotations), np.int16)
+    if spec.stain_views:  # per image and copy: the (scale, bias) of H, E, DAB
+        out["stain_shifts"] = ((n, spec.stain_views, 2, 3), (max(n, 1), spec.stain_views, 2, 3), np.float32)
     m, r = (len(layout.tiles.image_ids) if layout.tiles is not None else n), spec.release_side
     out["release_masks"] = ((m, r, r), (1, r, r), np.uint8)  # per source image
     if layout.tiles is not None:

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from textdiff.errors import TextDiffError
+from textdiff.stain import jitter_batch
 from textdiff.views import NUM_VIEWS, apply_view
 
 
@@ -48,14 +49,16 @@ class CropSampler:
 
     `scales[i]`: working pixels per source pixel of image i (1.0 = already at working size).
     `jitter`: half-width, in octaves, of the random zoom around that scale (0 = none).
+    `stain_jitter`: HED stain jitter sigma of every crop (`stain.jitter_batch`; 0 = none).
     The generator `gen` also serves the training loop's timesteps and noise, so one saved state
     resumes the whole random stream.
     """
 
     def __init__(self, images: np.ndarray | Sequence[np.ndarray], crop: int, seed: int,
                  device: torch.device | str = "cpu", scales: Sequence[float] | None = None,
-                 jitter: float = 0.0):
+                 jitter: float = 0.0, stain_jitter: float = 0.0):
         items = _as_list(images)
+        self.stain_jitter = float(stain_jitter)
         self.device = torch.device(device)
         self.crop = int(crop)
         self.jitter = float(jitter)
@@ -151,6 +154,8 @@ class CropSampler:
         view = torch.randint(NUM_VIEWS, (batch,), generator=self.gen, device=self.device)
         views = torch.stack([apply_view(pixels, v) for v in range(NUM_VIEWS)])  # [8, B, 3, c, c]
         chosen = views[view, torch.arange(batch, device=self.device)]
+        if self.stain_jitter > 0:  # drawn from the same generator, after the crop: resumes exactly
+            chosen = jitter_batch(chosen, self.stain_jitter, self.gen)
         return chosen / 127.5 - 1.0
 
     def get_state(self) -> torch.Tensor:

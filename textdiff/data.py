@@ -640,6 +640,30 @@ def native_size(splits: dict[str, list[Sample]], tile: int) -> int:
     return h
 
 
+def normalise_stains(splits: dict[str, list[Sample]], method: str) -> dict:
+    """`data.stain`: fit the reference on the training images (never val or test), then bring every
+    split's source images to it, in place, before any resizing (as `textdiff predict` does with its
+    inputs). Returns the reference ({} for none), which the manifest, cache spec and model.json keep."""
+    from tqdm import tqdm
+
+    from textdiff.stain import fit_reference, normalize
+
+    if method == "none":
+        return {}
+    try:
+        reference = fit_reference(method, [s.image for s in splits["train"]])
+    except (ValueError, np.linalg.LinAlgError) as err:
+        folder = splits["train"][0].image_path.parent if splits["train"] else "train"
+        raise TextDiffError(f"{folder}: data.stain={method} cannot fit a stain reference on these images ({err})") from None
+    total = sum(len(samples) for samples in splits.values())
+    with tqdm(total=total, desc=f"{method} stain normalisation", unit="image", leave=False) as bar:
+        for split, samples in splits.items():
+            for k, sample in enumerate(samples):
+                samples[k] = dataclasses.replace(sample, image=normalize(sample.image, reference))
+                bar.update(1)
+    return reference
+
+
 def prepare_dataset(params: "DataParams", root: Path, out_dir: Path) -> dict[str, list[Sample]]:
     """Read and validate every split under `root`, bring it to the working size, write `out_dir`.
 
@@ -651,6 +675,7 @@ def prepare_dataset(params: "DataParams", root: Path, out_dir: Path) -> dict[str
     from textdiff.params import section_dict
 
     splits = read_splits(root, SPLITS, progress=True)
+    reference = normalise_stains(splits, params.stain)
     if params.mode == "tiles":  # native resolution; the release ground truth at data.image_size
         size = native_size(splits, params.tile)
         splits = {split: [dataclasses.replace(s, release_mask=release_mask(s.mask, params.image_size)) for s in samples]
@@ -659,7 +684,8 @@ def prepare_dataset(params: "DataParams", root: Path, out_dir: Path) -> dict[str
         size = params.image_size
         splits = {split: [resize_sample(s, size, params.protocol) for s in samples]
                   for split, samples in splits.items()}
-    meta = {"image_size": size, "source_root": str(Path(root).resolve()), "data_params": section_dict(params)}
+    meta = {"image_size": size, "source_root": str(Path(root).resolve()), "data_params": section_dict(params),
+            "stain": reference}
     write_prepared(out_dir, splits, meta)
     return splits
 

@@ -30,6 +30,7 @@ from textdiff.teacher import checkpoint_sha256
 from textdiff.params import Params
 from textdiff.paths import CACHE_PATH, PREPARED_DIR
 from textdiff.runtime import provenance, resolve_device
+from textdiff.stain import StainShift, apply_shift, draw_shift
 from textdiff.text import TextEncoder, text_hidden_size
 from textdiff.tiles import cut_tiles
 from textdiff.views import apply_view
@@ -64,6 +65,9 @@ def _load_prepared_for(params: Params, prepared_dir: Path) -> dict[str, Prepared
     tiled = params.data.mode == "tiles"
     made_with = read_manifest(prepared_dir).get("data_params", {})
     prepared_mode, prepared_protocol = made_with.get("mode", "resize"), made_with.get("protocol", "project")
+    if made_with.get("stain", "none") != params.data.stain:
+        raise TextDiffError(f"{prepared_dir}: prepared with data.stain={made_with.get('stain', 'none')}, but params ask "
+                            f"for data.stain={params.data.stain}; run `textdiff prepare`")
     for data in prepared.values():
         if (prepared_mode != params.data.mode or prepared_protocol != params.data.protocol
                 or (not tiled and data.image_size != params.data.image_size)):
@@ -101,6 +105,9 @@ def plan_cache(params: Params, prepared_dir: Path = PREPARED_DIR) -> CachePlan:
                                   *([d.native_masks] if d.native_masks is not None else []))
               for split, d in prepared.items()},
         protocol=params.data.protocol,
+        stain=dict(read_manifest(prepared_dir).get("stain") or {}),
+        stain_views=params.extract.stain_views,
+        stain_sigma=params.extract.stain_sigma if params.extract.stain_views else 0.0,
     )
     if tiled:
         common.update(mode="tiles", tile=params.data.tile, stride=params.data.stride,
@@ -148,6 +155,18 @@ def rotation_angles(spec: CacheSpec, split: str, n: int) -> np.ndarray:
                      for i in range(n)]).astype(np.int16) if spec.rotations else np.zeros((n, 0), np.int16)
 
 
+def stain_shifts(spec: CacheSpec, split: str, n: int) -> np.ndarray:
+    """[n, spec.stain_views, 2, 3]: each stain view's HED (scale, bias), drawn U(+-stain_sigma)
+    seeded by the noise seed, the split, the image and the copy (a resumed extract draws the same)."""
+    split_id = SPLITS.index(split) if split in SPLITS else len(SPLITS)
+    out = np.zeros((n, spec.stain_views, 2, 3), np.float32)
+    for i in range(n):
+        for k in range(spec.stain_views):
+            rng = np.random.default_rng([spec.noise_seed, split_id, i, 1 + k, 0x57A1])
+            out[i, k] = draw_shift(rng, spec.stain_sigma).as_array()
+    return out
+
+
 def rotate_like_release(image: np.ndarray, degrees: float) -> np.ndarray:
     """`scipy.ndimage.rotate(order=0, reshape=False)`, the released code's call: nearest neighbour,
     the same size, black (0) where the rotated square leaves the frame. Works on [H, W] and [H, W, C]."""
@@ -156,8 +175,10 @@ def rotate_like_release(image: np.ndarray, degrees: float) -> np.ndarray:
     return ndimage.rotate(image, degrees, axes=(1, 0), order=0, reshape=False, mode="constant", cval=0)
 
 
-def _views_of(images: np.ndarray, masks: np.ndarray, angles: np.ndarray, views: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Model-range images [B, V, 3, H, W] and masks [B, V, H, W]: the dihedral views, then rotations."""
+def _views_of(images: np.ndarray, masks: np.ndarray, angles: np.ndarray, views: int,
+              shifts: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Model-range images [B, V, 3, H, W] and masks [B, V, H, W]: the dihedral views, then
+    rotations, then stain copies (`shifts` [B, K, 2, 3]; the mask is the image's own)."""
     x = images_to_model_range(images)
     m = torch.from_numpy(np.ascontiguousarray(masks))
     x_views = [apply_view(x, v) for v in range(views)]
@@ -166,6 +187,10 @@ def _views_of(images: np.ndarray, masks: np.ndarray, angles: np.ndarray, views: 
         rotated = np.stack([rotate_like_release(im, float(a)) for im, a in zip(images, angles[:, k])])
         x_views.append(images_to_model_range(rotated))
         m_views.append(torch.from_numpy(np.stack([rotate_like_release(mk, float(a)) for mk, a in zip(masks, angles[:, k])])))
+    for k in range(0 if shifts is None else shifts.shape[1]):
+        stained = np.stack([apply_shift(im, StainShift.from_array(s)) for im, s in zip(images, shifts[:, k])])
+        x_views.append(images_to_model_range(stained))
+        m_views.append(m)
     return torch.stack(x_views, dim=1), torch.stack(m_views, dim=1)
 
 
@@ -183,13 +208,15 @@ def extract_split(group: zarr.Group, spec: CacheSpec, images: np.ndarray, masks:
     views = spec.total_views
     # The rotated views' angles, as rank 0 stored them (before any rank got here).
     angles = np.asarray(group["rotation_angles"][:]) if spec.rotations else np.zeros((len(images), 0), np.int16)
+    shifts = np.asarray(group["stain_shifts"][:]) if spec.stain_views else None
     batches = ranks.share([todo[s : s + batch_size] for s in range(0, len(todo), batch_size)])
     mine = int(sum(len(b) for b in batches))
     label = desc if ranks.world == 1 else f"{desc} (rank {ranks.rank}/{ranks.world})"
     started = time.perf_counter()
     with tqdm(total=mine, unit="img", desc=label, dynamic_ncols=True, disable=mine == 0 or not ranks.main) as bar:
         for index in batches:
-            x_views, m_views = _views_of(images[index], masks[index], angles[index], spec.views)
+            x_views, m_views = _views_of(images[index], masks[index], angles[index], spec.views,
+                                         shifts[index] if shifts is not None else None)
             feats = featurizer(x_views.flatten(0, 1).to(device))
             for j, i in enumerate(index):
                 for b, f in feats.items():
@@ -239,7 +266,7 @@ def extract_cache(params: Params, cache_path: Path = CACHE_PATH, rebuild: bool =
 
 def _prepare_shared(params: Params, plan: CachePlan, cache_path: Path, rebuild: bool, device: torch.device) -> None:
     """Rank 0's part before the images: open or create the cache, and write the report embeddings
-    and rotation angles of every split (arrays of one chunk per split, so one writer)."""
+    rotation angles and stain shifts of every split (arrays of one chunk per split, so one writer)."""
     encoder = TextEncoder(params.text.encoder, params.text.max_length, device)  # fails before the cache is touched
     for line in attention_report(plan.spec):
         if line:
@@ -255,6 +282,8 @@ def _prepare_shared(params: Params, plan: CachePlan, cache_path: Path, rebuild: 
                 emb.tokens, emb.mask, emb.pooled = (a[index] for a in (emb.tokens, emb.mask, emb.pooled))
             if plan.spec.rotations:
                 group["rotation_angles"][:] = rotation_angles(plan.spec, split, inputs.layout.n)
+            if plan.spec.stain_views:
+                group["stain_shifts"][:] = stain_shifts(plan.spec, split, inputs.layout.n)
             write_text(group, emb.tokens, emb.mask, emb.pooled, inputs)
 
 

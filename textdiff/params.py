@@ -21,6 +21,7 @@ import yaml
 
 from textdiff.classifier import FUSIONS  # the classifier owns its fusion variants
 from textdiff.errors import TextDiffError
+from textdiff.stain import STAIN_METHODS
 
 DTYPES = ("float16", "bfloat16", "float32")
 DEVICES = ("auto", "cpu", "cuda")
@@ -68,9 +69,13 @@ class DataParams:
     tile: int = 256
     stride: int = 192
     protocol: str = "project"  # or release: the released code's BGR/bilinear images and dilated masks
+    # Stain normalisation of every image (all splits, and `textdiff predict`'s inputs) to a reference
+    # fitted on the training images: none | macenko | reinhard (textdiff/stain.py).
+    stain: str = "none"
 
     def check(self) -> None:
         _positive("data.image_size", self.image_size)
+        _one_of("data.stain", self.stain, STAIN_METHODS)
         if self.image_size % 8:
             raise ValueError(f"data.image_size must be a multiple of 8, got {self.image_size}")
         _one_of("data.mode", self.mode, ("resize", "tiles"))
@@ -156,9 +161,14 @@ class PretrainParams:
     max_minutes: float = 0.0
     compile: bool = False  # torch.compile the UNet for training (worth it on a GPU for long runs)
     log_every: int = 25  # steps between reading the loss back from the device (and logging it)
+    # HED stain jitter of every crop (Tellez et al.'s sigma: 0.05 light, 0.2 strong; 0 = none).
+    stain_jitter: float = 0.0
 
     def check(self) -> None:
         _non_negative("pretrain.steps", self.steps)
+        _non_negative("pretrain.stain_jitter", self.stain_jitter)
+        if self.stain_jitter > 1:
+            raise ValueError(f"pretrain.stain_jitter is a fraction of the stain amount; {self.stain_jitter} is more than 1")
         _positive("pretrain.shard_mb", self.shard_mb)
         _non_negative("pretrain.scale_jitter", self.scale_jitter)
         if self.scale_jitter > 2:
@@ -193,9 +203,17 @@ class ExtractParams:
     # Processes: > 1 runs the stage under `torchrun --standalone` on this machine (gloo on CPUs, one
     # GPU per process); for several machines launch torchrun yourself (README: "Many GPUs, many nodes").
     nproc: int = 1
+    # Stain-augmented copies per image (after the dihedral and rotated views): the image with its
+    # H, E and DAB amounts scaled and shifted by a seeded draw of +-stain_sigma (Tellez et al. 2019).
+    stain_views: int = 0
+    stain_sigma: float = 0.2
 
     def check(self) -> None:
         _one_of("extract.views", self.views, (1, 8))
+        _non_negative("extract.stain_views", self.stain_views)
+        _positive("extract.stain_sigma", self.stain_sigma)
+        if self.stain_sigma > 1:
+            raise ValueError(f"extract.stain_sigma is a fraction of the stain amount; {self.stain_sigma} is more than 1")
         _positive("extract.nproc", self.nproc)
         _non_negative("extract.rotations", self.rotations)
         _one_of("extract.dtype", self.dtype, DTYPES)

@@ -30,13 +30,15 @@ from tqdm import tqdm
 
 from textdiff.atomic import atomic_file, remove_stale_temporaries, write_json
 from textdiff.crops import CropSampler
-from textdiff.data import IMAGE_SUFFIXES, image_files, list_images, load_prepared, read_image, to_working_size
+from textdiff.data import (IMAGE_SUFFIXES, image_files, list_images, load_prepared, read_image, read_manifest,
+                           to_working_size)
 from textdiff.errors import TextDiffError
 from textdiff.hashing import sha256_images
 from textdiff.panels import save_png
 from textdiff.params import Params, section_dict
 from textdiff.paths import PREPARED_DIR, PRETRAIN_LIVE_DIR, TEACHER_FILE, resolve_data_root
 from textdiff.runtime import device_name, provenance, resolve_device
+from textdiff.stain import normalize
 from textdiff.teacher import normalize_config, save_checkpoint
 from textdiff.teacher.checkpoint import checkpoint_stem, is_index, layout_files, shard_paths, sidecar_path
 from textdiff.teacher import Diffusion, build_adm
@@ -308,10 +310,15 @@ def pretraining_images(params: Params, prepared_dir: Path = PREPARED_DIR) -> Tea
             for path in paths:
                 with Image.open(path) as im:
                     source_sizes.append((im.height, im.width))
+    reference = read_manifest(prepared_dir).get("stain") or {}
+    if reference and p.scale_jitter > 0:  # data/prepared is normalised already; the source files are not
+        images = [normalize(im, reference) for im in images]
     if data.protocol == "release" and p.scale_jitter > 0:
         images = [np.ascontiguousarray(im[..., ::-1]) for im in images]
     if p.extra_images:
         extra = _read_folder(Path(p.extra_images))
+        if reference:
+            extra = [normalize(im, reference) for im in extra]
         if data.protocol == "release":
             extra = [np.ascontiguousarray(im[..., ::-1]) for im in extra]
         scale = float(np.median([working_scale(data, *size) for size in source_sizes]))
@@ -357,7 +364,9 @@ def training_identity(params: Params, images_sha: str, scales: list[float] | Non
                     "shard_mb", "max_minutes", "compile", "log_every")
     identity = {
         "config": normalize_config(params.pretrain.config),
-        "pretrain": {k: v for k, v in section_dict(params.pretrain).items() if k not in not_training},
+        # (stain_jitter 0 left out, so runs from before the key existed still resume)
+        "pretrain": {k: v for k, v in section_dict(params.pretrain).items()
+                     if k not in not_training and not (k == "stain_jitter" and not v)},
         "schedule": params.teacher.schedule,
         "diffusion_steps": params.teacher.diffusion_steps,
         "images_sha256": images_sha,
@@ -491,7 +500,7 @@ def run_pretraining(params: Params, params_path: Path, prepared_dir: Path = PREP
           + (f", zoom x2^+-{p.scale_jitter:g} around the working scale" if p.scale_jitter else ""))
     data_sha = source.sha256
     sampler = CropSampler(source.images, config["image_size"], p.seed, device=device, scales=source.scales,
-                          jitter=p.scale_jitter)
+                          jitter=p.scale_jitter, stain_jitter=p.stain_jitter)
     state = new_state(config, p.lr, p.weight_decay, p.seed, device)
     identity_dict = training_identity(params, data_sha, source.scales)
     identity = json.dumps(identity_dict, sort_keys=True)

@@ -14,7 +14,7 @@ the UNet and the decoder see zero padding). The blended map is resized back to t
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +28,7 @@ from textdiff.errors import TextDiffError
 from textdiff.featurizer import Featurizer, build_featurizer, images_to_model_range
 from textdiff.teacher import checkpoint_sha256
 from textdiff.inference import ModelCard, load_trained, resize_probability
+from textdiff.stain import normalize
 from textdiff.text import TextEncoder
 from textdiff.tiles import blend_tiles, tile_grid
 
@@ -65,6 +66,7 @@ class Segmenter:
     scale: float | None = None
     device: torch.device = torch.device("cpu")
     protocol: str = "project"  # how prepare brought the training images to the teacher (data.protocol)
+    stain: dict = field(default_factory=dict)  # data.stain's reference: inputs are normalised as prepare did
 
     def __post_init__(self) -> None:
         self._text_cache: dict[str, tuple] = {}
@@ -81,6 +83,8 @@ class Segmenter:
     def probabilities(self, image: np.ndarray, text: str = "") -> np.ndarray:
         """Foreground probability [H, W] float32 for an RGB uint8 image [H, W, 3] of any size."""
         h, w = image.shape[:2]
+        if self.stain:  # as prepare did to every training image, at the source resolution
+            image = normalize(image, self.stain)
         tokens, mask, pooled = self.text_inputs(text)
         self.classifier.eval()
 
@@ -174,5 +178,5 @@ def build_segmenter(model_dir: Path, device: torch.device, teacher_override: Pat
     segmenter = Segmenter(extractor=build_featurizer(spec, teacher, device), blocks=list(spec.blocks),
                           classifier=classifier, encoder=encoder, image_size=spec.image_size, mode=spec.mode,
                           tile=spec.tile or spec.image_size, stride=spec.stride or spec.image_size, scale=scale,
-                          device=device, protocol=spec.protocol)
+                          device=device, protocol=spec.protocol, stain=dict(spec.stain))
     return segmenter, card

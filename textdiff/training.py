@@ -108,6 +108,21 @@ def choose_view(augment: str, views: int, rotations: int, rng: np.random.Generat
     return 0, 0
 
 
+def choose_stain_copy(choice: tuple[int, int], spec: CacheSpec, rng: np.random.Generator) -> tuple[int, int]:
+    """The image's own colours or one of its `extract.stain_views` stain copies, uniformly.
+
+    The copies are cached in the image's own orientation only, so a geometric choice carries over
+    as an op on the copy's features: a cached dihedral view v becomes op v, a flip already chosen
+    stays, and a rotated view falls back to the copy as it is.
+    """
+    k = int(rng.integers(spec.stain_views + 1))
+    if k == 0:
+        return choice
+    view, jitter = choice
+    op = view if 0 < view < min(spec.views, NUM_VIEWS) else jitter
+    return spec.views + spec.rotations + k - 1, op
+
+
 def check_augment(augment: str, spec: CacheSpec) -> None:
     """train.augment=release draws cached reflections and rotations: refuse a cache without them."""
     if augment == "release" and (spec.views != NUM_VIEWS or spec.rotations < 1):
@@ -118,7 +133,7 @@ def check_augment(augment: str, spec: CacheSpec) -> None:
 
 
 def _train_epoch(model: PixelClassifier, data: SampleStore, optimizer: torch.optim.Optimizer, params: TrainParams,
-                 views: int, rotations: int, rng: np.random.Generator, device: torch.device, bar_desc: str,
+                 spec: CacheSpec, rng: np.random.Generator, device: torch.device, bar_desc: str,
                  progress: bool) -> float:
     """One pass over the labelled images in a seeded order; returns the mean loss."""
     model.train()
@@ -128,7 +143,9 @@ def _train_epoch(model: PixelClassifier, data: SampleStore, optimizer: torch.opt
                disable=not progress, dynamic_ncols=True)
     for start in bar:
         positions = [int(p) for p in order[start : start + params.batch_size]]
-        choices = [choose_view(params.augment, views, rotations, rng) for _ in positions]
+        choices = [choose_view(params.augment, spec.views, spec.rotations, rng) for _ in positions]
+        if spec.stain_views and params.augment != "none":
+            choices = [choose_stain_copy(c, spec, rng) for c in choices]
         chunk = [data.get_view(p, v) for p, (v, _) in zip(positions, choices)]
         feats, mask, tokens, text_mask, pooled = batch_of(chunk, [0] * len(chunk), [j for _, j in choices], device)
         out = model(feats, tokens, text_mask, pooled)
@@ -165,7 +182,7 @@ def train_classifier(
                           train_ids=[train_split.ids[i] for i in indices])
     for epoch in range(1, params.epochs + 1):
         started = time.perf_counter()
-        loss = _train_epoch(model, train_data, optimizer, params, train_split.views, train_split.spec.rotations, rng, device,
+        loss = _train_epoch(model, train_data, optimizer, params, train_split.spec, rng, device,
                             f"epoch {epoch}/{params.epochs}", progress)
         scheduler.step()
         val_dice, val_iou = evaluate_dice(model, val_data, device)
