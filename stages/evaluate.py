@@ -12,27 +12,33 @@ import numpy as np
 
 from textdiff.atomic import atomic_dir, atomic_file, write_json
 from textdiff.cache import FeatureCache
-from textdiff.evaluation import evaluate_test, summary_rows
+from textdiff.evaluation import evaluate_baseline, evaluate_test, summary_rows
 from textdiff.errors import TextDiffError
 from textdiff.inference import load_trained
 from textdiff.panels import panel, panel_caption, save_png
 from textdiff.params import load_params
 from textdiff.paths import CACHE_PATH, CLASSIFIER_DIR, METRICS_DIR, PANEL_DIR, PREDICTIONS_H5, SUMMARY_CSV
 from textdiff.runtime import resolve_device
+from textdiff.unet import load_baseline, model_kind
 
 
 def run(params_path: Path, cache_path: Path = CACHE_PATH, model_dir: Path = CLASSIFIER_DIR) -> dict:
     params = load_params(params_path)
     device = resolve_device(params.evaluate.device)
     cache = FeatureCache(cache_path)
-    model, card = load_trained(model_dir, device)
+    kind = model_kind(model_dir)
     try:
-        result = evaluate_test(model, card, cache, device, params.evaluate.panels)
+        if kind == "textdiff":
+            model, card = load_trained(model_dir, device)
+            result = evaluate_test(model, card, cache, device, params.evaluate.panels)
+            attrs = {"fusion": card.classifier.fusion, "best_epoch": card.best_epoch, "params": json.dumps(card.train)}
+        else:
+            kind, baseline, spec = load_baseline(model_dir, device)
+            result = evaluate_baseline(kind, baseline, spec, cache, device, params.evaluate.panels)
+            attrs = {"baseline": kind}
     except TextDiffError as err:
         raise TextDiffError(f"{model_dir}/model.json: {err}") from None
-
-    attrs = {"fusion": card.classifier.fusion, "best_epoch": card.best_epoch,
-             "params": json.dumps(card.train), "cache_fingerprint": json.dumps(cache.spec.to_json())}
+    attrs["cache_fingerprint"] = json.dumps(cache.spec.to_json())
     with atomic_file(PREDICTIONS_H5) as tmp:
         with h5py.File(tmp, "w") as h5:
             h5.attrs.update(attrs)

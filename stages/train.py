@@ -1,4 +1,5 @@
-"""Stage `train`: the pixel classifier on cache/features.zarr (DVC stage two, first half)."""
+"""Stage `train`: the pixel classifier on cache/features.zarr (DVC stage two, first half), or with
+`baseline.kind` the U-Net baseline on the cached pixels (classic: nothing to train)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ from textdiff.inference import ModelCard, save_trained
 from textdiff.params import load_params, section_dict
 from textdiff.paths import CACHE_PATH, CLASSIFIER_DIR, METRICS_DIR, TRAIN_LIVE_DIR
 from textdiff.runtime import provenance, resolve_device
-from textdiff.training import EpochRecord, train_classifier
+from textdiff.training import EpochRecord, schedule_for, train_classifier, train_unet
+from textdiff.unet import save_baseline
 
 
 def run(params_path: Path, cache_path: Path = CACHE_PATH, out_dir: Path = CLASSIFIER_DIR) -> None:
@@ -30,23 +32,38 @@ def run(params_path: Path, cache_path: Path = CACHE_PATH, out_dir: Path = CLASSI
             live.log_metric("val/iou", record.val_iou)
             live.next_step()
 
-        result = train_classifier(cache, params.train, device, on_epoch=log)
+        if params.baseline.kind == "classic":  # nothing to learn: the card says what evaluate should run
+            save_baseline(out_dir, "classic", cache.spec, section_dict(params.train))
+            write_json(METRICS_DIR / "train.json", {"baseline": "classic", "num_train": 0, "seconds": 0.0})
+            print(f"baseline.kind=classic: hematoxylin + Otsu, no training; {out_dir}/model.json written")
+            return
+        if params.baseline.kind == "unet":
+            result = train_unet(cache, params.train, params.baseline, device, on_epoch=log)
+        else:
+            result = train_classifier(cache, params.train, device, on_epoch=log)
     seconds = time.perf_counter() - started
+    schedule = schedule_for(params.train, result.num_train)
 
-    card = ModelCard(classifier=result.config, spec=cache.spec, train=section_dict(params.train),
-                     best_epoch=result.best_epoch, best_val_dice=result.best_val_dice,
-                     best_val_iou=result.best_val_iou, train_ids=result.train_ids, cache=str(cache_path),
-                     teacher_path=cache.provenance.get("teacher_path"), provenance=provenance())
-    save_trained(out_dir, result.state, card)
+    if params.baseline.kind == "unet":
+        save_baseline(out_dir, "unet", cache.spec, section_dict(params.train), result.state, result.config, result)
+    else:
+        card = ModelCard(classifier=result.config, spec=cache.spec, train=section_dict(params.train),
+                         best_epoch=result.best_epoch, best_val_dice=result.best_val_dice,
+                         best_val_iou=result.best_val_iou, train_ids=result.train_ids, cache=str(cache_path),
+                         teacher_path=cache.provenance.get("teacher_path"), provenance=provenance())
+        save_trained(out_dir, result.state, card)
     peak_rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     write_json(METRICS_DIR / "train.json", {
+        **({"baseline": "unet"} if params.baseline.kind == "unet" else {}),
         "best_epoch": result.best_epoch,
+        "best_step": result.best_step,
+        "steps": schedule.total_steps,
         "val_dice": result.best_val_dice,
         "val_iou": result.best_val_iou,
         "num_train": result.num_train,
         "seconds": round(seconds, 1),
-        "seconds_per_epoch": round(seconds / max(1, params.train.epochs), 2),
+        "seconds_per_epoch": round(seconds / schedule.rounds, 2),  # per validation round with train.steps
         "peak_rss_mib": round(peak_rss_mib, 1),
     })
-    print(f"best val dice {result.best_val_dice:.4f} at epoch {result.best_epoch}; "
+    print(f"best val dice {result.best_val_dice:.4f} at {schedule.unit} {result.best_epoch} (step {result.best_step}); "
           f"{out_dir}/model.pt written ({seconds:.0f}s, peak RSS {peak_rss_mib:.0f} MiB)")

@@ -21,12 +21,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from textdiff.cache import CachedSplit, FeatureCache
+from textdiff.baselines import hematoxylin_otsu
+from textdiff.cache import CachedSplit, CacheSpec, FeatureCache
 from textdiff.classifier import PixelClassifier
 from textdiff.errors import TextDiffError
 from textdiff.inference import ModelCard, SampleStore, predict_split, resize_probability
 from textdiff.metrics import boundary_f1, dice_pixel, image_metrics, iou_dice_textdiff, summarize
 from textdiff.tiles import blend_tiles, paste_tiles
+from textdiff.unet import predict_pixels
 
 SUMMARY_METRICS = ("dice", "aji")  # the summary plot's columns, per test image
 
@@ -88,6 +90,30 @@ def evaluate_test(model: PixelClassifier, card: ModelCard, cache: FeatureCache, 
         raise TextDiffError("the classifier was trained on another cache; re-run `textdiff train`")
     test = cache.split("test")
     preds, gts, probs = predict_split(model, SampleStore(test), device, keep_probs=True)
+    return score_test(cache, preds, gts, probs, panels)
+
+
+def evaluate_baseline(kind: str, model: torch.nn.Module | None, spec: CacheSpec, cache: FeatureCache,
+                      device: torch.device, panels: int) -> Evaluation:
+    """The same scoring for a baseline: the U-Net's probabilities, or the classic mask (as 0/1
+    probabilities, so tiles are blended and thresholded like any model's)."""
+    if spec != cache.spec:
+        raise TextDiffError(f"the {kind} baseline was made on another cache; re-run `textdiff train`")
+    test = cache.split("test")
+    if kind == "unet":
+        preds, gts, probs = predict_pixels(model, test, device)
+    else:
+        bgr = cache.spec.protocol == "release"
+        preds = [hematoxylin_otsu(test.image(i), bgr=bgr) for i in range(len(test))]
+        gts = [test.mask(i, 0).numpy().astype(np.uint8) for i in range(len(test))]
+        probs = [p.astype(np.float32) for p in preds]
+    return score_test(cache, preds, gts, probs, panels)
+
+
+def score_test(cache: FeatureCache, preds: list[np.ndarray], gts: list[np.ndarray], probs: list[np.ndarray],
+               panels: int) -> Evaluation:
+    """Every metric of view-0 predictions of the test items (windows are stitched first)."""
+    test = cache.split("test")
     if cache.spec.tiled:  # score whole images at native resolution, not windows
         ids, probs, gts, images = stitch_windows(test, probs, panels)
         preds = [(p > 0.5).astype(np.uint8) for p in probs]

@@ -33,7 +33,7 @@ from textdiff.runtime import provenance, resolve_device
 from textdiff.stain import StainShift, apply_shift, draw_shift
 from textdiff.text import TextEncoder, text_hidden_size
 from textdiff.tiles import cut_tiles
-from textdiff.views import apply_view
+from textdiff.views import apply_view, rotate_like_release
 
 
 @dataclass
@@ -165,14 +165,6 @@ def stain_shifts(spec: CacheSpec, split: str, n: int) -> np.ndarray:
             rng = np.random.default_rng([spec.noise_seed, split_id, i, 1 + k, 0x57A1])
             out[i, k] = draw_shift(rng, spec.stain_sigma).as_array()
     return out
-
-
-def rotate_like_release(image: np.ndarray, degrees: float) -> np.ndarray:
-    """`scipy.ndimage.rotate(order=0, reshape=False)`, the released code's call: nearest neighbour,
-    the same size, black (0) where the rotated square leaves the frame. Works on [H, W] and [H, W, C]."""
-    from scipy import ndimage
-
-    return ndimage.rotate(image, degrees, axes=(1, 0), order=0, reshape=False, mode="constant", cval=0)
 
 
 def _views_of(images: np.ndarray, masks: np.ndarray, angles: np.ndarray, views: int,

@@ -158,12 +158,21 @@ def load_classifier(state: dict, config: ClassifierConfig, device: torch.device)
 def load_trained(model_dir: Path, device: torch.device) -> tuple[PixelClassifier, ModelCard]:
     """The classifier in `model_dir` and its card; one-line errors for missing or foreign files."""
     weights, card_path = model_dir / "model.pt", model_dir / "model.json"
-    for f in (weights, card_path):
-        if not f.is_file():
-            raise TextDiffError(f"{f}: trained classifier not found (run `textdiff train`)")
+    if not card_path.is_file():
+        raise TextDiffError(f"{card_path}: trained classifier not found (run `textdiff train`)")
     try:
-        card = ModelCard.from_json(json.loads(card_path.read_text()), source=str(card_path))
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raw = json.loads(card_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise TextDiffError(f"{card_path}: not a classifier description ({type(err).__name__})") from None
+    kind = raw.get("kind", "textdiff") if isinstance(raw, dict) else "textdiff"
+    if kind != "textdiff":
+        raise TextDiffError(f"{card_path}: holds the {kind} baseline (baseline.kind={kind}), not a TextDiff "
+                            "classifier; train one with baseline.kind: none")
+    if not weights.is_file():
+        raise TextDiffError(f"{weights}: trained classifier not found (run `textdiff train`)")
+    try:
+        card = ModelCard.from_json(raw, source=str(card_path))
+    except (KeyError, TypeError, AttributeError) as err:
         raise TextDiffError(f"{card_path}: not a classifier description ({type(err).__name__})") from None
     except TextDiffError as err:
         raise TextDiffError(f"{card_path}: not a classifier description ({err})") from None

@@ -228,10 +228,14 @@ class TrainParams:
     fusion: str = "cross_attention"
     contrastive_weight: float = 0.0
     epochs: int = 20
+    # A fixed number of optimisation steps instead of epochs (0 = epochs x the labelled images), so
+    # that runs with 1 or 24 labels get the same budget; validated every `val_every` steps.
+    steps: int = 0
+    val_every: int = 24
     num_labeled: int = 0
     seed: int = 40
     lr: float = 1e-4
-    milestones: tuple[int, ...] = ()  # epochs after which lr *= gamma; none = a constant lr
+    milestones: tuple[int, ...] = ()  # validation rounds (epochs) after which lr *= gamma; none = constant
     gamma: float = 0.1
     dice_weight: float = 1.5
     batch_size: int = 1
@@ -257,12 +261,16 @@ class TrainParams:
             raise ValueError("train.contrastive_weight > 0 needs the contrastive heads; the release classifier has none")
         _non_negative("train.contrastive_weight", self.contrastive_weight)
         _positive("train.epochs", self.epochs)
+        _non_negative("train.steps", self.steps)
+        _positive("train.val_every", self.val_every)
         _non_negative("train.num_labeled", self.num_labeled)
         _positive("train.lr", self.lr)
+        rounds, unit = ((-(-self.steps // min(self.val_every, self.steps)), "validation round") if self.steps
+                        else (self.epochs, "epoch"))
         for m in self.milestones:
             _positive("train.milestones", m)
-            if m >= self.epochs:
-                raise ValueError(f"train.milestones: {m} is not before the last epoch ({self.epochs}); "
+            if m >= rounds:
+                raise ValueError(f"train.milestones: {m} is not before the last {unit} ({rounds}); "
                                  "the learning rate would never drop")
         _positive("train.gamma", self.gamma)
         _non_negative("train.dice_weight", self.dice_weight)
@@ -272,6 +280,27 @@ class TrainParams:
         _one_of("train.device", self.device, DEVICES)
         if self.fusion == "none" and self.contrastive_weight > 0:
             raise ValueError("train.contrastive_weight > 0 needs text, but train.fusion is none (image only)")
+
+
+@dataclass(frozen=True)
+class BaselineParams:
+    """What the train and evaluate stages score instead of TextDiff (read from the same cache, so
+    the teacher never re-runs): `classic` = hematoxylin + Otsu, no learning; `unet` = MONAI's UNet
+    from scratch on the same labelled images, schedule, augmentation and selection (train.*)."""
+
+    kind: str = "none"  # none (TextDiff) | classic | unet
+    channels: tuple[int, ...] = (16, 32, 64, 128, 256)  # the U-Net's widths, one level each
+    res_units: int = 2
+    lr: float = 1e-3  # Adam, for the U-Net (from scratch, it needs more than the classifier's 1e-4)
+
+    def check(self) -> None:
+        _one_of("baseline.kind", self.kind, ("none", "classic", "unet"))
+        if len(self.channels) < 2:
+            raise ValueError(f"baseline.channels needs at least 2 levels, got {list(self.channels)}")
+        for c in self.channels:
+            _positive("baseline.channels", c)
+        _non_negative("baseline.res_units", self.res_units)
+        _positive("baseline.lr", self.lr)
 
 
 @dataclass(frozen=True)
@@ -293,6 +322,7 @@ SECTIONS: dict[str, type] = {
     "pretrain": PretrainParams,
     "extract": ExtractParams,
     "train": TrainParams,
+    "baseline": BaselineParams,
     "evaluate": EvaluateParams,
 }
 
@@ -305,6 +335,7 @@ class Params:
     pretrain: PretrainParams = field(default_factory=PretrainParams)
     extract: ExtractParams = field(default_factory=ExtractParams)
     train: TrainParams = field(default_factory=TrainParams)
+    baseline: BaselineParams = field(default_factory=BaselineParams)
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)
     path: Path | None = None
 

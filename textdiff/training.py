@@ -11,7 +11,7 @@ from __future__ import annotations
 import random
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -23,7 +23,8 @@ from textdiff.errors import TextDiffError
 from textdiff.inference import SampleStore, batch_of, predict_split
 from textdiff.losses import total_loss
 from textdiff.metrics import iou_dice_textdiff
-from textdiff.params import TrainParams
+from textdiff.params import BaselineParams, TrainParams
+from textdiff.unet import UNetConfig, build_unet, pixel_batch, predict_pixels
 from textdiff.views import NUM_VIEWS
 
 
@@ -35,6 +36,7 @@ class EpochRecord:
     val_iou: float
     seconds: float
     lr: float
+    step: int = 0  # optimisation steps done when it was recorded
 
 
 @dataclass
@@ -47,6 +49,7 @@ class TrainingResult:
     best_val_dice: float
     best_val_iou: float
     train_ids: list[str]
+    best_step: int = 0
 
     @property
     def num_train(self) -> int:
@@ -132,31 +135,77 @@ def check_augment(augment: str, spec: CacheSpec) -> None:
             "extract.rotations: 4 (or more) and run extract")
 
 
-def _train_epoch(model: PixelClassifier, data: SampleStore, optimizer: torch.optim.Optimizer, params: TrainParams,
-                 spec: CacheSpec, rng: np.random.Generator, device: torch.device, bar_desc: str,
-                 progress: bool) -> float:
-    """One pass over the labelled images in a seeded order; returns the mean loss."""
-    model.train()
-    order = rng.permutation(len(data))
-    losses = []
-    bar = tqdm(range(0, len(order), params.batch_size), desc=bar_desc, unit="batch", leave=False,
-               disable=not progress, dynamic_ncols=True)
-    for start in bar:
-        positions = [int(p) for p in order[start : start + params.batch_size]]
-        choices = [choose_view(params.augment, spec.views, spec.rotations, rng) for _ in positions]
-        if spec.stain_views and params.augment != "none":
-            choices = [choose_stain_copy(c, spec, rng) for c in choices]
-        chunk = [data.get_view(p, v) for p, (v, _) in zip(positions, choices)]
-        feats, mask, tokens, text_mask, pooled = batch_of(chunk, [0] * len(chunk), [j for _, j in choices], device)
-        out = model(feats, tokens, text_mask, pooled)
-        loss, parts = total_loss(out, mask, params.dice_weight, params.contrastive_weight,
-                                 dice_on="logits" if params.classifier == "release" else "probabilities")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        losses.append(parts["total"])
-        bar.set_postfix(loss=f"{parts['total']:.4f}")
-    return float(np.mean(losses))
+@dataclass(frozen=True)
+class Schedule:
+    """How long training runs and when it validates: `epochs` passes over the labelled items
+    (validating after each), or with `train.steps` a fixed number of optimisation steps whatever
+    the number of labels (validating every `train.val_every` steps), so that a 1-image and a
+    24-image run get the same optimisation budget."""
+
+    total_steps: int
+    val_every: int
+    unit: str  # "epoch" or "round": what one validation interval is called
+
+    @property
+    def rounds(self) -> int:
+        return -(-self.total_steps // self.val_every)
+
+
+def schedule_for(params: TrainParams, n_items: int) -> Schedule:
+    per_pass = -(-n_items // params.batch_size)
+    if params.steps:
+        return Schedule(params.steps, min(params.val_every, params.steps), "round")
+    return Schedule(params.epochs * per_pass, per_pass, "epoch")
+
+
+Batch = list[tuple[int, int, int]]  # (position in the labelled set, cached view, dihedral op on it)
+
+
+def draw_batches(n_items: int, params: TrainParams, spec: CacheSpec, rng: np.random.Generator) -> Iterator[Batch]:
+    """Endless seeded batches: a fresh permutation of the labelled items per pass, and each item's
+    view (`choose_view`, then `choose_stain_copy`) drawn as its batch is taken."""
+    while True:
+        order = rng.permutation(n_items)
+        for start in range(0, n_items, params.batch_size):
+            positions = [int(p) for p in order[start : start + params.batch_size]]
+            choices = [choose_view(params.augment, spec.views, spec.rotations, rng) for _ in positions]
+            if spec.stain_views and params.augment != "none":
+                choices = [choose_stain_copy(c, spec, rng) for c in choices]
+            yield [(p, v, j) for p, (v, j) in zip(positions, choices)]
+
+
+def fit(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler, schedule: Schedule,
+        batches: Iterator[Batch], step: Callable[[Batch], float], validate: Callable[[], tuple[float, float]],
+        result: TrainingResult, on_epoch: Callable[[EpochRecord], None] | None = None,
+        progress: bool = True) -> TrainingResult:
+    """The loop every trained model shares (the pixel classifier and the U-Net baseline): `step`
+    takes one batch and returns its loss; after every `schedule.val_every` steps (and the last) the
+    lr schedule advances and `validate` gives (Dice, IoU); the best validation Dice's weights win."""
+    done = 0
+    for rnd in range(1, schedule.rounds + 1):
+        started = time.perf_counter()
+        model.train()
+        n = min(schedule.val_every, schedule.total_steps - done)
+        bar = tqdm(range(n), desc=f"{schedule.unit} {rnd}/{schedule.rounds}", unit="batch", leave=False,
+                   disable=not progress, dynamic_ncols=True)
+        losses = []
+        for _ in bar:
+            losses.append(step(next(batches)))
+            bar.set_postfix(loss=f"{losses[-1]:.4f}")
+        done += n
+        scheduler.step()
+        val_dice, val_iou = validate()
+        record = EpochRecord(rnd, float(np.mean(losses)), val_dice, val_iou, time.perf_counter() - started,
+                             optimizer.param_groups[0]["lr"], done)
+        if val_dice > result.best_val_dice:
+            result.best_epoch, result.best_step, result.best_val_dice, result.best_val_iou = rnd, done, val_dice, val_iou
+            result.state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        if progress:
+            print(f"{schedule.unit} {rnd:3d}  step {done:5d}  loss {record.train_loss:.4f}  val dice {val_dice:.4f}  "
+                  f"iou {val_iou:.4f}  {record.seconds:.1f}s" + ("  *" if result.best_epoch == rnd else ""))
+        if on_epoch is not None:
+            on_epoch(record)
+    return result
 
 
 def train_classifier(
@@ -166,7 +215,7 @@ def train_classifier(
     on_epoch: Callable[[EpochRecord], None] | None = None,
     progress: bool = True,
 ) -> TrainingResult:
-    """Train for `params.epochs`; keep the weights of the best validation Dice."""
+    """Train for the schedule (`train.epochs`, or `train.steps`); keep the best validation Dice's weights."""
     seed_everything(params.seed)
     check_augment(params.augment, cache.spec)
     train_split, val_split = cache.split("train"), cache.split("val")
@@ -177,23 +226,53 @@ def train_classifier(
     optimizer = torch.optim.Adam(model.parameters(), lr=params.lr)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(params.milestones), gamma=params.gamma)
     rng = np.random.default_rng(params.seed)
+    schedule = schedule_for(params, len(train_data))
 
-    best = TrainingResult(state={}, config=config, best_epoch=0, best_val_dice=-1.0, best_val_iou=0.0,
-                          train_ids=[train_split.ids[i] for i in indices])
-    for epoch in range(1, params.epochs + 1):
-        started = time.perf_counter()
-        loss = _train_epoch(model, train_data, optimizer, params, train_split.spec, rng, device,
-                            f"epoch {epoch}/{params.epochs}", progress)
-        scheduler.step()
-        val_dice, val_iou = evaluate_dice(model, val_data, device)
-        record = EpochRecord(epoch, loss, val_dice, val_iou, time.perf_counter() - started,
-                             optimizer.param_groups[0]["lr"])
-        if val_dice > best.best_val_dice:
-            best.best_epoch, best.best_val_dice, best.best_val_iou = epoch, val_dice, val_iou
-            best.state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-        if progress:
-            print(f"epoch {epoch:3d}  loss {loss:.4f}  val dice {val_dice:.4f}  iou {val_iou:.4f}  "
-                  f"{record.seconds:.1f}s" + ("  *" if best.best_epoch == epoch else ""))
-        if on_epoch is not None:
-            on_epoch(record)
-    return best
+    def step(batch: Batch) -> float:
+        chunk = [train_data.get_view(p, v) for p, v, _ in batch]
+        feats, mask, tokens, text_mask, pooled = batch_of(chunk, [0] * len(chunk), [j for _, _, j in batch], device)
+        out = model(feats, tokens, text_mask, pooled)
+        loss, parts = total_loss(out, mask, params.dice_weight, params.contrastive_weight,
+                                 dice_on="logits" if params.classifier == "release" else "probabilities")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return parts["total"]
+
+    result = TrainingResult(state={}, config=config, best_epoch=0, best_val_dice=-1.0, best_val_iou=0.0,
+                            train_ids=[train_split.ids[i] for i in indices])
+    return fit(model, optimizer, scheduler, schedule, draw_batches(len(train_data), params, cache.spec, rng), step,
+               lambda: evaluate_dice(model, val_data, device), result, on_epoch, progress)
+
+
+def train_unet(cache: FeatureCache, params: TrainParams, baseline: BaselineParams, device: torch.device,
+               on_epoch: Callable[[EpochRecord], None] | None = None, progress: bool = True) -> TrainingResult:
+    """The U-Net on the same labelled images, views, schedule and selection as the classifier."""
+    seed_everything(params.seed)
+    check_augment(params.augment, cache.spec)
+    train_split, val_split = cache.split("train"), cache.split("val")
+    indices = labeled_subset(len(train_split), params.num_labeled, params.seed)
+    config = UNetConfig(tuple(baseline.channels), baseline.res_units)
+    model = build_unet(config).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=baseline.lr)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(params.milestones), gamma=params.gamma)
+    rng = np.random.default_rng(params.seed)
+
+    def step(batch) -> float:
+        x, mask = pixel_batch(train_split, [(indices[p], v, j) for p, v, j in batch], device)
+        loss, parts = total_loss({"logits": model(x)}, mask, params.dice_weight, 0.0)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return parts["total"]
+
+    def validate() -> tuple[float, float]:
+        preds, gts, _ = predict_pixels(model, val_split, device)
+        scores = [iou_dice_textdiff(p, g) for p, g in zip(preds, gts)]
+        return float(np.mean([d for d, _ in scores])), float(np.mean([i for _, i in scores]))
+
+    result = TrainingResult(state={}, config=config, best_epoch=0, best_val_dice=-1.0, best_val_iou=0.0,  # type: ignore[arg-type]
+                            train_ids=[train_split.ids[i] for i in indices])
+    schedule = schedule_for(params, len(indices))
+    return fit(model, optimizer, scheduler, schedule, draw_batches(len(indices), params, cache.spec, rng), step,
+               validate, result, on_epoch, progress)

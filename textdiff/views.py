@@ -1,4 +1,5 @@
-"""The dihedral group D4 acting on images: the 8 flips and 90-degree rotations.
+"""The views of an image that extract caches: the dihedral group D4 (the 8 flips and 90-degree
+rotations) and the released code's small-angle rotation.
 
 Extraction runs the teacher on every view of an image (`extract.views: 8`) so that training can
 augment with flips/rotations and still see the teacher's *real* features of the transformed image,
@@ -7,6 +8,7 @@ rather than flipped features of the original (the teacher is not equivariant).
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 NUM_VIEWS = 8
@@ -19,3 +21,11 @@ def apply_view(x: torch.Tensor, view: int) -> torch.Tensor:
     if view >= 4:
         x = torch.flip(x, dims=(-1,))
     return torch.rot90(x, k=view % 4, dims=(-2, -1))
+
+
+def rotate_like_release(image: np.ndarray, degrees: float) -> np.ndarray:
+    """`scipy.ndimage.rotate(order=0, reshape=False)`, the released code's call: nearest neighbour,
+    the same size, black (0) where the rotated square leaves the frame. Works on [H, W] and [H, W, C]."""
+    from scipy import ndimage
+
+    return ndimage.rotate(image, degrees, axes=(1, 0), order=0, reshape=False, mode="constant", cval=0)
