@@ -10,6 +10,7 @@ from textdiff.errors import TextDiffError
 from textdiff.metrics import (
     PixelDice,
     aji,
+    aji_plus,
     dice_pixel,
     image_metrics,
     iou_dice_textdiff,
@@ -208,3 +209,75 @@ def test_boundary_f1_against_a_hand_count():
     assert boundary_f1(wider, gt) == 0.0
     assert boundary_f1(np.zeros_like(gt), np.zeros_like(gt)) == 1.0
     assert boundary_f1(np.zeros_like(gt), gt) == 0.0 and boundary_f1(gt, np.zeros_like(gt)) == 0.0
+
+
+# -- the published definitions on hand-computed cases (Kumar et al. 2017 AJI; Graham et al. 2019
+#    AJI+; Kirillov et al. 2019 PQ), as HoVer-Net's get_fast_aji / get_fast_aji_plus / get_fast_pq
+
+
+def _canvas() -> np.ndarray:
+    return np.zeros((12, 24), np.uint8)
+
+
+def test_one_nucleus_split_in_two():
+    gt = _canvas()
+    gt[0:10, 0:10] = 1  # 100 px
+    pred = _canvas()
+    pred[0:10, 0:4] = 1  # 40 px, IoU 0.4
+    pred[0:10, 6:10] = 1  # 40 px, IoU 0.4 (a 2-px gap: two components)
+    # AJI: the GT takes the first of the tied halves (inter 40, union 100), the other half is unused (+40)
+    assert aji(pred, gt) == pytest.approx(40 / 140)
+    assert aji_plus(pred, gt) == pytest.approx(40 / 140)  # one GT: the same single pair
+    dq, sq, q = pq(pred, gt)  # no pair above IoU 0.5: TP 0, FP 2, FN 1
+    assert (dq, sq, q) == (0.0, 0.0, 0.0)
+
+
+def test_two_nuclei_merged_into_one():
+    gt = _canvas()
+    gt[0:10, 0:10] = 1
+    gt[0:10, 12:22] = 1  # two 100-px nuclei, 2 px apart
+    pred = _canvas()
+    pred[0:10, 0:22] = 1  # one 220-px blob over both
+    # AJI: both GT pick the blob: inter 100 + 100, union 220 + 220 (the blob counted twice)
+    assert aji(pred, gt) == pytest.approx(200 / 440)
+    # AJI+: one-to-one, so one GT is paired (100 / 220) and the other adds its 100 px to the union
+    assert aji_plus(pred, gt) == pytest.approx(100 / 320)
+    assert pq(pred, gt) == (0.0, 0.0, 0.0)  # IoU 100/220 < 0.5: TP 0, FP 1, FN 2
+
+
+def test_a_good_match_a_miss_and_a_false_positive():
+    gt = _canvas()
+    gt[0:10, 0:10] = 1  # A: 100 px
+    gt[0:4, 14:18] = 1  # B: 16 px, missed
+    pred = _canvas()
+    pred[0:10, 0:8] = 1  # 80 px inside A: IoU 0.8
+    pred[8:12, 20:24] = 1  # 16 px, touches nothing
+    assert aji(pred, gt) == pytest.approx(80 / (100 + 16 + 16))
+    assert aji_plus(pred, gt) == pytest.approx(80 / (100 + 16 + 16))
+    dq, sq, q = pq(pred, gt)  # TP 1 (IoU 0.8), FP 1, FN 1
+    assert dq == pytest.approx(1 / (1 + 0.5 + 0.5)) and sq == pytest.approx(0.8) and q == pytest.approx(0.4)
+
+
+def test_no_prediction_and_no_ground_truth():
+    gt = _canvas()
+    gt[2:6, 2:6] = 1
+    empty = _canvas()
+    for f in (aji, aji_plus):
+        assert f(empty, gt) == 0.0 and f(gt, empty) == 0.0 and f(empty, empty) == 1.0
+    assert pq(empty, gt) == (0.0, 0.0, 0.0) and pq(gt, empty) == (0.0, 0.0, 0.0)
+    assert pq(empty, empty) == (1.0, 1.0, 1.0)
+
+
+def test_aji_plus_never_below_aji_and_equal_without_shared_predictions():
+    rng = np.random.default_rng(5)
+    for _ in range(30):
+        gt = (rng.random((40, 40)) > 0.7).astype(np.uint8)
+        pred = (rng.random((40, 40)) > 0.7).astype(np.uint8)
+        assert aji_plus(pred, gt) >= aji(pred, gt) - 1e-12
+    gt = _canvas()
+    gt[0:4, 0:4] = 1
+    gt[0:4, 10:14] = 1
+    pred = _canvas()
+    pred[1:4, 0:4] = 1
+    pred[0:3, 10:14] = 1
+    assert aji_plus(pred, gt) == pytest.approx(aji(pred, gt))
