@@ -118,11 +118,16 @@ def report(
     exp_json: Path = typer.Option(None, "--from-json", help="Read saved `dvc exp show --json` output instead."),
     all_commits: bool = typer.Option(False, "--all-commits", "-A",
                                      help="Include experiments of earlier commits (newest run of each variation)."),
+    curves: bool = typer.Option(False, "--curves", help="Label-efficiency curves instead: metrics/label_efficiency"
+                                ".md, .png and per-method CSVs (runs trained with train.steps)."),
 ) -> None:
     """Turn the DVC experiments' test metrics into the ablation table (metrics/ablation.md)."""
     from stages import report as stage
 
-    stage.run(out, exp_json, all_commits)
+    if curves:
+        stage.run_curves(stage.CURVES_MD if out == Path("metrics/ablation.md") else out, exp_json, all_commits)
+    else:
+        stage.run(out, exp_json, all_commits)
 
 
 cache_app = typer.Typer(no_args_is_help=True, help="Inspect the feature cache.")

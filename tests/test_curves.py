@@ -1,0 +1,87 @@
+"""Label-efficiency curves: dvc exp show --json -> table, plot, per-method CSVs (`textdiff report --curves`)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from stages.cli import app
+from textdiff.curves import aggregate, markdown, method_of, runs_from_exp_show
+
+runner = CliRunner()
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _run(name, n, seed, dice, aji, steps=480, **params):
+    p = {"train": {"num_labeled": n, "seed": seed, "steps": steps, **params.pop("train", {})}, **params}
+    return {"rev": name + "0" * 30, "name": name, "data": {
+        "params": {"params.yaml": {"data": p}},
+        "metrics": {"metrics/test.json": {"data": {"dice": dice, "aji": aji}},
+                    "metrics/train.json": {"data": {"num_train": n or 24}}}}}
+
+
+def _grid():
+    runs = [_run("classic", 0, 40, 0.768, 0.37, baseline={"kind": "classic"})]
+    for seed, shift in zip((40, 41, 42), (0.0, 0.01, 0.02)):
+        runs.append(_run(f"t1{seed}", 1, seed, 0.60 + shift, 0.30))
+        runs.append(_run(f"u1{seed}", 1, seed, 0.40 + shift, 0.10, baseline={"kind": "unet"}))
+    runs.append(_run("t24", 24, 40, 0.78, 0.47))
+    runs.append(_run("u24", 24, 40, 0.76, 0.40, baseline={"kind": "unet"}))
+    runs.append(_run("epochs", 24, 40, 0.99, 0.99, steps=0))  # trained by epochs: not on the curves
+    runs.append(_run("concat", 1, 40, 0.99, 0.99, train={"fusion": "concat"}))  # on no curve
+    return [{"rev": "workspace", "name": None, "data": {"params": {}, "metrics": {}}},
+            {**runs[0], "experiments": [{"revs": [r]} for r in runs[1:]]}]
+
+
+def test_methods_are_named_from_params():
+    assert method_of({}) == "textdiff"
+    assert method_of({"train": {"fusion": "none"}}) == "image_only"
+    assert method_of({"teacher": {"kind": "rgb"}}) == "rgb"
+    assert method_of({"baseline": {"kind": "unet"}, "train": {"fusion": "none"}}) == "unet"
+    assert method_of({"baseline": {"kind": "classic"}}) == "classic"
+    assert method_of({"train": {"fusion": "hierarchical"}}) is None
+
+
+def test_seeds_reduce_to_mean_and_sample_std_and_classic_spans_every_n():
+    runs = runs_from_exp_show(_grid())
+    assert sorted(r["name"] for r in runs) == sorted(
+        ["classic", "t140", "t141", "t142", "u140", "u141", "u142", "t24", "u24"])
+    summary = {(s["method"], s["n"]): s for s in aggregate(runs)}
+    t1 = summary[("textdiff", 1)]
+    assert t1["runs"] == 3 and t1["dice"] == pytest.approx(0.61) and t1["dice_std"] == pytest.approx(0.01)
+    assert summary[("textdiff", 24)]["runs"] == 1 and summary[("textdiff", 24)]["dice_std"] == 0.0
+    assert summary[("classic", 1)]["dice"] == summary[("classic", 24)]["dice"] == 0.768
+    table = markdown(aggregate(runs))
+    assert "| N = 1 | N = 24 |" in table and "61.00 ± 1.00 / 30.00 ± 0.00 (3)" in table
+    assert table.index("TextDiff") < table.index("U-Net") < table.index("hematoxylin")
+
+
+def test_report_curves_writes_table_plot_and_csvs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "exp.json").write_text(json.dumps(_grid()))
+    result = runner.invoke(app, ["report", "--curves", "--from-json", "exp.json"])
+    assert result.exit_code == 0, result.output
+    assert "train.steps = 480" in Path("metrics/label_efficiency.md").read_text()
+    assert Path("metrics/label_efficiency.png").stat().st_size > 10_000
+    rows = list(csv.DictReader(open("metrics/label_efficiency/textdiff.csv")))
+    assert [r["n"] for r in rows] == ["1", "24"] and float(rows[0]["dice"]) == pytest.approx(61.0)
+
+    mixed = _grid()
+    mixed[1]["experiments"].append({"revs": [_run("other", 2, 40, 0.7, 0.4, steps=100)]})
+    (tmp_path / "mixed.json").write_text(json.dumps(mixed))
+    result = runner.invoke(app, ["report", "--curves", "--from-json", "mixed.json"])
+    assert result.exit_code == 1 and "different train.steps budgets [100, 480]" in result.output
+
+
+def test_grid_script_lists_the_runs():
+    out = subprocess.run([sys.executable, str(REPO / "benchmarks" / "label_grid.py")], capture_output=True,
+                         text=True, check=True).stdout
+    lines = [line for line in out.splitlines() if line.startswith("dvc exp run")]
+    assert len(lines) == 4 * (4 * 3 + 1) + 1  # 4 trained methods x (4 counts x 3 seeds + N=24) + classic
+    assert any("-n le-unet-n8-s42" in line and "baseline.kind=unet" in line for line in lines)
