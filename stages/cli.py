@@ -97,7 +97,11 @@ def predict(
     model: Path = typer.Option(Path("models/classifier"), "--model", help="Trained classifier folder (or its model.pt)."),
     teacher: Path = typer.Option(None, "--teacher", help="The teacher checkpoint, if it moved since training."),
     scale: float = typer.Option(None, "--scale", help="Rescale by this factor and slide the training-size window "
-                                "(default: resize each image to the training size, the paper's protocol)."),
+                                "(default: the factor that brings the image's µm/px to the model's)."),
+    mpp: float = typer.Option(None, "--mpp", help="Micrometres per pixel of the inputs (default: TIFF resolution "
+                              "tags when plausible, else the training images')."),
+    whole: bool = typer.Option(False, "--resize-whole", help="Resize every image to the training size whatever its "
+                               "size (the paper's protocol; only right for MoNuSeg-like 1000² tiles)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
     masks: Path = typer.Option(None, "--masks", help="Folder of ground-truth masks <image id>.png: scores each "
                                "image and draws the evaluation panel (image | truth | prediction | errors)."),
@@ -106,7 +110,7 @@ def predict(
     from stages import predict as stage
 
     failed = stage.run(inputs, out, text=text, reports=reports, model=model, teacher=teacher, scale=scale,
-                       device=device, masks=masks)
+                       device=device, masks=masks, mpp=mpp, whole=whole)
     if failed:
         raise typer.Exit(1)
 

@@ -19,6 +19,7 @@ from tqdm import tqdm
 from textdiff.atomic import atomic_file
 from textdiff.data import read_image, read_mask, read_reports
 from textdiff.errors import TextDiffError
+from textdiff.magnification import MPP_RANGE, plausible, tiff_mpp
 from textdiff.metrics import image_metrics
 from textdiff.panels import overlay, panel, panel_caption, save_png
 from textdiff.paths import CLASSIFIER_DIR
@@ -48,14 +49,14 @@ def ground_truth(path: Path, masks: Path | None, shape: tuple[int, ...]) -> np.n
 
 
 def segment_one(segmenter: Segmenter, path: Path, sentence: str, out: Path, h5: h5py.File,
-                masks: Path | None = None) -> tuple[list[dict], float]:
+                masks: Path | None = None, mpp: float | None = None) -> tuple[list[dict], float]:
     """Mask, picture and probability map of one image; returns its nuclei rows and megapixels.
 
     With a ground-truth mask the picture is the evaluation panel (image | truth | prediction |
     errors, scored); without one, the image with the predicted contours."""
     image, _ = read_image(path)
     gt = ground_truth(path, masks, image.shape)
-    prob = segmenter.probabilities(image, sentence)
+    prob = segmenter.probabilities(image, sentence, mpp)
     mask = (prob > 0.5).astype(np.uint8)
     save_png(out / f"{path.stem}_mask.png", mask * 255)
     scored = ""
@@ -66,7 +67,8 @@ def segment_one(segmenter: Segmenter, path: Path, sentence: str, out: Path, h5: 
         scored = f"; Dice {m['dice']:.3f}, AJI {m['aji']:.3f} against {masks}"
         save_png(out / f"{path.stem}_panel.png", panel(image, gt, mask, panel_caption(path.stem, m)))
     ds = h5.create_dataset(path.stem, data=prob, compression="gzip")
-    ds.attrs.update({"source": str(path.resolve()), "text": sentence, "description": "foreground (nucleus) probability"})
+    ds.attrs.update({"source": str(path.resolve()), "text": sentence, "description": "foreground (nucleus) probability",
+                     "mpp": mpp or segmenter.source_mpp})
     rows = nucleus_table(path.stem, mask)
     tqdm.write(f"{path.stem}: {len(rows)} nuclei, {100 * mask.mean():.1f}% covered "
                f"({image.shape[1]}x{image.shape[0]}){scored}")
@@ -75,19 +77,27 @@ def segment_one(segmenter: Segmenter, path: Path, sentence: str, out: Path, h5: 
 
 def run(inputs: list[Path], out: Path, text: str | None = None, reports: Path | None = None,
         model: Path = CLASSIFIER_DIR, teacher: Path | None = None, scale: float | None = None,
-        device: str = "auto", masks: Path | None = None) -> int:
+        device: str = "auto", masks: Path | None = None, mpp: float | None = None, whole: bool = False) -> int:
     """Returns the number of images that failed (the CLI exits non-zero when it is not 0)."""
     if text is not None and reports is not None:
         raise TextDiffError("give either --text or --reports, not both")
     if scale is not None and scale <= 0:
         raise TextDiffError(f"--scale must be > 0, got {scale}")
+    if mpp is not None and not plausible(mpp):
+        raise TextDiffError(f"--mpp is micrometres per pixel, between {MPP_RANGE[0]} and {MPP_RANGE[1]}; got {mpp}")
+    if sum(x is not None and x is not False for x in (scale, mpp, whole or None)) > 1:
+        raise TextDiffError("give one of --scale, --mpp and --resize-whole")
     if masks is not None and not masks.is_dir():
         raise TextDiffError(f"{masks}: --masks must be a folder of <image id>.png masks")
     model_dir = model.parent if model.suffix == ".pt" else model
     paths = collect_images(inputs)
     report_rows = read_reports(reports) if reports is not None else None
     dev = resolve_device(device)
-    segmenter, card = build_segmenter(model_dir, dev, teacher, scale)
+    segmenter, card = build_segmenter(model_dir, dev, teacher, scale, whole)
+    if not card.working_mpp and scale is None and not whole and card.spec.mode == "resize":
+        print(f"{model_dir}/model.json records no working resolution (trained before data.mpp existed): "
+              "images are resized whole, as with --resize-whole")
+    assumed: list[str] = []
     if segmenter.encoder is not None and text is None and report_rows is None:
         raise TextDiffError(f"the model in {model_dir} reads the report text "
                             f"(fusion {card.classifier.fusion}): pass --text \"...\" or --reports WORKBOOK.xlsx")
@@ -101,7 +111,11 @@ def run(inputs: list[Path], out: Path, text: str | None = None, reports: Path | 
                          "teacher_sha256": card.spec.teacher_sha256 or "rgb"})
         for path in tqdm(paths, unit="img", desc="predict", dynamic_ncols=True):
             try:
-                rows, mp = segment_one(segmenter, path, report_for(path, text, report_rows, reports), out, h5, masks)
+                own = mpp or tiff_mpp(path)
+                if own is None and segmenter.factor(None) is not None and scale is None:
+                    assumed.append(path.name)
+                rows, mp = segment_one(segmenter, path, report_for(path, text, report_rows, reports), out, h5, masks,
+                                       own)
             except TextDiffError as err:
                 failures.append(str(err))
                 tqdm.write(f"error: {err}")
@@ -113,6 +127,9 @@ def run(inputs: list[Path], out: Path, text: str | None = None, reports: Path | 
         writer.writeheader()
         writer.writerows(nuclei)
     seconds = time.perf_counter() - started
+    if assumed:
+        print(f"{len(assumed)} image(s) with no usable resolution tags (first: {assumed[0]}) were taken at the "
+              f"training images' {segmenter.source_mpp:g} µm/px; pass --mpp if they are not")
     print(f"{len(paths) - len(failures)} of {len(paths)} images segmented into {out} "
           f"({pixels / seconds:.2f} megapixels/s on {dev})" + (f"; {len(failures)} failed" if failures else ""))
     return len(failures)

@@ -10,6 +10,7 @@ from pathlib import Path
 from textdiff.atomic import write_json
 from textdiff.cache import FeatureCache
 from textdiff.inference import ModelCard, save_trained
+from textdiff.magnification import working_mpp
 from textdiff.params import load_params, section_dict
 from textdiff.paths import CACHE_PATH, CLASSIFIER_DIR, METRICS_DIR, TRAIN_LIVE_DIR
 from textdiff.runtime import provenance, resolve_device
@@ -50,7 +51,10 @@ def run(params_path: Path, cache_path: Path = CACHE_PATH, out_dir: Path = CLASSI
         card = ModelCard(classifier=result.config, spec=cache.spec, train=section_dict(params.train),
                          best_epoch=result.best_epoch, best_val_dice=result.best_val_dice,
                          best_val_iou=result.best_val_iou, train_ids=result.train_ids, cache=str(cache_path),
-                         teacher_path=cache.provenance.get("teacher_path"), provenance=provenance())
+                         teacher_path=cache.provenance.get("teacher_path"), provenance=provenance(),
+                         source_mpp=params.data.mpp,
+                         working_mpp=working_mpp(params.data.mpp, cache.spec.mode, cache.spec.image_size,
+                                                 cache.spec.full_size))
         save_trained(out_dir, result.state, card)
     peak_rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     write_json(METRICS_DIR / "train.json", {

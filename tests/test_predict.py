@@ -114,9 +114,9 @@ def test_tiled_prediction_equals_single_pass_where_it_fits(trained):
 
     segmenter, _ = build_segmenter(Path("models/classifier"), torch.device("cpu"), None, None)
     image = np.asarray(Image.open(trained.data_root / "Train_Folder/img/img_train_0.png").convert("RGB").resize((32, 32)))
-    single = segmenter.probabilities(image, "Few nuclei.")
+    single = segmenter.probabilities(image, "Few nuclei.", mpp=segmenter.working_mpp)  # at the working resolution
     segmenter.mode, segmenter.tile, segmenter.stride = "tiles", 32, 16
-    tiled = segmenter.probabilities(image, "Few nuclei.")
+    tiled = segmenter.probabilities(image, "Few nuclei.", mpp=segmenter.working_mpp)
     np.testing.assert_allclose(tiled, single, atol=1e-6)
     segmenter.mode, segmenter.scale = "resize", 1.0  # scale 1: slide 32 px windows over a 32 px image
     np.testing.assert_allclose(segmenter.probabilities(image, "Few nuclei."), single, atol=1e-6)

@@ -21,6 +21,7 @@ import yaml
 
 from textdiff.classifier import FUSIONS  # the classifier owns its fusion variants
 from textdiff.errors import TextDiffError
+from textdiff.magnification import MPP_RANGE, plausible
 from textdiff.stain import STAIN_METHODS
 
 DTYPES = ("float16", "bfloat16", "float32")
@@ -72,9 +73,15 @@ class DataParams:
     # Stain normalisation of every image (all splits, and `textdiff predict`'s inputs) to a reference
     # fitted on the training images: none | macenko | reinhard (textdiff/stain.py).
     stain: str = "none"
+    # Micrometres per pixel of the source images (MoNuSeg, 40x: 0.25). Recorded with the model, so
+    # `textdiff predict` brings every new image to the resolution the model works at.
+    mpp: float = 0.25
 
     def check(self) -> None:
         _positive("data.image_size", self.image_size)
+        if not plausible(self.mpp):
+            raise ValueError(f"data.mpp is micrometres per pixel, between {MPP_RANGE[0]} and {MPP_RANGE[1]}; "
+                             f"got {self.mpp}")
         _one_of("data.stain", self.stain, STAIN_METHODS)
         if self.image_size % 8:
             raise ValueError(f"data.image_size must be a multiple of 8, got {self.image_size}")

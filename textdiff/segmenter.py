@@ -5,10 +5,13 @@ the training size (one window when it fits), and the foreground probabilities of
 windows are blended with a Gaussian weight that trusts window centres over window borders (where
 the UNet and the decoder see zero padding). The blended map is resized back to the image's size.
 
-- `resize` models (the paper's protocol): the whole image is resized to `image_size`, exactly as
-  `prepare` resized the training images; one window. `scale` instead rescales by a fixed factor
-  and slides the window, for inputs larger than the training tiles (MoNuSeg: 256/1000 = 0.256).
-- `tiles` models: scale 1 (native resolution), windows of `data.tile` with `data.stride`.
+Which scale: the input's micrometres per pixel over the model's working resolution (model.json's
+`working_mpp`; MoNuSeg's resize protocol: 0.25 x 1000/256 = 0.977 µm/px, a factor of 0.256 for a
+40x image of any size, so a 3000² crop is cut into windows and its nuclei keep their size). An
+explicit `scale` overrides it; `whole` resizes every image to the training size whatever its size
+(the paper's protocol, right only for 1000² MoNuSeg-like tiles; also what a model trained before
+the mpp was recorded gets). `tiles` models work at native resolution: factor 1 at the source mpp,
+windows of `data.tile` every `data.stride`.
 """
 
 from __future__ import annotations
@@ -67,6 +70,9 @@ class Segmenter:
     device: torch.device = torch.device("cpu")
     protocol: str = "project"  # how prepare brought the training images to the teacher (data.protocol)
     stain: dict = field(default_factory=dict)  # data.stain's reference: inputs are normalised as prepare did
+    working_mpp: float = 0.0  # µm/px the classifier works at (0: unknown, an older model: whole-image resize)
+    source_mpp: float = 0.0  # the training images' µm/px: assumed for an input whose own is not known
+    whole: bool = False  # resize every image to the training size (the paper's protocol), whatever its size
 
     def __post_init__(self) -> None:
         self._text_cache: dict[str, tuple] = {}
@@ -79,9 +85,19 @@ class Segmenter:
             self._text_cache[text] = tuple(torch.from_numpy(a).to(self.device) for a in (emb.tokens, emb.mask, emb.pooled))
         return self._text_cache[text]
 
+    def factor(self, mpp: float | None = None) -> float | None:
+        """The input's rescale factor (input mpp / working mpp), or None for a whole-image resize:
+        `--scale` wins, then `--resize-whole`; an image of unknown mpp is taken at the training source's."""
+        if self.scale is not None:
+            return float(self.scale)
+        if self.whole or self.working_mpp <= 0:
+            return None if self.mode == "resize" else 1.0
+        return float(mpp or self.source_mpp) / self.working_mpp
+
     @torch.no_grad()
-    def probabilities(self, image: np.ndarray, text: str = "") -> np.ndarray:
-        """Foreground probability [H, W] float32 for an RGB uint8 image [H, W, 3] of any size."""
+    def probabilities(self, image: np.ndarray, text: str = "", mpp: float | None = None) -> np.ndarray:
+        """Foreground probability [H, W] float32 for an RGB uint8 image [H, W, 3] of any size, at
+        `mpp` micrometres per pixel (None: the training source's)."""
         h, w = image.shape[:2]
         if self.stain:  # as prepare did to every training image, at the source resolution
             image = normalize(image, self.stain)
@@ -93,10 +109,10 @@ class Segmenter:
             out = self.classifier([feats[b].to(self.device) for b in self.blocks], tokens, mask, pooled)
             return torch.softmax(out["logits"].float(), dim=1)[0, 1]
 
-        if self.mode == "resize" and self.scale is None:
+        factor = self.factor(mpp)
+        if factor is None:
             size, tile, stride = (self.image_size, self.image_size), self.image_size, self.image_size
         else:
-            factor = 1.0 if self.mode == "tiles" else float(self.scale)
             size = (max(1, round(h * factor)), max(1, round(w * factor)))
             tile = self.tile if self.mode == "tiles" else self.image_size
             stride = self.stride if self.mode == "tiles" else max(1, (3 * self.image_size) // 4)
@@ -165,11 +181,11 @@ def find_teacher(card: ModelCard, model_dir: Path, override: Path | None) -> Pat
 
 
 def build_segmenter(model_dir: Path, device: torch.device, teacher_override: Path | None,
-                    scale: float | None) -> tuple[Segmenter, ModelCard]:
+                    scale: float | None, whole: bool = False) -> tuple[Segmenter, ModelCard]:
     """Everything a trained model needs to segment new images, rebuilt from its model.json."""
     classifier, card = load_trained(model_dir, device)
     spec = card.spec
-    if spec.tiled and scale is not None:
+    if spec.tiled and scale is not None and not card.working_mpp:
         raise TextDiffError("--scale applies to resize-mode models; this one works at native resolution (tiles)")
     teacher = None if spec.teacher_kind == "rgb" else find_teacher(card, model_dir, teacher_override)
     encoder = None
@@ -178,5 +194,6 @@ def build_segmenter(model_dir: Path, device: torch.device, teacher_override: Pat
     segmenter = Segmenter(extractor=build_featurizer(spec, teacher, device), blocks=list(spec.blocks),
                           classifier=classifier, encoder=encoder, image_size=spec.image_size, mode=spec.mode,
                           tile=spec.tile or spec.image_size, stride=spec.stride or spec.image_size, scale=scale,
-                          device=device, protocol=spec.protocol, stain=dict(spec.stain))
+                          device=device, protocol=spec.protocol, stain=dict(spec.stain),
+                          working_mpp=card.working_mpp, source_mpp=card.source_mpp, whole=whole)
     return segmenter, card
