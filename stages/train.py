@@ -3,15 +3,22 @@
 
 from __future__ import annotations
 
+import os
 import resource
+import shutil
+import tempfile
 import time
 from pathlib import Path
+
+import torch
 
 from textdiff.atomic import write_json
 from textdiff.cache import FeatureCache
 from textdiff.inference import ModelCard, save_trained
 from textdiff.magnification import working_mpp
-from textdiff.params import load_params, section_dict
+from textdiff.distributed import Ranks, close_ranks, init_ranks
+from textdiff.launch import relaunch_under_torchrun
+from textdiff.params import Params, load_params, section_dict
 from textdiff.paths import CACHE_PATH, CLASSIFIER_DIR, METRICS_DIR, TRAIN_LIVE_DIR
 from textdiff.runtime import provenance, resolve_device
 from textdiff.training import EpochRecord, schedule_for, train_classifier, train_unet
@@ -20,13 +27,24 @@ from textdiff.unet import save_baseline
 
 def run(params_path: Path, cache_path: Path = CACHE_PATH, out_dir: Path = CLASSIFIER_DIR) -> None:
     params = load_params(params_path)
-    device = resolve_device(params.train.device)
-    cache = FeatureCache(cache_path)
+    if params.train.nproc > 1 and "WORLD_SIZE" not in os.environ:
+        relaunch_under_torchrun(params.train.nproc, ["train", "--params", str(params_path)])
+        return
+    ranks, device = init_ranks(resolve_device(params.train.device))
+    try:
+        _train(params, ranks, device, cache_path, out_dir)
+    finally:
+        close_ranks(ranks)
 
+
+def _train(params: Params, ranks: Ranks, device: torch.device, cache_path: Path, out_dir: Path) -> None:
+    cache = FeatureCache(cache_path)
     from dvclive import Live
 
     started = time.perf_counter()
-    with Live(str(TRAIN_LIVE_DIR), save_dvc_exp=False, dvcyaml=None, report=None) as live:
+    # Rank 0 alone writes (dvclive, the model, the metrics); the others train their part and stop.
+    live_dir = str(TRAIN_LIVE_DIR) if ranks.main else tempfile.mkdtemp(prefix="textdiff-live-")
+    with Live(live_dir, save_dvc_exp=False, dvcyaml=None, report=None) as live:
         def log(record: EpochRecord) -> None:
             live.log_metric("train/loss", record.train_loss)
             live.log_metric("val/dice", record.val_dice)
@@ -34,16 +52,22 @@ def run(params_path: Path, cache_path: Path = CACHE_PATH, out_dir: Path = CLASSI
             live.next_step()
 
         if params.baseline.kind == "classic":  # nothing to learn: the card says what evaluate should run
+            if not ranks.main:
+                shutil.rmtree(live_dir, ignore_errors=True)
+                return
             save_baseline(out_dir, "classic", cache.spec, section_dict(params.train))
             write_json(METRICS_DIR / "train.json", {"baseline": "classic", "num_train": 0, "seconds": 0.0})
             print(f"baseline.kind=classic: hematoxylin + Otsu, no training; {out_dir}/model.json written")
             return
         if params.baseline.kind == "unet":
-            result = train_unet(cache, params.train, params.baseline, device, on_epoch=log)
+            result = train_unet(cache, params.train, params.baseline, device, on_epoch=log, ranks=ranks)
         else:
-            result = train_classifier(cache, params.train, device, on_epoch=log)
+            result = train_classifier(cache, params.train, device, on_epoch=log, ranks=ranks)
     seconds = time.perf_counter() - started
     schedule = schedule_for(params.train, result.num_train)
+    if not ranks.main:
+        shutil.rmtree(live_dir, ignore_errors=True)
+        return
 
     if params.baseline.kind == "unet":
         save_baseline(out_dir, "unet", cache.spec, section_dict(params.train), result.state, result.config, result)
@@ -67,7 +91,8 @@ def run(params_path: Path, cache_path: Path = CACHE_PATH, out_dir: Path = CLASSI
         "num_train": result.num_train,
         "seconds": round(seconds, 1),
         "seconds_per_epoch": round(seconds / schedule.rounds, 2),  # per validation round with train.steps
-        "peak_rss_mib": round(peak_rss_mib, 1),
+        "peak_rss_mib": round(peak_rss_mib, 1),  # rank 0's
+        "processes": ranks.world,
     })
     print(f"best val dice {result.best_val_dice:.4f} at {schedule.unit} {result.best_epoch} (step {result.best_step}); "
           f"{out_dir}/model.pt written ({seconds:.0f}s, peak RSS {peak_rss_mib:.0f} MiB)")

@@ -68,3 +68,48 @@ def test_a_failing_distributed_extract_is_one_line_and_leaves_no_cache(tiny_proj
     assert result.exit_code == 1
     assert "under torchrun (2 processes) failed with exit code" in result.output
     assert not Path("cache/features.zarr").exists()
+
+
+def test_two_ranks_train_what_one_process_trains(tiny_project):
+    """DistributedDataParallel over 2 gloo processes, each half of every batch of 4: the same weights
+    as one process with batches of 4, up to the order of float sums (the gradients are averaged over
+    ranks, the batch Dice's sums all-reduced, the decoder normalises each image on its own)."""
+    import torch
+
+    assert runner.invoke(app, ["extract"]).exit_code == 0
+    train = {"epochs": 2, "d_model": 16, "heads": 2, "batch_size": 2}
+    tiny_project.write_params(train=train)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        single = runner.invoke(app, ["train"])
+    finally:
+        torch.set_num_threads(threads)
+    assert single.exit_code == 0, single.output
+    one = torch.load("models/classifier/model.pt")
+    shutil.rmtree("models/classifier")
+
+    tiny_project.write_params(train={**train, "nproc": 2})
+    result = runner.invoke(app, ["train"])
+    assert result.exit_code == 0, result.output
+    assert "running under torchrun with 2 processes" in result.output
+    two = torch.load("models/classifier/model.pt")
+    assert sorted(one) == sorted(two)
+    # A conv bias right before BatchNorm is invisible (BN removes any per-channel constant): its
+    # exact gradient is 0, so it only collects float noise, differently summed in each run.
+    invisible = {"decoder.0.bias", "decoder.3.bias"}
+    for key in one:
+        if key in invisible:
+            assert one[key].abs().max() < 1e-3 and two[key].abs().max() < 1e-3
+        else:
+            torch.testing.assert_close(two[key], one[key], atol=1e-5, rtol=1e-4, msg=key)
+    import json
+
+    assert json.loads(Path("metrics/train.json").read_text())["processes"] == 2
+
+
+def test_a_batch_that_does_not_split_over_the_ranks_is_refused(tiny_project):
+    tiny_project.write_params(train={"epochs": 1, "batch_size": 3, "nproc": 2})
+    result = runner.invoke(app, ["train"])
+    assert result.exit_code == 1 and "must be a multiple of train.nproc" in result.output
+    assert "Traceback" not in result.output

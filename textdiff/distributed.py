@@ -53,6 +53,51 @@ def init_ranks(device: torch.device) -> tuple[Ranks, torch.device]:
     return Ranks(torch.distributed.get_rank(), torch.distributed.get_world_size()), device
 
 
+@dataclass(frozen=True)
+class Share:
+    """This rank's part of a global batch, and how its losses weigh so that the ranks together
+    compute the whole batch's loss: `mean_weight` = world x part / batch for per-image means (DDP
+    averages gradients over ranks), `sums_weight` 0 or 1 for sums that are all-reduced. A rank left
+    without an image (a last, short batch) runs the batch's first one at weight 0, since every rank
+    must take part in each gradient all-reduce."""
+
+    items: list
+    mean_weight: float
+    sums_weight: float
+
+
+def local_share(batch: Sequence[T], ranks: Ranks) -> Share:
+    """Every rank draws the same global batches; rank r takes the r-th of `world` near-equal
+    contiguous parts."""
+    if ranks.world == 1:
+        return Share(list(batch), 1.0, 1.0)
+    n, w = len(batch), ranks.world
+    sizes = [n // w + (r < n % w) for r in range(w)]
+    start = sum(sizes[: ranks.rank])
+    mine = list(batch[start : start + sizes[ranks.rank]])
+    if not mine:
+        return Share(list(batch[:1]), 0.0, 0.0)
+    return Share(mine, w * len(mine) / n, 1.0)
+
+
+def summed_over_ranks(t: torch.Tensor) -> torch.Tensor:
+    """A differentiable all-reduce (sum): the gradient of a sum over ranks flows back to every rank."""
+    from torch.distributed.nn.functional import all_reduce
+
+    return all_reduce(t)
+
+
+def data_parallel(model: torch.nn.Module, ranks: Ranks, device: torch.device) -> torch.nn.Module:
+    """`model` wrapped in DistributedDataParallel (gradients averaged over ranks), or itself alone."""
+    if ranks.world == 1:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    # Unused parameters: the contrastive heads get no gradient while train.contrastive_weight is 0.
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                   find_unused_parameters=True)
+
+
 def close_ranks(ranks: Ranks) -> None:
     """Leave the process group cleanly (a rank that exits without it makes torch warn)."""
     if ranks.world > 1 and torch.distributed.is_initialized():

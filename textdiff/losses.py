@@ -10,7 +10,7 @@ what the loss is written for. `dice_on="logits"` reproduces the release (train.c
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -28,12 +28,15 @@ def _check_target(logits: torch.Tensor, target: torch.Tensor) -> None:
 
 
 def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1e-5,
-                   on: str = "probabilities") -> torch.Tensor:
+                   on: str = "probabilities", reduce_sums: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                   ) -> torch.Tensor:
     """1 - mean over classes of (2*sum(p*t) + eps) / (sum(p^2) + sum(t^2) + eps).
 
     p = softmax(logits) and t = one-hot(target); the sums run over the batch and all pixels
     together (as in the release), so an image with an empty class does not get a 0/0 of its own.
     `on="logits"` uses the raw logits as p, as the released code does (its `softmax=False`).
+    `reduce_sums`: under DistributedDataParallel, a differentiable all-reduce of the per-class sums,
+    so the Dice of a batch split over processes is the Dice of the whole batch.
     logits [B, C, H, W], target [B, H, W] integer class ids.
     """
     _check_target(logits, target)
@@ -45,6 +48,8 @@ def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1e-5
     dims = (0, 2, 3)
     intersect = (probs * onehot).sum(dims)
     denom = (probs * probs).sum(dims) + (onehot * onehot).sum(dims)
+    if reduce_sums is not None:
+        intersect, denom = reduce_sums(torch.stack([intersect, denom])).unbind(0)
     dice = (2 * intersect + eps) / (denom + eps)
     return (1 - dice).mean()
 
@@ -62,12 +67,16 @@ def total_loss(
     dice_weight: float = 1.5,
     contrastive_weight: float = 0.0,
     dice_on: str = "probabilities",
+    reduce_sums: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    mean_weight: float = 1.0,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """CE + dice_weight*Dice + contrastive_weight*contrastive, from a PixelClassifier output dict.
 
     Returns (loss, parts) where parts holds detached floats for logging: "ce", "dice",
     "contrastive" (only when contrastive_weight > 0) and "total". With contrastive_weight == 0 the
-    contrastive term is not computed at all.
+    contrastive term is not computed at all. Under DistributedDataParallel `mean_weight` scales the
+    per-image means (CE, contrastive) by this rank's share of the batch times the number of ranks,
+    and `reduce_sums` makes the Dice the whole batch's (see `soft_dice_loss`).
     """
     if dice_weight < 0 or contrastive_weight < 0:
         raise TextDiffError(f"loss weights must be >= 0, got dice {dice_weight}, contrastive {contrastive_weight}")
@@ -75,14 +84,14 @@ def total_loss(
     _check_target(logits, target)
     target = target.long()
     ce = F.cross_entropy(logits.float(), target)
-    dice = soft_dice_loss(logits, target, on=dice_on)
-    loss = ce + dice_weight * dice
+    dice = soft_dice_loss(logits, target, on=dice_on, reduce_sums=reduce_sums)
+    loss = mean_weight * ce + dice_weight * dice
     parts = {"ce": ce.item(), "dice": dice.item()}
     if contrastive_weight > 0:
         if "image_embedding" not in outputs or "text_embedding" not in outputs:
             raise TextDiffError("contrastive_weight > 0 needs the contrastive heads, which fusion 'none' does not have")
         con = contrastive_loss(outputs["image_embedding"], outputs["text_embedding"])
-        loss = loss + contrastive_weight * con
+        loss = loss + mean_weight * contrastive_weight * con
         parts["contrastive"] = con.item()
     parts["total"] = loss.item()
     return loss, parts

@@ -256,6 +256,9 @@ class TrainParams:
     classifier: str = "project"  # or release: the released pixel classifier and loss, exactly
     padding_mask: bool = True  # pixels ignore the report's padding tokens (the release attends to them)
     decoder_norm: str = "image"  # image: BatchNorm on each image's own statistics; running: the release's
+    # Processes: > 1 runs the stage under `torchrun --standalone` (DistributedDataParallel; gloo on
+    # CPUs, one GPU per process); train.batch_size must split evenly over them.
+    nproc: int = 1
 
     def check(self) -> None:
         _one_of("train.fusion", self.fusion, FUSIONS)
@@ -285,6 +288,10 @@ class TrainParams:
         _non_negative("train.d_model", self.d_model)
         _positive("train.heads", self.heads)
         _one_of("train.device", self.device, DEVICES)
+        _positive("train.nproc", self.nproc)
+        if self.batch_size % self.nproc:
+            raise ValueError(f"train.batch_size ({self.batch_size}) must be a multiple of train.nproc ({self.nproc}): "
+                             "each process takes an equal part of every batch")
         if self.fusion == "none" and self.contrastive_weight > 0:
             raise ValueError("train.contrastive_weight > 0 needs text, but train.fusion is none (image only)")
 

@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from textdiff.cache import CacheSpec, FeatureCache
 from textdiff.classifier import ClassifierConfig, PixelClassifier
+from textdiff.distributed import Ranks, Share, data_parallel, local_share, summed_over_ranks
 from textdiff.errors import TextDiffError
 from textdiff.inference import SampleStore, batch_of, predict_split
 from textdiff.losses import total_loss
@@ -208,16 +209,42 @@ def fit(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler, sch
     return result
 
 
+def distributed_loss(share: Share, ranks: Ranks) -> dict:
+    """total_loss's keywords for this rank's part of a batch (none for a single process)."""
+    if ranks.world == 1:
+        return {}
+    return {"mean_weight": share.mean_weight,
+            "reduce_sums": lambda sums: summed_over_ranks(sums * share.sums_weight)}
+
+
+def check_distributed(params: TrainParams, ranks: Ranks, running_norm: bool = False) -> None:
+    """What DistributedDataParallel needs to train exactly what one process trains."""
+    if ranks.world == 1:
+        return
+    if params.batch_size % ranks.world:
+        raise TextDiffError(f"train.batch_size ({params.batch_size}) must be a multiple of the {ranks.world} "
+                            "processes: each takes an equal part of every batch")
+    if running_norm:
+        raise TextDiffError("train.decoder_norm=running takes batch statistics over the whole batch during training; "
+                            "under torchrun use decoder_norm: image (per-image statistics)")
+
+
 def train_classifier(
     cache: FeatureCache,
     params: TrainParams,
     device: torch.device,
     on_epoch: Callable[[EpochRecord], None] | None = None,
     progress: bool = True,
+    ranks: Ranks = Ranks(),
 ) -> TrainingResult:
-    """Train for the schedule (`train.epochs`, or `train.steps`); keep the best validation Dice's weights."""
+    """Train for the schedule (`train.epochs`, or `train.steps`); keep the best validation Dice's weights.
+
+    Under torchrun every rank draws the same global batches and takes its own part of each; DDP
+    averages the gradients and the batch Dice's sums are all-reduced, so N processes train what one
+    process with the same `train.batch_size` trains, up to the order of floating-point sums."""
     seed_everything(params.seed)
     check_augment(params.augment, cache.spec)
+    check_distributed(params, ranks, params.decoder_norm == "running")
     train_split, val_split = cache.split("train"), cache.split("val")
     indices = labeled_subset(len(train_split), params.num_labeled, params.seed)
     train_data, val_data = SampleStore(train_split, indices), SampleStore(val_split)
@@ -228,12 +255,17 @@ def train_classifier(
     rng = np.random.default_rng(params.seed)
     schedule = schedule_for(params, len(train_data))
 
+    parallel = data_parallel(model, ranks, device)
+
     def step(batch: Batch) -> float:
-        chunk = [train_data.get_view(p, v) for p, v, _ in batch]
-        feats, mask, tokens, text_mask, pooled = batch_of(chunk, [0] * len(chunk), [j for _, _, j in batch], device)
-        out = model(feats, tokens, text_mask, pooled)
+        share = local_share(batch, ranks)
+        chunk = [train_data.get_view(p, v) for p, v, _ in share.items]
+        feats, mask, tokens, text_mask, pooled = batch_of(chunk, [0] * len(chunk), [j for _, _, j in share.items],
+                                                          device)
+        out = parallel(feats, tokens, text_mask, pooled)
         loss, parts = total_loss(out, mask, params.dice_weight, params.contrastive_weight,
-                                 dice_on="logits" if params.classifier == "release" else "probabilities")
+                                 dice_on="logits" if params.classifier == "release" else "probabilities",
+                                 **distributed_loss(share, ranks))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -242,11 +274,12 @@ def train_classifier(
     result = TrainingResult(state={}, config=config, best_epoch=0, best_val_dice=-1.0, best_val_iou=0.0,
                             train_ids=[train_split.ids[i] for i in indices])
     return fit(model, optimizer, scheduler, schedule, draw_batches(len(train_data), params, cache.spec, rng), step,
-               lambda: evaluate_dice(model, val_data, device), result, on_epoch, progress)
+               lambda: evaluate_dice(model, val_data, device), result, on_epoch, progress and ranks.main)
 
 
 def train_unet(cache: FeatureCache, params: TrainParams, baseline: BaselineParams, device: torch.device,
-               on_epoch: Callable[[EpochRecord], None] | None = None, progress: bool = True) -> TrainingResult:
+               on_epoch: Callable[[EpochRecord], None] | None = None, progress: bool = True,
+               ranks: Ranks = Ranks()) -> TrainingResult:
     """The U-Net on the same labelled images, views, schedule and selection as the classifier."""
     seed_everything(params.seed)
     check_augment(params.augment, cache.spec)
@@ -258,9 +291,13 @@ def train_unet(cache: FeatureCache, params: TrainParams, baseline: BaselineParam
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(params.milestones), gamma=params.gamma)
     rng = np.random.default_rng(params.seed)
 
+    check_distributed(params, ranks)
+    parallel = data_parallel(model, ranks, device)
+
     def step(batch) -> float:
-        x, mask = pixel_batch(train_split, [(indices[p], v, j) for p, v, j in batch], device)
-        loss, parts = total_loss({"logits": model(x)}, mask, params.dice_weight, 0.0)
+        share = local_share(batch, ranks)
+        x, mask = pixel_batch(train_split, [(indices[p], v, j) for p, v, j in share.items], device)
+        loss, parts = total_loss({"logits": parallel(x)}, mask, params.dice_weight, 0.0, **distributed_loss(share, ranks))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -275,4 +312,4 @@ def train_unet(cache: FeatureCache, params: TrainParams, baseline: BaselineParam
                             train_ids=[train_split.ids[i] for i in indices])
     schedule = schedule_for(params, len(indices))
     return fit(model, optimizer, scheduler, schedule, draw_batches(len(indices), params, cache.spec, rng), step,
-               validate, result, on_epoch, progress)
+               validate, result, on_epoch, progress and ranks.main)
