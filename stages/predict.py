@@ -19,12 +19,14 @@ from tqdm import tqdm
 from textdiff.atomic import atomic_file
 from textdiff.data import read_image, read_mask, read_reports
 from textdiff.errors import TextDiffError
+from textdiff.hashing import sha256_file
 from textdiff.magnification import MPP_RANGE, plausible, tiff_mpp
 from textdiff.metrics import image_metrics
 from textdiff.panels import overlay, panel, panel_caption, save_png
 from textdiff.paths import CLASSIFIER_DIR
 from textdiff.runtime import resolve_device
 from textdiff.segmenter import Segmenter, build_segmenter, collect_images, megapixels, nucleus_table
+from textdiff.wsi import is_slide, segment_slide
 
 NUCLEI_COLUMNS = ["image", "label", "area", "centroid_y", "centroid_x", "eccentricity"]
 
@@ -98,6 +100,8 @@ def run(inputs: list[Path], out: Path, text: str | None = None, reports: Path | 
         print(f"{model_dir}/model.json records no working resolution (trained before data.mpp existed): "
               "images are resized whole, as with --resize-whole")
     assumed: list[str] = []
+    slides: list = []
+    model_identity = {f.name: sha256_file(f) for f in (model_dir / "model.json", model_dir / "model.pt")}
     if segmenter.encoder is not None and text is None and report_rows is None:
         raise TextDiffError(f"the model in {model_dir} reads the report text "
                             f"(fusion {card.classifier.fusion}): pass --text \"...\" or --reports WORKBOOK.xlsx")
@@ -111,6 +115,18 @@ def run(inputs: list[Path], out: Path, text: str | None = None, reports: Path | 
                          "teacher_sha256": card.spec.teacher_sha256 or "rgb"})
         for path in tqdm(paths, unit="img", desc="predict", dynamic_ncols=True):
             try:
+                if is_slide(path):
+                    sentence = report_for(path, text, report_rows, reports)
+                    result = segment_slide(
+                        path, lambda rgb, s=sentence: segmenter.probabilities(rgb, s, segmenter.working_mpp), out,
+                        segmenter.working_mpp, mpp, segmenter.source_mpp,
+                        identity={"model": model_identity, "text": sentence})
+                    slides.append(result)
+                    pixels += result.megapixels
+                    tqdm.write(f"{path.stem}: {result.nuclei} nuclei in {result.tissue_tiles} of {result.tiles} tiles "
+                               f"with tissue ({result.megapixels / max(result.seconds, 1e-9):.2f} megapixels/s at "
+                               f"{segmenter.working_mpp:.3g} µm/px) -> {', '.join(p.name for p in result.outputs)}")
+                    continue
                 own = mpp or tiff_mpp(path)
                 if own is None and segmenter.factor(None) is not None and scale is None:
                     assumed.append(path.name)

@@ -33,9 +33,10 @@ from textdiff.teacher import checkpoint_sha256
 from textdiff.inference import ModelCard, load_trained, resize_probability
 from textdiff.stain import normalize
 from textdiff.text import TextEncoder
+from textdiff.wsi import SLIDE_SUFFIXES
 from textdiff.tiles import blend_tiles, tile_grid
 
-PREDICT_SUFFIXES = IMAGE_SUFFIXES + (".jpg", ".jpeg")
+PREDICT_SUFFIXES = tuple(dict.fromkeys(IMAGE_SUFFIXES + (".jpg", ".jpeg") + SLIDE_SUFFIXES))
 
 
 def sliding_window(image: torch.Tensor, tile: int, stride: int, predict_tile) -> torch.Tensor:

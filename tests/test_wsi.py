@@ -1,0 +1,147 @@
+"""Whole slides through `textdiff predict`: a pyramidal tiled TIFF built here (tifffile, with
+resolution tags), read by OpenSlide; tissue only, resumable, GeoJSON + CSV + overlay + zarr pyramid."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+import torch
+import zarr
+from typer.testing import CliRunner
+
+from stages.cli import app
+from textdiff import wsi
+
+runner = CliRunner()
+MPP = 0.25
+
+
+def write_slide(path: Path, image: np.ndarray, levels: int = 3, tile: int = 64) -> Path:
+    """A pyramidal tiled TIFF (OpenSlide's "generic-tiff"): level k is the image at 1/2**k."""
+    with tifffile.TiffWriter(path) as tif:
+        for k in range(levels):
+            level = np.ascontiguousarray(image[:: 2**k, :: 2**k])
+            res = 1e4 / MPP / 2**k
+            tif.write(level, tile=(tile, tile), photometric="rgb", compression="zlib", resolution=(res, res),
+                      resolutionunit="CENTIMETER", subfiletype=0 if k == 0 else 1)
+    return path
+
+
+@pytest.fixture
+def trained(tiny_project):
+    assert runner.invoke(app, ["extract"]).exit_code == 0
+    tiny_project.write_params(train={"epochs": 1, "d_model": 16, "heads": 2})
+    assert runner.invoke(app, ["train"]).exit_code == 0
+    return tiny_project
+
+
+@pytest.fixture
+def slide_image(tiny_project) -> np.ndarray:
+    """Tissue (the tiny dataset's images, tiled) on the left two thirds, glass on the right third."""
+    from textdiff.data import read_split
+
+    images = [s.image for s in read_split(tiny_project.data_root, "train")]
+    tissue = np.concatenate([np.concatenate([images[(r + c) % len(images)] for c in range(4)], axis=1)
+                             for r in range(4)], axis=0)  # 160 x 160
+    glass = np.full((160, 80, 3), 242, np.uint8)
+    return np.concatenate([tissue, glass], axis=1)  # 160 x 240
+
+
+def _probability(out: Path, stem: str) -> np.ndarray:
+    return np.asarray(zarr.open_group(str(out / f"{stem}.zarr"), mode="r")["probability/0"][:])
+
+
+def test_a_slide_is_segmented_tile_by_tile_like_the_same_pixels_as_an_image(trained, slide_image, tmp_path, monkeypatch):
+    monkeypatch.setattr(wsi, "CORE", 64)
+    monkeypatch.setattr(wsi, "MARGIN", 16)
+    slide = write_slide(tmp_path / "slide.tif", slide_image)
+    assert wsi.is_slide(slide) and not wsi.is_slide(next((trained.data_root / "Test_Folder" / "img").iterdir()))
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["predict", str(slide), "--out", str(out), "--text", "Many nuclei."])
+    assert result.exit_code == 0, result.output
+    assert "slide: " in result.output and "tiles with tissue" in result.output
+
+    # 1. the same pixels as a plain image: the tile seams stay within the blend's tolerance
+    from textdiff.segmenter import build_segmenter
+
+    segmenter, card = build_segmenter(Path("models/classifier"), torch.device("cpu"), None, None)
+    whole = segmenter.probabilities(slide_image, "Many nuclei.", MPP)  # at the image's size (level 0)
+    factor = MPP / card.working_mpp
+    prob = _probability(out, "slide").astype(np.float32) / 255
+    assert prob.shape == (round(160 * factor), round(240 * factor))
+    from textdiff.inference import resize_probability
+
+    expected = resize_probability(whole, prob.shape)
+    tissue_cols = slice(0, round(160 * factor) - 8)
+    difference = np.abs(prob[:, tissue_cols] - expected[:, tissue_cols])
+    assert difference.mean() < 0.03, difference.mean()
+
+    # 2. glass is skipped: its tiles are done but hold probability 0
+    glass = prob[:, round(176 * factor):]
+    assert glass.size and glass.max() == 0
+
+    # 3. GeoJSON that QuPath imports: polygons in level-0 pixels, one per CSV row
+    collection = json.loads((out / "slide.geojson").read_text())
+    assert collection["type"] == "FeatureCollection"
+    rows = list(csv.DictReader(open(out / "slide_nuclei.csv")))
+    assert len(collection["features"]) == len(rows) > 0
+    for feature in collection["features"]:
+        assert feature["properties"]["objectType"] == "detection"
+        ring = feature["geometry"]["coordinates"][0]
+        assert feature["geometry"]["type"] == "Polygon" and ring[0] == ring[-1] and len(ring) >= 4
+        xs, ys = [p[0] for p in ring], [p[1] for p in ring]
+        assert 0 <= min(xs) and max(xs) <= 240 and 0 <= min(ys) and max(ys) <= 160
+    assert all(float(r["area_um2"]) == pytest.approx(float(r["area"]) * MPP**2, rel=0.05, abs=0.1) for r in rows)
+    assert (out / "slide_overlay.png").stat().st_size > 0
+    levels = sorted(zarr.open_group(str(out / "slide.zarr"), mode="r")["probability"].array_keys())
+    assert len(levels) >= 2  # a pyramid
+
+
+def test_a_killed_slide_run_resumes_where_it_stopped(trained, slide_image, tmp_path, monkeypatch):
+    monkeypatch.setattr(wsi, "CORE", 64)
+    monkeypatch.setattr(wsi, "MARGIN", 16)
+    slide = write_slide(tmp_path / "s.tif", slide_image)
+    out = tmp_path / "out"
+    real = wsi.segment_slide
+    segmented = []
+
+    def killed_after_two(*args, **kwargs):
+        def on_tile(k):
+            segmented.append(k)
+            if len(segmented) == 2:
+                raise KeyboardInterrupt  # a kill half-way
+        return real(*args, **kwargs, on_tile=on_tile)
+
+    monkeypatch.setattr("stages.predict.segment_slide", killed_after_two)
+    killed = runner.invoke(app, ["predict", str(slide), "--out", str(out), "--text", "x"])
+    assert killed.exit_code == 130 and "interrupted" in killed.output
+    done = np.asarray(zarr.open_group(str(out / "s.zarr"), mode="r")["done"][:])
+    assert done.sum() == 2 and not (out / "s.geojson").exists()
+
+    counted = []
+    monkeypatch.setattr("stages.predict.segment_slide", lambda *a, **k: real(*a, **k, on_tile=counted.append))
+    result = runner.invoke(app, ["predict", str(slide), "--out", str(out), "--text", "x"])
+    assert result.exit_code == 0, result.output
+    assert len(counted) == done.size - 2  # only the tiles not yet done
+    fresh = tmp_path / "fresh"
+    monkeypatch.setattr("stages.predict.segment_slide", real)
+    assert runner.invoke(app, ["predict", str(slide), "--out", str(fresh), "--text", "x"]).exit_code == 0
+    assert np.array_equal(_probability(out, "s"), _probability(fresh, "s"))
+    assert (out / "s.geojson").read_text() == (fresh / "s.geojson").read_text()
+
+
+def test_a_corrupt_slide_is_one_line_and_the_others_are_processed(trained, slide_image, tmp_path):
+    folder = tmp_path / "slides"
+    folder.mkdir()
+    write_slide(folder / "good.tif", slide_image[:, :160])
+    data = (folder / "good.tif").read_bytes()
+    (folder / "broken.svs").write_bytes(data[: len(data) // 3])  # truncated
+    result = runner.invoke(app, ["predict", str(folder), "--out", str(tmp_path / "out"), "--text", "x"])
+    assert result.exit_code == 1
+    assert "broken.svs" in result.output and "Traceback" not in result.output
+    assert (tmp_path / "out" / "good.geojson").is_file()
