@@ -124,7 +124,7 @@ def run(inputs: list[Path], out: Path, text: str | None = None, reports: Path | 
                     slides.append(result)
                     pixels += result.megapixels
                     tqdm.write(f"{path.stem}: {result.nuclei} nuclei in {result.tissue_tiles} of {result.tiles} tiles "
-                               f"with tissue ({result.megapixels / max(result.seconds, 1e-9):.2f} megapixels/s at "
+                               f"with tissue ({result.megapixels / max(result.seconds, 1e-9):.3g} megapixels/s at "
                                f"{segmenter.working_mpp:.3g} µm/px) -> {', '.join(p.name for p in result.outputs)}")
                     continue
                 own = mpp or tiff_mpp(path)
