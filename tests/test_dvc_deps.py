@@ -87,3 +87,14 @@ def test_the_closure_reaches_indirect_modules():
     """The check can fail: modules reached only through other modules count, unrelated ones do not."""
     assert Path("textdiff/tiles.py") in import_closure("stages.extract")
     assert Path("textdiff/training.py") not in import_closure("stages.evaluate")
+
+
+def test_stages_run_the_code_of_their_own_directory():
+    """`python3 -m stages.cli` imports stages/ and textdiff/ from the stage's working directory (what
+    its deps hash); the `textdiff` console script would import the editable install's, which for a
+    queued experiment (run in a temporary copy) is the live workspace's code."""
+    import yaml
+
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    for name, stage in stages.items():
+        assert stage["cmd"] == f"python3 -m stages.cli {name}", name
