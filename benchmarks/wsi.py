@@ -36,7 +36,6 @@ def build_slide(path: Path, size: int, tissue: int, mpp: float = 0.25) -> tuple[
 
     root = resolve_data_root(load_params("params.yaml").data.root)
     images = [read_image(p)[0] for p in list_images(root, "test")]
-    side = images[0].shape[0]
     mosaic = np.concatenate([np.concatenate([images[(r * tissue + c) % len(images)] for c in range(tissue)], axis=1)
                              for r in range(tissue)], axis=0)
     corner = ((size - mosaic.shape[0]) // 2 // TILE * TILE, (size - mosaic.shape[1]) // 2 // TILE * TILE)
@@ -65,7 +64,6 @@ def build_slide(path: Path, size: int, tissue: int, mpp: float = 0.25) -> tuple[
             tif.write(tiles(level), shape=(n, n, 3), dtype=np.uint8, tile=(TILE, TILE), photometric="rgb",
                       compression="zlib", resolution=(res, res), resolutionunit="CENTIMETER",
                       subfiletype=0 if level == 0 else 1)
-    del side
     return corner
 
 

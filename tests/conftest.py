@@ -183,3 +183,18 @@ def tiny_project(tiny_monuseg, tmp_path: Path, monkeypatch) -> TinyProject:
     project.write_params()
     prepare.run(project.params_path)
     return project
+
+
+@pytest.fixture
+def trained(tiny_project) -> TinyProject:
+    """tiny_project with its cache extracted and a small classifier trained on it (1 epoch)."""
+    from typer.testing import CliRunner
+
+    from stages.cli import app
+
+    runner = CliRunner()
+    assert runner.invoke(app, ["extract"]).exit_code == 0
+    tiny_project.write_params(train={"epochs": 1, "d_model": 16, "heads": 2})
+    result = runner.invoke(app, ["train"])
+    assert result.exit_code == 0, result.output
+    return tiny_project

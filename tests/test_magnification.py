@@ -36,14 +36,6 @@ def test_tiff_resolution_tags_are_read_when_a_microscope_could_have_them(tmp_pat
     assert tiff_mpp(tmp_path / "plain.png") is None
 
 
-@pytest.fixture
-def trained(tiny_project):
-    assert runner.invoke(app, ["extract"]).exit_code == 0
-    tiny_project.write_params(train={"epochs": 1, "d_model": 16, "heads": 2})
-    assert runner.invoke(app, ["train"]).exit_code == 0
-    return tiny_project
-
-
 def test_predict_brings_every_image_to_the_working_resolution(trained, tmp_path, monkeypatch):
     card = json.loads(Path("models/classifier/model.json").read_text())
     assert card["source_mpp"] == 0.25 and card["working_mpp"] == pytest.approx(0.25 * 40 / 32)  # 40 px -> 32 px

@@ -60,15 +60,6 @@ def test_nucleus_table_rows_are_connected_components():
     assert rows[0]["eccentricity"] == 0 and rows[1]["eccentricity"] == pytest.approx((1 - 3 / 35) ** 0.5, abs=1e-4)
 
 
-@pytest.fixture
-def trained(tiny_project):
-    assert runner.invoke(app, ["extract"]).exit_code == 0
-    tiny_project.write_params(train={"epochs": 1, "d_model": 16, "heads": 2})
-    result = runner.invoke(app, ["train"])
-    assert result.exit_code == 0, result.output
-    return tiny_project
-
-
 def test_predict_folder_with_a_corrupt_file(trained, tmp_path):
     folder = tmp_path / "slides"
     folder.mkdir()

@@ -33,14 +33,6 @@ def write_slide(path: Path, image: np.ndarray, levels: int = 3, tile: int = 64) 
 
 
 @pytest.fixture
-def trained(tiny_project):
-    assert runner.invoke(app, ["extract"]).exit_code == 0
-    tiny_project.write_params(train={"epochs": 1, "d_model": 16, "heads": 2})
-    assert runner.invoke(app, ["train"]).exit_code == 0
-    return tiny_project
-
-
-@pytest.fixture
 def slide_image(tiny_project) -> np.ndarray:
     """Tissue (the tiny dataset's images, tiled) on the left two thirds, glass on the right third."""
     from textdiff.data import read_split

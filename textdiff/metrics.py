@@ -110,6 +110,16 @@ def _instance_overlaps(pred: np.ndarray, gt: np.ndarray) -> tuple[np.ndarray, np
     return inter, gt_area, pred_area
 
 
+def _aji_overlaps(pred: np.ndarray, gt: np.ndarray) -> float | tuple[np.ndarray, ...]:
+    """What AJI and AJI+ share: (intersection, gt areas, pred areas, pairwise union), or the score
+    itself when a side has no instance (1.0 both empty, 0.0 one empty)."""
+    inter, gt_area, pred_area = _instance_overlaps(pred, gt)
+    n_g, n_p = inter.shape
+    if n_g == 0 or n_p == 0:
+        return 1.0 if n_g == n_p else 0.0
+    return inter, gt_area, pred_area, gt_area[:, None] + pred_area[None, :] - inter
+
+
 def aji(pred: np.ndarray, gt: np.ndarray) -> float:
     """Aggregated Jaccard Index (Kumar et al. 2017) of two binary masks.
 
@@ -119,13 +129,11 @@ def aji(pred: np.ndarray, gt: np.ndarray) -> float:
     unused prediction adds its area to the denominator. (As in the original definition a prediction
     may serve several GT instances; its area is then counted in each union.)
     """
-    inter, gt_area, pred_area = _instance_overlaps(pred, gt)
+    overlaps = _aji_overlaps(pred, gt)
+    if isinstance(overlaps, float):
+        return overlaps
+    inter, gt_area, pred_area, union = overlaps
     n_g, n_p = inter.shape
-    if n_g == 0 and n_p == 0:
-        return 1.0
-    if n_g == 0 or n_p == 0:
-        return 0.0
-    union = gt_area[:, None] + pred_area[None, :] - inter
     iou = inter / union
     best = iou.argmax(axis=1)
     rows = np.arange(n_g)
@@ -145,13 +153,11 @@ def aji_plus(pred: np.ndarray, gt: np.ndarray) -> float:
     Pairs without overlap are not pairs; every unpaired instance adds its area to the union."""
     from scipy.optimize import linear_sum_assignment
 
-    inter, gt_area, pred_area = _instance_overlaps(pred, gt)
+    overlaps = _aji_overlaps(pred, gt)
+    if isinstance(overlaps, float):
+        return overlaps
+    inter, gt_area, pred_area, union = overlaps
     n_g, n_p = inter.shape
-    if n_g == 0 and n_p == 0:
-        return 1.0
-    if n_g == 0 or n_p == 0:
-        return 0.0
-    union = gt_area[:, None] + pred_area[None, :] - inter
     iou = inter / union
     rows, cols = linear_sum_assignment(-iou)
     keep = inter[rows, cols] > 0
