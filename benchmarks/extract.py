@@ -2,6 +2,8 @@
 
     python benchmarks/extract.py --config paper --images 2          # the 256 ADM, fp16: bytes/image
     python benchmarks/extract.py --config pipeline --images 8       # the params.yaml teacher: speed, resume
+    python benchmarks/extract.py --config paper --device cuda --autocast bfloat16 --batch-size 16 --images 64 \
+        --no-resume --throughput                                     # stage vs bare forward vs compute limit
 
 Reads the images of data/prepared/train.npz (run `textdiff prepare` first) and writes a throw-away
 cache in a temp folder. Random teacher weights (speed and sizes do not depend on them; compression
@@ -13,9 +15,11 @@ from __future__ import annotations
 import argparse
 import resource
 import shutil
+import statistics
 import sys
 import tempfile
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -41,6 +45,40 @@ def dir_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+
+
+def bare_forward(model: torch.nn.Module, extractor: FeatureExtractor, images, batch: int, autocast: str,
+                 device: torch.device, repeats: int = 5) -> tuple[float, float]:
+    """(images/s of the full UNet forward at `batch`, FLOPs of one image's forward): the ceiling
+    the stage is measured against."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from textdiff.featurizer import images_to_model_range
+
+    x = images_to_model_range(images[:1]).to(device).repeat(batch, 1, 1, 1)
+    t = torch.full((batch,), 50, device=device)
+    cast = torch.autocast(device.type, dtype=getattr(torch, autocast)) if autocast != "float32" else nullcontext()
+    with torch.inference_mode(), cast:
+        model(x, t)  # warm-up
+        sync(device)
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            model(x, t)
+            sync(device)
+            times.append(time.perf_counter() - t0)
+        with FlopCounterMode(display=False) as counter:
+            model(x[:1], t[:1])
+    return batch / statistics.median(times), float(counter.get_total_flops())
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", choices=["paper", "pipeline"], default="pipeline")
@@ -49,6 +87,13 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--batch-size", type=int, default=2)
     ap.add_argument("--no-resume", action="store_true", help="skip the kill-and-resume measurement")
+    ap.add_argument("--autocast", default="float32", choices=["float32", "bfloat16", "float16"])
+    ap.add_argument("--fuse-steps", default="auto", choices=["auto", "yes", "no"], help="auto: on CUDA only")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the truncated decoder")
+    ap.add_argument("--throughput", action="store_true",
+                    help="also time the bare UNet forward at batch x steps and count its FLOPs")
+    ap.add_argument("--peak-tflops", type=float, default=0.0,
+                    help="the device's dense peak at --autocast (e.g. H100 SXM bf16: 989) for the compute-limit ratio")
     args = ap.parse_args()
 
     params = load_params("params.yaml")
@@ -60,7 +105,10 @@ def main() -> None:
     device = torch.device(args.device)
     torch.manual_seed(0)
     model = build_adm(config).to(device)
-    extractor = FeatureExtractor(model, Diffusion(), steps=steps, blocks=blocks, device=device)
+    fuse = None if args.fuse_steps == "auto" else args.fuse_steps == "yes"
+    extractor = FeatureExtractor(model, Diffusion(), steps=steps, blocks=blocks, device=device,
+                                 autocast_dtype=args.autocast, out_dtype=getattr(torch, args.dtype),
+                                 fuse_steps=fuse, compile=args.compile)
     spec = CacheSpec(teacher_kind="adm", steps=steps, blocks=blocks, image_size=size, views=1, dtype=args.dtype,
                      text_encoder="bench", text_hidden_size=384, text_max_length=10, data={},
                      teacher_config=normalize_config(config))
@@ -79,14 +127,30 @@ def main() -> None:
             shutil.rmtree(path, ignore_errors=True)
             return open_for_writing(path, spec, {"train": layout}, {})["train"]
 
+        if args.compile or device.type == "cuda":  # compile, cuDNN autotune and the pinned pool outside the timing
+            warm = fresh()
+            extract_split(warm, spec, images[: args.batch_size], masks[: args.batch_size], extractor, args.batch_size,
+                          device, desc="warm-up")
         group = fresh()
+        sync(device)
         t0 = time.perf_counter()
         extract_split(group, spec, images, masks, extractor, args.batch_size, device, desc="full run")
+        sync(device)
         full = time.perf_counter() - t0
         per_image = (dir_bytes(path / "train") - 0) / n
         print(f"full run: {n} images in {full:.1f} s = {n / full:.3f} img/s ({full / n / len(steps):.2f} s per image-timestep)")
         print(f"bytes on disk per image: {per_image / 1e6:.1f} MB (zstd; {per_image / raw:.0%} of uncompressed)")
         print(f"peak RSS so far: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
+        stage_rate = n * len(steps) / full
+        print(f"stage: {stage_rate:.2f} image-timesteps/s (fuse_steps={extractor.fuse_steps}, autocast {args.autocast}, "
+              f"compile {args.compile}, batch {args.batch_size}, device {device_name(device)})")
+        if args.throughput:
+            bare_rate, flops = bare_forward(model, extractor, images, args.batch_size * len(steps), args.autocast, device)
+            print(f"bare UNet forward at batch {args.batch_size * len(steps)}: {bare_rate:.2f} images/s; "
+                  f"stage / bare = {stage_rate / bare_rate:.0%}")
+            print(f"{flops / 1e12:.3f} TFLOP per forward (torch FlopCounterMode) -> {bare_rate * flops / 1e12:.3g} TFLOP/s"
+                  + (f" = {bare_rate * flops / 1e12 / args.peak_tflops:.0%} of {args.peak_tflops:g}" if args.peak_tflops
+                     else " (give --peak-tflops for the compute-limit ratio)"))
 
         if not args.no_resume:
             group = fresh()

@@ -67,16 +67,16 @@ def test_eight_views_store_the_transformed_masks(tiny_project):
 
 def test_resume_after_a_kill_redoes_only_unfinished_images(tiny_project, monkeypatch):
     calls = {"n": 0, "images": 0}
-    real_call = FeatureExtractor.__call__
+    real_submit = FeatureExtractor.submit  # what extract calls per batch
 
     def dying(self, images):
         calls["n"] += 1
         if calls["n"] == 2:
             raise KeyboardInterrupt  # the second batch of train dies mid-run
         calls["images"] += images.shape[0]
-        return real_call(self, images)
+        return real_submit(self, images)
 
-    monkeypatch.setattr(FeatureExtractor, "__call__", dying)
+    monkeypatch.setattr(FeatureExtractor, "submit", dying)
     killed = _extract()
     assert killed.exit_code == 130
     flags = zarr.open_group(str(CACHE), mode="r")["train"]["complete"][:]

@@ -183,3 +183,53 @@ def test_fp16_torso_features_agree_with_float32():
         scale = full[b].abs().max()
         err = (reduced[b] - full[b]).abs().max() / scale
         assert 0 < err < 1e-2, (b, float(err))  # changed (it is fp16), but only at half precision
+
+
+def test_fused_steps_storage_dtype_and_compile_agree_with_the_reference():
+    """The GPU path's options on a CPU: one forward of B x steps images, the cast to the cache's
+    dtype on the device, and torch.compile give the reference features (fusing and compiling up to
+    float reassociation; the cast exactly)."""
+    model, diffusion = _model(), Diffusion()
+    images = torch.rand(3, 3, 32, 32) * 2 - 1
+    steps, blocks = (50, 150, 250), (1, 4)
+    ref = _reference(model, diffusion, images, steps, blocks, seed=0)
+    fused = FeatureExtractor(model, diffusion, steps=steps, blocks=blocks, fuse_steps=True)(images)
+    half = FeatureExtractor(model, diffusion, steps=steps, blocks=blocks, out_dtype=torch.float16)(images)
+    compiled = FeatureExtractor(model, diffusion, steps=steps, blocks=blocks, compile=True)(images)
+    for b in blocks:
+        torch.testing.assert_close(fused[b], ref[b], rtol=1e-5, atol=1e-5)
+        assert half[b].dtype == torch.float16 and torch.equal(half[b], ref[b].half())
+        torch.testing.assert_close(compiled[b], ref[b], rtol=1e-4, atol=1e-4)
+    assert not FeatureExtractor(model, diffusion, steps=steps, blocks=blocks).fuse_steps  # CPU default: per step
+    with pytest.raises(TextDiffError, match="out_dtype"):
+        FeatureExtractor(model, diffusion, steps=steps, blocks=blocks, out_dtype=torch.int8)
+
+
+def test_decoder_features_are_the_forward_s_own_activations():
+    """`decoder_features` re-walks the UNet without hooks; it must stay the same computation as
+    `forward` (a test against the hooked full forward, bit for bit)."""
+    model = _model()
+    x, t = torch.rand(2, 3, 32, 32) * 2 - 1, torch.tensor([10, 900])
+    acts = {}
+    handles = [model.output_blocks[b].register_forward_hook(lambda _m, _i, out, b=b: acts.__setitem__(b, out))
+               for b in range(len(model.output_blocks))]
+    with torch.no_grad():
+        model(x, t)
+        taps = model.decoder_features(x, t, (5, 0, 2))
+    for h in handles:
+        h.remove()
+    assert [torch.equal(a, acts[b]) for a, b in zip(taps, (5, 0, 2))] == [True, True, True]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: pinned buffers and a copy stream")
+def test_gpu_submit_copies_asynchronously_and_reuses_pinned_buffers():
+    model, diffusion = _model(), Diffusion()
+    images = torch.rand(2, 3, 32, 32) * 2 - 1
+    ref = FeatureExtractor(model, diffusion, steps=(50,), blocks=(1,), fuse_steps=False)(images)
+    extractor = FeatureExtractor(model, diffusion, steps=(50,), blocks=(1,), device="cuda")
+    first = extractor.submit(images)
+    host = first.wait()[1]
+    assert host.is_pinned()
+    torch.testing.assert_close(host, ref[1].cuda().cpu(), rtol=1e-3, atol=1e-3)
+    first.release()
+    assert extractor.submit(images).wait()[1].data_ptr() == host.data_ptr()  # the released buffer, reused

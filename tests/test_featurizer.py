@@ -42,3 +42,25 @@ def test_attention_report_warns_only_off_the_training_distribution():
     line, warning = attention_report(_spec(128, COMPACT_ADM))  # 32x32 = 1024 tokens: exactly 4x, allowed
     assert "32x32 (1024 tokens)" in line and warning is None
     assert attention_report(_spec(64, COMPACT_ADM))[1] is None
+
+
+def test_autocast_is_in_the_spec_only_when_used_so_older_caches_keep_their_fingerprint():
+    plain, bf16 = _spec(64, COMPACT_ADM), CacheSpec(**{**_spec(64, COMPACT_ADM).__dict__, "autocast": "bfloat16"})
+    assert "autocast" not in plain.to_json()  # byte-identical attrs to a cache written before the field
+    assert CacheSpec.from_json(plain.to_json()) == plain
+    assert bf16.to_json()["autocast"] == "bfloat16" and CacheSpec.from_json(bf16.to_json()) == bf16
+    assert bf16 != plain and bf16.diff(plain) == ["autocast: None -> 'bfloat16'"]
+    with pytest.raises(TextDiffError, match="autocast"):
+        CacheSpec.from_json({**plain.to_json(), "autocast": "int8"})
+
+
+def test_the_stage_passes_autocast_to_the_teacher(tiny_project):
+    import torch
+
+    from textdiff.extraction import plan_cache
+    from textdiff.featurizer import build_featurizer
+
+    tiny_project.write_params(extract={"autocast": "bfloat16"})
+    plan = plan_cache(load_params("params.yaml"))
+    assert plan.spec.autocast == "bfloat16"
+    assert build_featurizer(plan.spec, plan.teacher.path, torch.device("cpu")).autocast_dtype == torch.bfloat16

@@ -83,6 +83,9 @@ class CacheSpec:
     stain: dict = field(default_factory=dict)  # data.stain's reference ({} = raw colours), see stain.py
     stain_views: int = 0  # further views after the rotated ones: seeded HED stain jitter
     stain_sigma: float = 0.0  # their jitter (0 when stain_views is 0)
+    # The teacher's compute dtype under torch.autocast (adm only). Written into the fingerprint only
+    # when not float32, so every cache made before the field existed keeps its bytes and equality.
+    autocast: str = "float32"
     version: int = SPEC_VERSION
 
     def __post_init__(self) -> None:
@@ -92,6 +95,8 @@ class CacheSpec:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         if self.dtype not in STORAGE_DTYPES:
             raise ValueError(f"dtype must be one of {tuple(STORAGE_DTYPES)}, got {self.dtype!r}")
+        if self.autocast not in STORAGE_DTYPES:
+            raise ValueError(f"autocast must be one of {tuple(STORAGE_DTYPES)}, got {self.autocast!r}")
         object.__setattr__(self, "steps", tuple(int(t) for t in self.steps))
         object.__setattr__(self, "blocks", tuple(int(b) for b in self.blocks))
 
@@ -119,6 +124,8 @@ class CacheSpec:
     def to_json(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         out["steps"], out["blocks"] = list(self.steps), list(self.blocks)
+        if out["autocast"] == "float32":
+            del out["autocast"]
         return out
 
     @classmethod

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -27,12 +28,14 @@ from textdiff.featurizer import (Featurizer, TeacherChoice, attention_report, bu
                                  images_to_model_range)
 from textdiff.hashing import sha256_split
 from textdiff.teacher import checkpoint_sha256
+from textdiff.teacher.features import PendingFeatures
 from textdiff.params import Params
 from textdiff.paths import CACHE_PATH, PREPARED_DIR
 from textdiff.runtime import provenance, resolve_device
 from textdiff.stain import StainShift, apply_shift, draw_shift
 from textdiff.text import TextEncoder, text_hidden_size
 from textdiff.tiles import cut_tiles
+from textdiff.writer import BackgroundWriter
 from textdiff.views import apply_view, rotate_like_release
 
 
@@ -124,7 +127,7 @@ def plan_cache(params: Params, prepared_dir: Path = PREPARED_DIR) -> CachePlan:
             teacher_kind="adm", steps=params.teacher.steps, blocks=params.teacher.blocks,
             teacher_sha256=checkpoint_sha256(teacher.path), teacher_config=teacher.config,
             noise_seed=params.teacher.noise_seed, schedule=params.teacher.schedule,
-            diffusion_steps=params.teacher.diffusion_steps, **common,
+            diffusion_steps=params.teacher.diffusion_steps, autocast=params.extract.autocast, **common,
         )
     return CachePlan(spec, {split: _split_inputs(params, d) for split, d in prepared.items()}, teacher)
 
@@ -186,6 +189,20 @@ def _views_of(images: np.ndarray, masks: np.ndarray, angles: np.ndarray, views: 
     return torch.stack(x_views, dim=1), torch.stack(m_views, dim=1)
 
 
+def _write_batch(group: zarr.Group, spec: CacheSpec, index: np.ndarray, pending: PendingFeatures,
+                 m_views: torch.Tensor, images: np.ndarray) -> None:
+    """One batch's images into their chunks, each image's completion flag after its arrays."""
+    feats = pending.wait()
+    views = spec.total_views
+    for j, i in enumerate(index):
+        for b, f in feats.items():
+            group[f"block_{b}"][int(i)] = to_storage(f.unflatten(0, (len(index), views))[j], spec.dtype)
+        group["masks"][int(i)] = m_views[j].numpy()
+        group["images"][int(i)] = images[i]
+        group["complete"][int(i)] = 1  # last: image i now counts
+    pending.release()
+
+
 def extract_split(group: zarr.Group, spec: CacheSpec, images: np.ndarray, masks: np.ndarray,
                   featurizer: Featurizer, batch_size: int, device: torch.device, desc: str = "",
                   ranks: Ranks = Ranks()) -> dict:
@@ -197,26 +214,22 @@ def extract_split(group: zarr.Group, spec: CacheSpec, images: np.ndarray, masks:
     (one image per chunk) and completion flags.
     """
     todo = np.flatnonzero(group["complete"][:] == 0)
-    views = spec.total_views
     # The rotated views' angles, as rank 0 stored them (before any rank got here).
     angles = np.asarray(group["rotation_angles"][:]) if spec.rotations else np.zeros((len(images), 0), np.int16)
     shifts = np.asarray(group["stain_shifts"][:]) if spec.stain_views else None
     batches = ranks.share([todo[s : s + batch_size] for s in range(0, len(todo), batch_size)])
     mine = int(sum(len(b) for b in batches))
     label = desc if ranks.world == 1 else f"{desc} (rank {ranks.rank}/{ranks.world})"
+    submit = getattr(featurizer, "submit", None)  # the teacher's: the host copy overlaps the next batch
     started = time.perf_counter()
-    with tqdm(total=mine, unit="img", desc=label, dynamic_ncols=True, disable=mine == 0 or not ranks.main) as bar:
+    with (tqdm(total=mine, unit="img", desc=label, dynamic_ncols=True, disable=mine == 0 or not ranks.main) as bar,
+          BackgroundWriter() as writer):
         for index in batches:
             x_views, m_views = _views_of(images[index], masks[index], angles[index], spec.views,
                                          shifts[index] if shifts is not None else None)
-            feats = featurizer(x_views.flatten(0, 1).to(device))
-            for j, i in enumerate(index):
-                for b, f in feats.items():
-                    per_image = f.unflatten(0, (len(index), views))[j]
-                    group[f"block_{b}"][int(i)] = to_storage(per_image, spec.dtype)
-                group["masks"][int(i)] = m_views[j].numpy()
-                group["images"][int(i)] = images[i]
-                group["complete"][int(i)] = 1  # last: image i now counts
+            x = x_views.flatten(0, 1).to(device)
+            pending = submit(x) if submit is not None else PendingFeatures(featurizer(x))
+            writer.submit(partial(_write_batch, group, spec, index, pending, m_views, images))
             bar.update(len(index))
     seconds = time.perf_counter() - started
     return {"done": mine, "skipped": int(group["complete"].shape[0] - len(todo)), "seconds": seconds}
@@ -234,7 +247,8 @@ def extract_cache(params: Params, cache_path: Path = CACHE_PATH, rebuild: bool =
     ranks, device = init_ranks(resolve_device(params.extract.device))
     try:
         # Load the models first: a bad checkpoint or encoder must fail before the cache is touched.
-        featurizer = build_featurizer(plan.spec, plan.teacher.path if plan.teacher else None, device)
+        featurizer = build_featurizer(plan.spec, plan.teacher.path if plan.teacher else None, device,
+                                      out_dtype=getattr(torch, plan.spec.dtype), compile=params.extract.compile)
         if ranks.main:
             _prepare_shared(params, plan, cache_path, rebuild, device)
         ranks.barrier()

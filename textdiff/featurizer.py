@@ -65,8 +65,10 @@ def choose_teacher(params: Params) -> TeacherChoice:
         raise TextDiffError(f"{source}: {err}") from None
 
 
-def build_featurizer(spec: CacheSpec, teacher_path: Path | None, device: torch.device) -> Featurizer:
-    """The featurizer a cache spec describes (the teacher is loaded strictly and frozen)."""
+def build_featurizer(spec: CacheSpec, teacher_path: Path | None, device: torch.device,
+                     out_dtype: torch.dtype = torch.float32, compile: bool = False) -> Featurizer:
+    """The featurizer a cache spec describes (the teacher is loaded strictly and frozen).
+    extract asks for its storage dtype (the cast then runs on the device) and may compile."""
     if spec.teacher_kind == "rgb":
         return PixelFeatures()
     if teacher_path is None:
@@ -78,7 +80,8 @@ def build_featurizer(spec: CacheSpec, teacher_path: Path | None, device: torch.d
         else:
             print(f"teacher.config use_fp16: the fp16 torso runs on a GPU only; {device} runs it in float32")
     return FeatureExtractor(model, Diffusion(spec.schedule, spec.diffusion_steps), steps=list(spec.steps),
-                            blocks=list(spec.blocks), noise_seed=spec.noise_seed, device=device)
+                            blocks=list(spec.blocks), noise_seed=spec.noise_seed, device=device,
+                            autocast_dtype=spec.autocast, out_dtype=out_dtype, compile=compile)
 
 
 OFF_DISTRIBUTION_TOKENS = 4  # more than this many times the training tokens through one attention layer

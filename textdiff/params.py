@@ -214,9 +214,16 @@ class ExtractParams:
     # H, E and DAB amounts scaled and shifted by a seeded draw of +-stain_sigma (Tellez et al. 2019).
     stain_views: int = 0
     stain_sigma: float = 0.2
+    # torch.compile the teacher's truncated decoder: pays off on a GPU over many images (minutes of
+    # compilation first); the features are the same up to float reassociation.
+    compile: bool = False
+    # The teacher's compute dtype (torch.autocast): bfloat16 is a GPU's fast path (tensor cores); the
+    # features then differ from float32 ones by bf16 rounding, so the cache spec records it.
+    autocast: str = "float32"
 
     def check(self) -> None:
         _one_of("extract.views", self.views, (1, 8))
+        _one_of("extract.autocast", self.autocast, DTYPES)
         _non_negative("extract.stain_views", self.stain_views)
         _positive("extract.stain_sigma", self.stain_sigma)
         if self.stain_sigma > 1:

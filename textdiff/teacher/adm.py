@@ -636,6 +636,26 @@ class UNetModel(nn.Module):
             h = block(torch.cat([h, skips.pop()], dim=1), emb)
         return self.out(h.type(x.dtype))
 
+    def decoder_features(self, x: torch.Tensor, timesteps: torch.Tensor, blocks: tuple[int, ...]) -> list[torch.Tensor]:
+        """The outputs of `output_blocks[b]` for each b in `blocks` (in that order), computed by
+        exactly the operations of `forward` and stopping after the deepest one: the high-resolution
+        blocks after it and the head never run. A plain function of tensors (no hooks, no
+        exceptions), so `torch.compile` can trace it whole."""
+        deepest = max(blocks)
+        emb = self.time_embed(timestep_embedding(timesteps.to(x.device), self.model_channels))
+        skips = []
+        h = x.type(self.torso_dtype) if self.torso_dtype != torch.float32 else x
+        for block in self.input_blocks:
+            h = block(h, emb)
+            skips.append(h)
+        h = self.middle_block(h, emb)
+        taps: dict[int, torch.Tensor] = {}
+        for index, block in enumerate(self.output_blocks[: deepest + 1]):
+            h = block(torch.cat([h, skips.pop()], dim=1), emb)
+            if index in blocks:
+                taps[index] = h
+        return [taps[b] for b in blocks]
+
 
 def build_adm(config: Mapping[str, Any]) -> UNetModel:
     """Build the UNet that guided-diffusion's ``create_model(**config)`` would build.

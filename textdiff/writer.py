@@ -1,0 +1,65 @@
+"""Cache writes on a background thread, so the teacher computes the next batch while zarr
+compresses and writes the last one.
+
+One thread and a bounded queue: writes happen in submission order (an image's arrays, then its
+completion flag, exactly as without the thread), host memory holds at most `depth` batches
+waiting, and an error in the thread stops the job at the caller's next `submit` or at the end of
+the `with` block. Leaving the block waits for every queued write: a batch the teacher finished
+is written even when the caller fails later, and nothing is flagged complete that was not written.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from typing import Callable
+
+
+class BackgroundWriter:
+    def __init__(self, depth: int = 2):
+        if depth < 1:
+            raise ValueError(f"depth must be >= 1, got {depth}")
+        self._jobs: queue.Queue[Callable[[], None] | None] = queue.Queue(maxsize=depth)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="textdiff-cache-writer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            if self._error is None:  # after a failure the remaining jobs are dropped, not half-done
+                try:
+                    job()
+                except BaseException as err:  # noqa: BLE001 - handed to the caller's thread
+                    self._error = err
+
+    def submit(self, job: Callable[[], None]) -> None:
+        """Queue a write (blocks while `depth` writes wait); raises the thread's error, if any."""
+        self._raise()
+        self._jobs.put(job)
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+    def close(self) -> None:
+        """Wait for every queued write, then raise the thread's error, if any."""
+        if self._thread.is_alive():
+            self._jobs.put(None)
+            self._thread.join()
+        self._raise()
+
+    def __enter__(self) -> "BackgroundWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+            return
+        try:
+            self.close()
+        except BaseException:  # noqa: BLE001 - the caller's own error is the one to report
+            pass
