@@ -625,16 +625,20 @@ class UNetModel(nn.Module):
             timesteps = torch.tensor(timesteps, device=x.device)
         if timesteps.ndim == 0:
             timesteps = timesteps.expand(x.shape[0])
+        h, emb, skips = self._encode(x, timesteps)
+        for block in self.output_blocks:
+            h = block(torch.cat([h, skips.pop()], dim=1), emb)
+        return self.out(h.type(x.dtype))
+
+    def _encode(self, x: torch.Tensor, timesteps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        """The encoder and middle block: (h, the timestep embedding, the skips for the decoder)."""
         emb = self.time_embed(timestep_embedding(timesteps.to(x.device), self.model_channels))
         skips = []
         h = x.type(self.torso_dtype) if self.torso_dtype != torch.float32 else x
         for block in self.input_blocks:
             h = block(h, emb)
             skips.append(h)
-        h = self.middle_block(h, emb)
-        for block in self.output_blocks:
-            h = block(torch.cat([h, skips.pop()], dim=1), emb)
-        return self.out(h.type(x.dtype))
+        return self.middle_block(h, emb), emb, skips
 
     def decoder_features(self, x: torch.Tensor, timesteps: torch.Tensor, blocks: tuple[int, ...]) -> list[torch.Tensor]:
         """The outputs of `output_blocks[b]` for each b in `blocks` (in that order), computed by
@@ -642,13 +646,7 @@ class UNetModel(nn.Module):
         blocks after it and the head never run. A plain function of tensors (no hooks, no
         exceptions), so `torch.compile` can trace it whole."""
         deepest = max(blocks)
-        emb = self.time_embed(timestep_embedding(timesteps.to(x.device), self.model_channels))
-        skips = []
-        h = x.type(self.torso_dtype) if self.torso_dtype != torch.float32 else x
-        for block in self.input_blocks:
-            h = block(h, emb)
-            skips.append(h)
-        h = self.middle_block(h, emb)
+        h, emb, skips = self._encode(x, timesteps)
         taps: dict[int, torch.Tensor] = {}
         for index, block in enumerate(self.output_blocks[: deepest + 1]):
             h = block(torch.cat([h, skips.pop()], dim=1), emb)
