@@ -7,6 +7,8 @@ down to < 2048 px) that is glass except for a `--tissue` x `--tissue` mosaic of 
 in its middle, streaming the tiles (the slide never exists in memory), then runs `textdiff predict`
 on it with models/classifier in a child process and reports the child's wall time, the megapixels/s
 it prints (working resolution, tissue tiles) and its peak resident memory (`ru_maxrss`).
+`--figure docs/wsi_example.png` also draws the slide's overlay beside a level-0 close-up with the
+GeoJSON polygons outlined (the README's picture).
 """
 
 from __future__ import annotations
@@ -67,17 +69,62 @@ def build_slide(path: Path, size: int, tissue: int, mpp: float = 0.25) -> tuple[
     return corner
 
 
+def draw_figure(slide_path: Path, pred: Path, corner: tuple[int, int], out: Path, crop: int = 768) -> None:
+    """The overlay PNG (whole slide, tissue box marked) | a level-0 close-up with the GeoJSON's
+    nucleus polygons outlined, as QuPath would show them."""
+    import json
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import openslide
+    from matplotlib.patches import Polygon, Rectangle
+
+    stem = slide_path.stem
+    overlay = plt.imread(pred / f"{stem}_overlay.png")
+    slide = openslide.OpenSlide(str(slide_path))
+    width = slide.dimensions[0]
+    y0, x0 = corner[0] + 1000 - crop // 2, corner[1] + 1000 - crop // 2  # across the seam of four images
+    region = np.asarray(slide.read_region((x0, y0), 0, (crop, crop)).convert("RGB"))
+    features = json.loads((pred / f"{stem}.geojson").read_text())["features"]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 6.2))
+    a.imshow(overlay)
+    scale = overlay.shape[1] / width
+    a.add_patch(Rectangle((x0 * scale, y0 * scale), crop * scale, crop * scale, fill=False, color="red", lw=1.5))
+    a.set_title(f"{stem}: {width:,} x {slide.dimensions[1]:,} px at level 0 (overlay PNG; glass skipped)", fontsize=9)
+    b.imshow(region, extent=(x0, x0 + crop, y0 + crop, y0))
+    shown = 0
+    for feature in features:
+        ring = np.asarray(feature["geometry"]["coordinates"][0], float)
+        if ring[:, 0].max() < x0 or ring[:, 0].min() > x0 + crop or ring[:, 1].max() < y0 or ring[:, 1].min() > y0 + crop:
+            continue
+        b.add_patch(Polygon(ring, closed=True, fill=False, color="lime", lw=0.9))
+        shown += 1
+    b.set_xlim(x0, x0 + crop)
+    b.set_ylim(y0 + crop, y0)
+    b.set_title(f"level-0 close-up (red box): {shown} of the {len(features):,} GeoJSON detections", fontsize=9)
+    for ax in (a, b):
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    print(f"wrote {out}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", type=int, default=20000, help="slide side in level-0 pixels")
     ap.add_argument("--tissue", type=int, default=3, help="side of the tissue mosaic, in 1000-px MoNuSeg images")
     ap.add_argument("--out", type=Path, default=Path("/tmp/textdiff-wsi"))
     ap.add_argument("--model", default="models/classifier")
+    ap.add_argument("--figure", type=Path, default=None, help="also draw overlay + close-up to this PNG")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     slide = args.out / f"synthetic-{args.size}.tif"
     started = time.perf_counter()
-    build_slide(slide, args.size, args.tissue)
+    corner = build_slide(slide, args.size, args.tissue)
     print(f"built {slide} ({args.size}x{args.size}, {slide.stat().st_size / 2**20:.0f} MiB on disk, "
           f"{3 * args.size**2 / 2**30:.1f} GiB as one RGB array) in {time.perf_counter() - started:.0f} s")
     started = time.perf_counter()
@@ -89,6 +136,8 @@ def main() -> None:
     lines = [line for line in (done.stdout + done.stderr).splitlines() if "nuclei" in line or "error" in line]
     print("\n".join(lines[-3:]))
     print(f"predict: {seconds:.0f} s wall, peak RSS {peak:.2f} GiB (exit {done.returncode})")
+    if args.figure is not None and done.returncode == 0:
+        draw_figure(slide, args.out / "pred", corner, args.figure)
 
 
 if __name__ == "__main__":

@@ -137,6 +137,39 @@ def test_blend_tiles_needs_full_coverage_and_keeps_constants():
         blend_tiles(probs[:1], origins[:1], 50, 40)
 
 
+def test_glass_windows_are_not_segmented_and_carry_no_weight():
+    origins = tile_grid(50, 40, 32, 24)
+    probs = [None if i % 2 else torch.full((32, 32), 0.75) for i in range(len(origins))]
+    blended = blend_tiles(probs, origins, 50, 40)
+    only_glass = torch.ones(50, 40, dtype=torch.bool)
+    for prob, (y, x) in zip(probs, origins):
+        if prob is not None:
+            only_glass[y : y + 32, x : x + 32] = False
+    torch.testing.assert_close(blended[~only_glass], torch.full_like(blended[~only_glass], 0.75))  # not diluted by glass
+    assert torch.all(blended[only_glass] == 0) and only_glass.any()
+    with pytest.raises(ValueError, match="cover"):
+        blend_tiles([None], origins[:1], 50, 40, tile=32)
+
+
+def test_glass_gets_no_nuclei_however_the_classifier_reacts_to_it(trained):
+    """Per-image normalisation stretches a blank window's noise; glass windows must not reach the
+    classifier (the shipped model marked 13.6 % of plain glass as nuclei before this guard)."""
+    from textdiff.segmenter import build_segmenter, is_glass
+
+    segmenter, _ = build_segmenter(Path("models/classifier"), torch.device("cpu"), None, None)
+    rng = np.random.default_rng(0)
+    tissue = np.asarray(Image.open(trained.data_root / "Train_Folder/img/img_train_0.png").convert("RGB").resize((64, 64)))
+    glass = np.clip(242 + rng.integers(-3, 4, (64, 64, 3)), 0, 255).astype(np.uint8)
+    both = np.concatenate([tissue, glass], axis=1)  # 64 x 128 at the working resolution
+    segmenter.mode, segmenter.tile, segmenter.stride = "tiles", 32, 32
+    prob = segmenter.probabilities(both, "Few nuclei.", mpp=segmenter.working_mpp)
+    assert prob[:, 64:].max() == 0.0
+    np.testing.assert_allclose(prob[:, :64], segmenter.probabilities(tissue, "Few nuclei.", mpp=segmenter.working_mpp),
+                               atol=1e-6)
+    model_range = lambda im: torch.from_numpy(im).permute(2, 0, 1)[None].float() / 127.5 - 1  # noqa: E731
+    assert is_glass(model_range(glass)) and not is_glass(model_range(tissue))
+
+
 def test_tiles_mode_end_to_end(tiny_project, tmp_path):
     """Native resolution: 40 px images cut into 32 px windows (stride 16 -> 2x2 windows each);
     evaluation scores the stitched full-size masks; predict slides the same windows."""

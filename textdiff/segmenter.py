@@ -31,7 +31,7 @@ from textdiff.errors import TextDiffError
 from textdiff.featurizer import Featurizer, build_featurizer, images_to_model_range
 from textdiff.teacher import checkpoint_sha256
 from textdiff.inference import ModelCard, load_trained, resize_probability
-from textdiff.stain import normalize
+from textdiff.stain import normalize, tissue_pixels
 from textdiff.text import TextEncoder
 from textdiff.wsi import SLIDE_SUFFIXES
 from textdiff.tiles import blend_tiles, tile_grid
@@ -52,7 +52,18 @@ def sliding_window(image: torch.Tensor, tile: int, stride: int, predict_tile) ->
     H, W = image.shape[1:]
     origins = tile_grid(H, W, tile, stride)
     probs = [predict_tile(image[None, :, y : y + tile, x : x + tile]) for y, x in origins]
-    return blend_tiles(probs, origins, H, W)[:h, :w]
+    return blend_tiles(probs, origins, H, W, tile)[:h, :w]
+
+
+GLASS_WINDOW = 0.01  # a window with less tissue than this share of its pixels is glass: not segmented
+
+
+def is_glass(window: torch.Tensor) -> bool:
+    """A model-range window [1, 3, h, w] that is (almost) all glass. The classifier normalises each
+    image's decoder activations on their own statistics, so a blank window's faint noise would be
+    stretched into confident 'nuclei' (measured: 13.6 % foreground on plain glass); glass has none."""
+    rgb = ((window[0].permute(1, 2, 0).float().cpu().numpy() + 1.0) * 127.5).round().clip(0, 255)
+    return float(tissue_pixels(rgb).mean()) < GLASS_WINDOW
 
 
 @dataclass
@@ -105,7 +116,9 @@ class Segmenter:
         tokens, mask, pooled = self.text_inputs(text)
         self.classifier.eval()
 
-        def predict_tile(x: torch.Tensor) -> torch.Tensor:
+        def predict_tile(x: torch.Tensor) -> torch.Tensor | None:
+            if is_glass(x):
+                return None
             feats = self.extractor(x.to(self.device))
             out = self.classifier([feats[b].to(self.device) for b in self.blocks], tokens, mask, pooled)
             return torch.softmax(out["logits"].float(), dim=1)[0, 1]

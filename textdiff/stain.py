@@ -27,6 +27,7 @@ import torch
 STAIN_METHODS = ("none", "macenko", "reinhard")
 OD_TISSUE = 0.15  # Macenko's rule: a pixel is stained when its OD is at least this in all channels
 MIN_TISSUE_FRACTION = 0.05  # below this share of stained pixels an image is left as it is
+TISSUE_OD = 0.15  # a pixel is tissue, not glass, when SOME channel's OD reaches this (slides, glass windows)
 MIN_TISSUE_PIXELS = 256
 FIT_PIXELS_PER_IMAGE = 100_000  # a reference is fitted on an equal random share of every image
 
@@ -40,6 +41,11 @@ def _matrices() -> tuple[np.ndarray, np.ndarray]:
 def optical_density(image: np.ndarray) -> np.ndarray:
     """-ln(I / 255) of an RGB uint8 image (0 counted as 1, so OD stays finite)."""
     return -np.log(np.maximum(np.asarray(image, np.float64), 1.0) / 255.0)
+
+
+def tissue_pixels(image: np.ndarray) -> np.ndarray:
+    """Boolean [..., H, W]: pixels of an RGB uint8 image that are not glass (some channel's OD >= 0.15)."""
+    return optical_density(image).max(axis=-1) >= TISSUE_OD
 
 
 def to_hed(image: np.ndarray) -> np.ndarray:

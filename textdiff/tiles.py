@@ -40,20 +40,26 @@ def gaussian_window(size: int, sigma_fraction: float = 0.125) -> torch.Tensor:
     return (w / w.max()).clamp(min=1e-3).float()
 
 
-def blend_tiles(probs: list[torch.Tensor], origins: list[tuple[int, int]], height: int, width: int) -> torch.Tensor:
-    """Gaussian-weighted mean of window predictions [tile, tile] placed at `origins` -> [H, W]."""
+def blend_tiles(probs: list[torch.Tensor | None], origins: list[tuple[int, int]], height: int, width: int,
+                tile: int | None = None) -> torch.Tensor:
+    """Gaussian-weighted mean of window predictions [tile, tile] placed at `origins` -> [H, W].
+    A window given as None (glass, not segmented) has no weight; pixels only such windows cover
+    get probability 0."""
     if not probs:
         raise ValueError("blend_tiles needs at least one window")
-    tile = probs[0].shape[-1]
+    tile = tile or next(p.shape[-1] for p in probs if p is not None)
     weight = gaussian_window(tile)
     acc = torch.zeros(height, width)
     norm = torch.zeros(height, width)
+    covered = torch.zeros(height, width, dtype=torch.bool)
     for prob, (y, x) in zip(probs, origins):
-        acc[y : y + tile, x : x + tile] += weight * prob.float().cpu()
-        norm[y : y + tile, x : x + tile] += weight
-    if (norm == 0).any():
+        covered[y : y + tile, x : x + tile] = True
+        if prob is not None:
+            acc[y : y + tile, x : x + tile] += weight * prob.float().cpu()
+            norm[y : y + tile, x : x + tile] += weight
+    if not covered.all():
         raise ValueError("the windows do not cover the whole image")
-    return acc / norm
+    return torch.where(norm > 0, acc / norm.clamp_min(1e-12), torch.zeros(()))
 
 
 def paste_tiles(tiles: list[np.ndarray], origins: list[tuple[int, int]], height: int, width: int) -> np.ndarray:

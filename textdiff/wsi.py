@@ -42,11 +42,10 @@ from PIL import Image
 from textdiff.atomic import atomic_file
 from textdiff.data import to_working_size
 from textdiff.errors import TextDiffError
-from textdiff.stain import optical_density
+from textdiff.stain import tissue_pixels
 
 SLIDE_SUFFIXES = (".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide", ".tif", ".tiff")
 THUMBNAIL = 2048  # longest side of the tissue-detection thumbnail
-TISSUE_OD = 0.15
 CORE, MARGIN = 1024, 64  # working pixels
 FORMAT = 1
 
@@ -122,7 +121,7 @@ def tissue_mask(thumbnail: np.ndarray) -> np.ndarray:
     """Tissue pixels of an RGB thumbnail: some channel's optical density >= 0.15, cleaned up."""
     from scipy import ndimage
 
-    tissue = optical_density(thumbnail).max(axis=-1) >= TISSUE_OD
+    tissue = tissue_pixels(thumbnail)
     tissue = ndimage.binary_closing(tissue, iterations=2)
     return ndimage.binary_opening(tissue, iterations=1)
 
