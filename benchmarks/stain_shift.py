@@ -111,6 +111,9 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--out", default="docs/stain_shift")
+    ap.add_argument("--reuse", type=Path, default=None,
+                    help="a previous run's stain_shift.json: its methods are taken from it, not measured again "
+                         "(same images, conditions and seed required)")
     args = ap.parse_args()
 
     device = resolve_device(args.device)
@@ -122,7 +125,15 @@ def main() -> None:
     models = parse_models(args.model) if args.model else [("model", CLASSIFIER_DIR)]
 
     rows, seconds, first_segment = [], {}, None
+    if args.reuse is not None:
+        old = json.loads(args.reuse.read_text())
+        if old["images"] != len(images) or old["seed"] != args.seed:
+            raise SystemExit(f"error: {args.reuse}: measured on {old['images']} images with seed {old['seed']}, "
+                             f"not {len(images)} with seed {args.seed}")
+        rows, seconds = list(old["per_image"]), dict(old["seconds"])
     for label, folder in models:
+        if label in seconds:
+            continue
         segmenter, _ = build_segmenter(folder, device, None, None)
 
         def segment(image: np.ndarray, text: str, s=segmenter) -> np.ndarray:
@@ -132,7 +143,7 @@ def main() -> None:
         started = time.perf_counter()
         rows += measure(segment, images, masks, texts, conds, label)
         seconds[label] = time.perf_counter() - started
-    if not args.no_classic:
+    if not args.no_classic and "classic (H + Otsu)" not in seconds:
         def classic(image: np.ndarray, text: str) -> np.ndarray:
             small = to_working_size(image, (args.classic_size, args.classic_size))
             return upsample_mask(hematoxylin_otsu(small), image.shape[:2])
@@ -150,7 +161,8 @@ def main() -> None:
                                                       "device": device_name(device), "images": len(images),
                                                       "seed": args.seed}, indent=1) + "\n")
     plot(summary, out / "stain_shift.png")
-    examples(images[0], conds, first_segment or classic, texts[0], out / "stain_examples.png")
+    if first_segment is not None or args.reuse is None:
+        examples(images[0], conds, first_segment or classic, texts[0], out / "stain_examples.png")
     print(table)
     n = len(images) * len(conds)
     for label, s in seconds.items():
