@@ -72,7 +72,7 @@ class DataParams:
     protocol: str = "project"  # or release: the released code's BGR/bilinear images and dilated masks
     # Stain normalisation of every image (all splits, and `textdiff predict`'s inputs) to a reference
     # fitted on the training images: none | macenko | reinhard (textdiff/stain.py).
-    stain: str = "none"
+    stain: str = "macenko"
     # Micrometres per pixel of the source images (MoNuSeg, 40x: 0.25). Recorded with the model, so
     # `textdiff predict` brings every new image to the resolution the model works at.
     mpp: float = 0.25
