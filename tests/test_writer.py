@@ -56,3 +56,13 @@ def test_the_caller_s_error_wins_and_queued_writes_still_finish():
             writer.submit(lambda: (time.sleep(0.05), done.append(1)))
             raise KeyboardInterrupt
     assert done == [1]  # a batch the teacher finished is written, then the interrupt goes on
+
+
+def test_unthreaded_writer_runs_each_write_at_once_with_the_same_error_semantics():
+    done = []
+    with BackgroundWriter(threaded=False) as writer:
+        writer.submit(lambda: done.append(1))
+        assert done == [1]  # already written: the CPU path has no thread to compete with the teacher
+    with pytest.raises(OSError, match="disk full"):
+        with BackgroundWriter(threaded=False) as writer:
+            writer.submit(lambda: (_ for _ in ()).throw(OSError("disk full")))

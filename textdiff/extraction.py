@@ -223,7 +223,7 @@ def extract_split(group: zarr.Group, spec: CacheSpec, images: np.ndarray, masks:
     submit = getattr(featurizer, "submit", None)  # the teacher's: the host copy overlaps the next batch
     started = time.perf_counter()
     with (tqdm(total=mine, unit="img", desc=label, dynamic_ncols=True, disable=mine == 0 or not ranks.main) as bar,
-          BackgroundWriter() as writer):
+          BackgroundWriter(threaded=device.type == "cuda") as writer):
         for index in batches:
             x_views, m_views = _views_of(images[index], masks[index], angles[index], spec.views,
                                          shifts[index] if shifts is not None else None)
