@@ -33,10 +33,10 @@ def grid(counts: list[int], seeds: list[int], steps: int, val_every: int, method
     """The queue lines, most informative first, so a grid cut short by the machine's time still
     gives whole curves: the no-label baseline, then one seed of every method and N < 24, then the
     other seeds, then N = 24 (one seed; it costs the most per run and the default run is its twin)."""
-    commands = []
+    commands, all_labels = [], []
     if "classic" in methods:
-        commands.append((-1, 0, ["dvc", "exp", "run", "--queue", "-n", "le-classic", "-S", "baseline.kind=classic",
-                                 "-S", f"train.steps={steps}"]))
+        commands.append(["dvc", "exp", "run", "--queue", "-n", "le-classic", "-S", "baseline.kind=classic",
+                         "-S", f"train.steps={steps}"])
     for si, seed in enumerate(seeds):
         for n in counts:
             if n >= 24 and si > 0:
@@ -44,10 +44,9 @@ def grid(counts: list[int], seeds: list[int], steps: int, val_every: int, method
             for method in (m for m in methods if m != "classic"):
                 sets = [*METHODS[method], f"train.num_labeled={n}", f"train.seed={seed}", f"train.steps={steps}",
                         f"train.val_every={val_every}", "evaluate.panels=0"]
-                rank = (len(seeds) if n >= 24 else si, n)
-                commands.append((*rank, ["dvc", "exp", "run", "--queue", "-n", f"le-{method}-n{n}-s{seed}"]
-                                 + [x for s in sets for x in ("-S", s)]))
-    return [cmd for *_, cmd in sorted(commands, key=lambda c: (c[0], c[1]))]
+                (all_labels if n >= 24 else commands).append(
+                    ["dvc", "exp", "run", "--queue", "-n", f"le-{method}-n{n}-s{seed}"] + [x for s in sets for x in ("-S", s)])
+    return commands + all_labels
 
 
 def main() -> None:

@@ -25,9 +25,10 @@ import numpy as np
 import torch
 
 STAIN_METHODS = ("none", "macenko", "reinhard")
-OD_TISSUE = 0.15  # Macenko's rule: a pixel is stained when its OD is at least this in all channels
+# Optical density that counts as stain: Macenko's fit uses pixels reaching it in ALL channels;
+# tissue (not glass) is a pixel reaching it in SOME channel (slide tissue detection, glass windows).
+OD_TISSUE = 0.15
 MIN_TISSUE_FRACTION = 0.05  # below this share of stained pixels an image is left as it is
-TISSUE_OD = 0.15  # a pixel is tissue, not glass, when SOME channel's OD reaches this (slides, glass windows)
 MIN_TISSUE_PIXELS = 256
 FIT_PIXELS_PER_IMAGE = 100_000  # a reference is fitted on an equal random share of every image
 
@@ -45,7 +46,7 @@ def optical_density(image: np.ndarray) -> np.ndarray:
 
 def tissue_pixels(image: np.ndarray) -> np.ndarray:
     """Boolean [..., H, W]: pixels of an RGB uint8 image that are not glass (some channel's OD >= 0.15)."""
-    return optical_density(image).max(axis=-1) >= TISSUE_OD
+    return optical_density(image).max(axis=-1) >= OD_TISSUE
 
 
 def to_hed(image: np.ndarray) -> np.ndarray:

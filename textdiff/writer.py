@@ -23,11 +23,10 @@ class BackgroundWriter:
     def __init__(self, depth: int = 2, threaded: bool = True):
         if depth < 1:
             raise ValueError(f"depth must be >= 1, got {depth}")
-        self.threaded = threaded
         self._jobs: queue.Queue[Callable[[], None] | None] = queue.Queue(maxsize=depth)
         self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="textdiff-cache-writer", daemon=True)
-        if threaded:
+        self._thread = threading.Thread(target=self._run, name="textdiff-cache-writer", daemon=True) if threaded else None
+        if self._thread is not None:
             self._thread.start()
 
     def _run(self) -> None:
@@ -44,7 +43,7 @@ class BackgroundWriter:
     def submit(self, job: Callable[[], None]) -> None:
         """Queue a write (blocks while `depth` writes wait); raises the thread's error, if any."""
         self._raise()
-        if not self.threaded:
+        if self._thread is None:
             job()
             return
         self._jobs.put(job)
@@ -56,7 +55,7 @@ class BackgroundWriter:
 
     def close(self) -> None:
         """Wait for every queued write, then raise the thread's error, if any."""
-        if self._thread.is_alive():
+        if self._thread is not None and self._thread.is_alive():
             self._jobs.put(None)
             self._thread.join()
         self._raise()

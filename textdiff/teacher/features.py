@@ -188,7 +188,6 @@ class FeatureExtractor:
             raise TextDiffError(f"out_dtype: expected torch.float32, torch.float16 or torch.bfloat16, got {out_dtype}")
         self.out_dtype = out_dtype
         self.fuse_steps = self.device.type == "cuda" if fuse_steps is None else bool(fuse_steps)
-        self._taps = tuple(blocks)
         self._decoder = torch.compile(self.model.decoder_features) if compile else self.model.decoder_features
         self._pool = _PinnedPool() if self.device.type == "cuda" else None
         self._copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
@@ -224,7 +223,7 @@ class FeatureExtractor:
         autocast = (torch.autocast(self.device.type, dtype=self.autocast_dtype)
                     if self.autocast_dtype is not None else contextlib.nullcontext())
         with torch.inference_mode(), autocast:
-            return self._decoder(x_t, t, self._taps)
+            return self._decoder(x_t, t, tuple(self.blocks))
 
     def on_device(self, images: torch.Tensor) -> dict[int, torch.Tensor]:
         """{block: [B, S, C, h, w]} as `out_dtype`, left on the device."""
