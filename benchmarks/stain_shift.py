@@ -126,7 +126,11 @@ def main() -> None:
 
     rows, seconds, first_segment = [], {}, None
     if args.reuse is not None:
-        old = json.loads(args.reuse.read_text())
+        try:
+            old = json.loads(args.reuse.read_text())
+            old["images"], old["seed"], old["per_image"], old["seconds"]  # noqa: B018 - present?
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise SystemExit(f"error: {args.reuse}: not a stain_shift.json this benchmark wrote ({err})") from None
         if old["images"] != len(images) or old["seed"] != args.seed:
             raise SystemExit(f"error: {args.reuse}: measured on {old['images']} images with seed {old['seed']}, "
                              f"not {len(images)} with seed {args.seed}")
