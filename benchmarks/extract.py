@@ -2,7 +2,7 @@
 
     python benchmarks/extract.py --config paper --images 2          # the 256 ADM, fp16: bytes/image
     python benchmarks/extract.py --config pipeline --images 8       # the params.yaml teacher: speed, resume
-    python benchmarks/extract.py --config paper --device cuda --autocast bfloat16 --batch-size 16 --images 64 \
+    python benchmarks/extract.py --config paper --device cuda --autocast bfloat16 --batch-size 16 --images 128 \
         --no-resume --throughput                                     # stage vs bare forward vs compute limit
 
 Reads the images of data/prepared/train.npz (run `textdiff prepare` first) and writes a throw-away
@@ -22,6 +22,7 @@ import time
 from contextlib import nullcontext
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -77,6 +78,28 @@ def bare_forward(model: torch.nn.Module, images, batch: int, autocast: str,
     return batch / statistics.median(times), float(counter.get_total_flops())
 
 
+def teacher_alone(extractor: FeatureExtractor, images, batch: int, device: torch.device) -> float:
+    """Images/s of the extractor's part of the stage (forward, cast, host copy), without zarr: tells
+    a slow stage's teacher from its writes."""
+    from textdiff.featurizer import images_to_model_range
+
+    x = images_to_model_range(images[:batch])
+    extractor.submit(x).release()  # warm-up
+    sync(device)
+    t0 = time.perf_counter()
+    pending = None
+    for start in range(0, len(images), batch):
+        nxt = extractor.submit(images_to_model_range(images[start : start + batch]))
+        if pending is not None:
+            pending.wait()
+            pending.release()
+        pending = nxt
+    pending.wait()
+    pending.release()
+    sync(device)
+    return len(images) / (time.perf_counter() - t0)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", choices=["paper", "pipeline"], default="pipeline")
@@ -88,6 +111,7 @@ def main() -> None:
     ap.add_argument("--autocast", default="float32", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--fuse-steps", default="auto", choices=["auto", "yes", "no"], help="auto: on CUDA only")
     ap.add_argument("--compile", action="store_true", help="torch.compile the truncated decoder")
+    ap.add_argument("--warm-up", action="store_true", help="run one batch untimed first (always on CUDA or with --compile)")
     ap.add_argument("--throughput", action="store_true",
                     help="also time the bare UNet forward at batch x steps and count its FLOPs")
     ap.add_argument("--peak-tflops", type=float, default=0.0,
@@ -98,8 +122,9 @@ def main() -> None:
     config = PAPER if args.config == "paper" else dict(params.pretrain.config)
     size, steps, blocks = params.data.image_size, list(params.teacher.steps), list(params.teacher.blocks)
     prepared = load_prepared("data/prepared", "train")
-    n = min(args.images, len(prepared))
-    images, masks = prepared.images[:n], prepared.masks[:n]
+    n = args.images  # more than the split holds: its images again, so a GPU is timed over many batches
+    cycle = np.arange(n) % len(prepared)
+    images, masks = prepared.images[cycle], prepared.masks[cycle]
     device = torch.device(args.device)
     torch.manual_seed(0)
     model = build_adm(config).to(device)
@@ -110,7 +135,8 @@ def main() -> None:
     spec = CacheSpec(teacher_kind="adm", steps=steps, blocks=blocks, image_size=size, views=1, dtype=args.dtype,
                      text_encoder="bench", text_hidden_size=384, text_max_length=10, data={},
                      teacher_config=normalize_config(config))
-    layout = SplitLayout(ids=list(prepared.ids[:n]), texts=list(prepared.texts[:n]))
+    layout = SplitLayout(ids=[f"{prepared.ids[c]}#{i}" for i, c in enumerate(cycle)],
+                         texts=[prepared.texts[c] for c in cycle])
     shapes = spec.block_shapes()
     raw = sum(c * h * w for c, h, w in shapes.values()) * len(steps) * (4 if args.dtype == "float32" else 2)
     print(f"teacher {args.config}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M params, "
@@ -125,16 +151,26 @@ def main() -> None:
             shutil.rmtree(path, ignore_errors=True)
             return open_for_writing(path, spec, {"train": layout}, {})["train"]
 
-        if args.compile or device.type == "cuda":  # compile, cuDNN autotune and the pinned pool outside the timing
-            warm = fresh()
-            extract_split(warm, spec, images[: args.batch_size], masks[: args.batch_size], extractor, args.batch_size,
-                          device, desc="warm-up")
+        if args.compile or args.warm_up or device.type == "cuda":  # compile, autotune, pinned pool: untimed
+            k = min(args.batch_size, n)
+            warm = open_for_writing(work / "warm-up.zarr", spec,
+                                    {"train": SplitLayout(ids=layout.ids[:k], texts=layout.texts[:k])}, {})["train"]
+            extract_split(warm, spec, images[:k], masks[:k], extractor, args.batch_size, device, desc="warm-up")
+            shutil.rmtree(work / "warm-up.zarr", ignore_errors=True)
         group = fresh()
         sync(device)
         t0 = time.perf_counter()
         extract_split(group, spec, images, masks, extractor, args.batch_size, device, desc="full run")
         sync(device)
         full = time.perf_counter() - t0
+        # The cache holds what the teacher gives: the first batch read back against a fresh forward.
+        from textdiff.cache import from_storage
+        from textdiff.featurizer import images_to_model_range
+
+        fresh_feats = extractor(images_to_model_range(images[: args.batch_size]))
+        worst = max(float((from_storage(group[f"block_{b}"][i], args.dtype)[0].float() - f[i].float()).abs().max())
+                    for b, f in fresh_feats.items() for i in range(min(args.batch_size, n)))
+        print(f"read back: the first batch's cached features differ from a fresh forward by at most {worst:.3g}")
         per_image = (dir_bytes(path / "train") - 0) / n
         print(f"full run: {n} images in {full:.1f} s = {n / full:.3f} img/s ({full / n / len(steps):.2f} s per image-timestep)")
         print(f"bytes on disk per image: {per_image / 1e6:.1f} MB (zstd; {per_image / raw:.0%} of uncompressed)")
@@ -143,6 +179,9 @@ def main() -> None:
         print(f"stage: {stage_rate:.2f} image-timesteps/s (fuse_steps={extractor.fuse_steps}, autocast {args.autocast}, "
               f"compile {args.compile}, batch {args.batch_size}, device {device_name(device)})")
         if args.throughput:
+            teacher_rate = teacher_alone(extractor, images, args.batch_size, device) * len(steps)
+            print(f"teacher alone (features to pinned host memory, no cache writes): {teacher_rate:.2f} "
+                  f"image-timesteps/s; stage / teacher alone = {stage_rate / teacher_rate:.0%}")
             bare_rate, flops = bare_forward(model, images, args.batch_size * len(steps), args.autocast, device)
             print(f"bare UNet forward at batch {args.batch_size * len(steps)}: {bare_rate:.2f} images/s; "
                   f"stage / bare = {stage_rate / bare_rate:.0%}")

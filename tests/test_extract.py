@@ -89,6 +89,30 @@ def test_resume_after_a_kill_redoes_only_unfinished_images(tiny_project, monkeyp
     assert extract_stage.verify(Path("params.yaml")) == []
 
 
+def test_the_gpu_s_threaded_parallel_writer_stores_the_same_bytes(tiny_project, monkeypatch):
+    """On CUDA a writer thread fills many chunks at once; forced here on the CPU, every chunk file
+    must equal the unthreaded writer's byte for byte."""
+    import shutil
+    from functools import partial
+
+    import textdiff.extraction as extraction
+    from textdiff.writer import BackgroundWriter
+
+    assert _extract().exit_code == 0
+
+    def chunks(root: Path) -> dict[str, bytes]:
+        return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file() and "/c/" in str(p)}
+
+    before = chunks(CACHE)
+    shutil.rmtree(CACHE)
+    monkeypatch.setattr(extraction, "BackgroundWriter", lambda **_: BackgroundWriter(threaded=True, workers=4))
+    assert _extract().exit_code == 0
+    after = chunks(CACHE)
+    assert len(before) > 10 and after.keys() == before.keys()
+    assert all(after[k] == before[k] for k in before)
+    assert extract_stage.verify(Path("params.yaml")) == []
+
+
 def test_verify_catches_a_missing_chunk_and_a_param_mismatch(tiny_project):
     assert _extract().exit_code == 0
     ok = runner.invoke(app, ["cache", "verify"])

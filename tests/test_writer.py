@@ -66,3 +66,27 @@ def test_unthreaded_writer_runs_each_write_at_once_with_the_same_error_semantics
     with pytest.raises(OSError, match="disk full"):
         with BackgroundWriter(threaded=False) as writer:
             writer.submit(lambda: (_ for _ in ()).throw(OSError("disk full")))
+
+
+def test_write_all_runs_chunks_at_once_and_returns_only_when_every_one_is_done():
+    barrier = threading.Barrier(4, timeout=5)  # passes only if four writes run at the same time
+    done = []
+    with BackgroundWriter(workers=4) as writer:
+        writer.write_all([lambda i=i: (barrier.wait(), time.sleep(0.01 * i), done.append(i)) for i in range(4)])
+        assert sorted(done) == [0, 1, 2, 3]  # all finished before write_all returned
+
+
+def test_write_all_waits_for_the_others_then_raises_the_first_error():
+    done = []
+
+    def fail():
+        raise OSError("disk full")
+
+    with BackgroundWriter(workers=3) as writer:
+        with pytest.raises(OSError, match="disk full"):
+            writer.write_all([fail, lambda: (time.sleep(0.05), done.append(1))])
+        assert done == [1]  # the slow chunk was finished, not abandoned mid-write
+    with BackgroundWriter(threaded=False, workers=3) as writer:  # no thread: no pool, one after another
+        order = []
+        writer.write_all([lambda: order.append(threading.current_thread().name) for _ in range(2)])
+        assert order == [threading.main_thread().name] * 2

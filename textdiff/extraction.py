@@ -10,6 +10,7 @@ the arrays to feed) without running any model: `textdiff cache verify` uses it a
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -21,6 +22,7 @@ import zarr
 from tqdm import tqdm
 
 from textdiff.cache import CacheSpec, SplitLayout, open_for_writing, to_storage, verify
+from textdiff.chunk_files import ImageChunkWriter
 from textdiff.distributed import Ranks, close_ranks, init_ranks
 from textdiff.data import SPLITS, PreparedSplit, load_prepared, read_manifest
 from textdiff.errors import TextDiffError
@@ -190,16 +192,28 @@ def _views_of(images: np.ndarray, masks: np.ndarray, angles: np.ndarray, views: 
 
 
 def _write_batch(group: zarr.Group, spec: CacheSpec, index: np.ndarray, pending: PendingFeatures,
-                 m_views: torch.Tensor, images: np.ndarray) -> None:
-    """One batch's images into their chunks, each image's completion flag after its arrays."""
+                 m_views: torch.Tensor, images: np.ndarray, writer: BackgroundWriter) -> None:
+    """One batch's images into their chunks (at once where the writer has workers; zarr's bytes,
+    written without zarr's per-chunk overhead, see chunk_files), then the images' completion flags,
+    each only after all the batch's arrays are on disk."""
     feats = pending.wait()
     views = spec.total_views
+    blocks = {b: ImageChunkWriter(group[f"block_{b}"]) for b in feats}
+    masks_array, images_array = ImageChunkWriter(group["masks"]), ImageChunkWriter(group["images"])
+
+    def put(write: ImageChunkWriter, i: int, value: torch.Tensor | np.ndarray) -> None:
+        write(i, to_storage(value, spec.dtype) if torch.is_tensor(value) else value)
+
+    writes = []
     for j, i in enumerate(index):
         for b, f in feats.items():
-            group[f"block_{b}"][int(i)] = to_storage(f.unflatten(0, (len(index), views))[j], spec.dtype)
-        group["masks"][int(i)] = m_views[j].numpy()
-        group["images"][int(i)] = images[i]
-        group["complete"][int(i)] = 1  # last: image i now counts
+            writes.append(partial(put, blocks[b], int(i), f.unflatten(0, (len(index), views))[j]))
+        writes.append(partial(put, masks_array, int(i), m_views[j].numpy()))
+        writes.append(partial(put, images_array, int(i), images[i]))
+    writer.write_all(writes)
+    complete = group["complete"]
+    for i in index:
+        complete[int(i)] = 1  # last: image i now counts
     pending.release()
 
 
@@ -223,13 +237,13 @@ def extract_split(group: zarr.Group, spec: CacheSpec, images: np.ndarray, masks:
     submit = getattr(featurizer, "submit", None)  # the teacher's: the host copy overlaps the next batch
     started = time.perf_counter()
     with (tqdm(total=mine, unit="img", desc=label, dynamic_ncols=True, disable=mine == 0 or not ranks.main) as bar,
-          BackgroundWriter(threaded=device.type == "cuda") as writer):
+          BackgroundWriter(threaded=device.type == "cuda", workers=min(8, os.cpu_count() or 1)) as writer):
         for index in batches:
             x_views, m_views = _views_of(images[index], masks[index], angles[index], spec.views,
                                          shifts[index] if shifts is not None else None)
             x = x_views.flatten(0, 1).to(device)
             pending = submit(x) if submit is not None else PendingFeatures(featurizer(x))
-            writer.submit(partial(_write_batch, group, spec, index, pending, m_views, images))
+            writer.submit(partial(_write_batch, group, spec, index, pending, m_views, images, writer))
             bar.update(len(index))
     seconds = time.perf_counter() - started
     return {"done": mine, "skipped": int(group["complete"].shape[0] - len(todo)), "seconds": seconds}
