@@ -7,22 +7,30 @@ Stage one on a GPU makes features faster than most disks take them (the paper's 
 float16 per image and timestep), so this says whether a slow stage is bound by compression (scales
 with threads), by the disk (does not; a RAM folder is faster), or by zarr itself. Chunks are the
 cache's own: one image of the largest paper block, [3 steps, 256, 256, 256] float16, zstd (zarr's
-default codec, as the cache uses), plus the same bytes compressed by numcodecs and written as plain
-files, without zarr. Prints measured numbers only.
+default codec, as the cache uses), through the extract stage's own writer (`ImageChunkWriter`: zarr's
+bytes without zarr's per-chunk Python), and the same bytes as plain files, without zarr at all.
+Prints measured numbers only.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import os
 import shutil
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+from pathlib import Path
+
 import numcodecs
 import numpy as np
 import zarr
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from textdiff.chunk_files import ImageChunkWriter  # noqa: E402
 
 
 def rate(write, n: int, threads: int, nbytes: int) -> float:
@@ -51,13 +59,18 @@ def main() -> None:
                 array = group.create_array("x", shape=(args.chunks, *chunk.shape), chunks=(1, *chunk.shape),
                                            dtype="float16", fill_value=0)
                 via_zarr = rate(lambda i: array.__setitem__(i, chunk), args.chunks, threads, chunk.nbytes)
+                ours = group.create_array("y", shape=(args.chunks, *chunk.shape), chunks=(1, *chunk.shape),
+                                          dtype="float16", fill_value=0)
+                writer = ImageChunkWriter(ours)
+                via_writer = rate(lambda i: writer(i, chunk), args.chunks, threads, chunk.nbytes)
 
                 def plain(i: int) -> None:
                     with open(os.path.join(work, f"plain{i}"), "wb") as f:
                         f.write(codec.encode(chunk))
 
                 via_files = rate(plain, args.chunks, threads, chunk.nbytes)
-                print(f"{base}: {threads:2d} threads: zarr {via_zarr:6.0f} MB/s; zstd + plain files {via_files:6.0f} MB/s")
+                print(f"{base}: {threads:2d} threads: zarr {via_zarr:6.0f} MB/s; ImageChunkWriter {via_writer:6.0f} MB/s; "
+                      f"zstd + plain files {via_files:6.0f} MB/s")
             finally:
                 shutil.rmtree(work, ignore_errors=True)
 
