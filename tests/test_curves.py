@@ -35,8 +35,14 @@ def _grid():
     runs.append(_run("u24", 24, 40, 0.76, 0.40, baseline={"kind": "unet"}))
     runs.append(_run("epochs", 24, 40, 0.99, 0.99, steps=0))  # trained by epochs: not on the curves
     runs.append(_run("concat", 1, 40, 0.99, 0.99, train={"fusion": "concat"}))  # on no curve
+    unfinished = [  # listed by dvc with their own params but the parent's metrics: never on a curve
+        {"executor": {"state": "running"}, "revs": [_run("running", 2, 40, 0.99, 0.99)]},
+        {"executor": {"state": "failed"}, "revs": [_run("failed", 24, 41, 0.99, 0.99)]},
+        {"executor": {"state": "queued"}, "revs": [_run("queued", 4, 40, 0.99, 0.99)]},
+        {"revs": [{**_run("errored", 8, 40, 0.99, 0.99), "error": {"msg": "Experiment run failed"}}]},
+    ]
     return [{"rev": "workspace", "name": None, "data": {"params": {}, "metrics": {}}},
-            {**runs[0], "experiments": [{"revs": [r]} for r in runs[1:]]}]
+            {**runs[0], "experiments": [{"executor": {"state": "success"}, "revs": [r]} for r in runs[1:]] + unfinished}]
 
 
 def test_methods_are_named_from_params():

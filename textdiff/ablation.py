@@ -17,12 +17,19 @@ DESCRIPTIONS = {
 }
 
 
+UNFINISHED = ("queued", "running", "failed")  # an executor state whose record shows its parent's metrics
+
+
 def _walk(node: Any) -> Iterator[dict]:
-    """Every record with params+metrics in `dvc exp show --json` output (baseline and experiments)."""
+    """Every finished record with params+metrics in `dvc exp show --json` output (baseline and
+    experiments). A queued, running or failed experiment is listed with its own params but its
+    parent commit's metrics files, so it would pose as a finished run of its params: left out."""
     if isinstance(node, list):
         for item in node:
             yield from _walk(item)
     elif isinstance(node, dict):
+        if (node.get("executor") or {}).get("state") in UNFINISHED or node.get("error"):
+            return
         data = node.get("data")
         if isinstance(data, dict) and "params" in data:
             yield {"rev": node.get("rev"), "name": node.get("name") or data.get("name"), "data": data}
