@@ -68,3 +68,24 @@ def test_a_wrong_shape_or_index_is_refused(tmp_path):
         writer(0, np.ones((4, 5), np.float16))
     with pytest.raises(IndexError):
         writer(2, np.ones((4, 4), np.float16))
+
+
+def test_read_only_arrays_and_non_zero_fill_values_are_left_to_zarr(tmp_path):
+    _array(tmp_path, "a", (2, 4), "float32")
+    group = zarr.open_group(str(tmp_path), mode="a", zarr_format=3)
+    negative_zero = group.create_array("z", shape=(2, 4), chunks=(1, 4), dtype="float32", fill_value=-0.0,
+                                       chunk_key_encoding=KEYS)
+    assert not ImageChunkWriter(negative_zero).fast  # zarr compares fill bits: -0.0 is not "all zero bits"
+    read_only = zarr.open_group(str(tmp_path), mode="r")["a"]
+    writer = ImageChunkWriter(read_only)
+    assert not writer.fast
+    with pytest.raises(Exception):  # zarr's own refusal, not a file written behind its back
+        writer(0, np.ones(4, np.float32))
+    assert not (tmp_path / "a" / "c").exists()
+
+
+def test_negative_index_and_no_partial_file_left(tmp_path):
+    array = _array(tmp_path, "a", (3, 4), "float16")
+    ImageChunkWriter(array)(-1, np.ones(4, np.float16))
+    np.testing.assert_array_equal(array[2], np.ones(4, np.float16))
+    assert [p.name for p in (tmp_path / "a" / "c").rglob("*") if p.is_file()] == ["0"]  # c/2/0, no .partial

@@ -41,7 +41,7 @@ def _grid():
         {"executor": {"state": "queued"}, "revs": [_run("queued", 4, 40, 0.99, 0.99)]},
         {"revs": [{**_run("errored", 8, 40, 0.99, 0.99), "error": {"msg": "Experiment run failed"}}]},
     ]
-    return [{"rev": "workspace", "name": None, "data": {"params": {}, "metrics": {}}},
+    return [{"rev": "workspace", "name": None, "data": {"params": {}, "metrics": {}}, "error": {"msg": "dirty"}},
             {**runs[0], "experiments": [{"executor": {"state": "success"}, "revs": [r]} for r in runs[1:]] + unfinished}]
 
 

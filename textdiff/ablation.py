@@ -28,10 +28,10 @@ def _walk(node: Any) -> Iterator[dict]:
         for item in node:
             yield from _walk(item)
     elif isinstance(node, dict):
-        if (node.get("executor") or {}).get("state") in UNFINISHED or node.get("error"):
+        if (node.get("executor") or {}).get("state") in UNFINISHED:
             return
         data = node.get("data")
-        if isinstance(data, dict) and "params" in data:
+        if isinstance(data, dict) and "params" in data and not node.get("error"):
             yield {"rev": node.get("rev"), "name": node.get("name") or data.get("name"), "data": data}
         for key in ("experiments", "revs"):
             if node.get(key):

@@ -10,12 +10,16 @@ teacher, set the pace of stage one.
 This writer keeps zarr as the format and its codec: for an array whose chunks are one whole image
 and whose codecs are exactly (little-endian bytes, zstd) on a local store, it encodes the image with
 the same numcodecs Zstd that zarr's ZstdCodec wraps and writes the file at the key zarr's chunk-key
-encoding gives. Anything else, and an image whose bits are all zero (zarr writes no chunk for a
-fill-value chunk), goes through `array[i] = value`. Tests compare the files byte for byte with zarr's.
+encoding gives, through a temporary file renamed into place as zarr's LocalStore does. Anything
+else (read-only, other codecs or chunking, a fill value that is not all zero bits, complex dtypes)
+and an item whose bits are all zero (zarr writes no chunk for a fill-value chunk) goes through
+`array[i] = value`. Tests compare the files byte for byte with zarr's.
 """
 
 from __future__ import annotations
 
+import os
+import uuid
 from pathlib import Path
 
 import numcodecs
@@ -33,12 +37,13 @@ class ImageChunkWriter:
         self._codec: numcodecs.Zstd | None = None
         codecs = tuple(array.metadata.codecs) if array.metadata.zarr_format == 3 else ()
         whole_items = tuple(array.chunks) == (1, *array.shape[1:])
-        if (whole_items and isinstance(array.store_path.store, LocalStore) and len(codecs) == 2
+        store = array.store_path.store
+        if (whole_items and isinstance(store, LocalStore) and not store.read_only and len(codecs) == 2
                 and isinstance(codecs[0], BytesCodec) and isinstance(codecs[1], ZstdCodec)
                 and (codecs[0].endian is None or codecs[0].endian.value == "little")
-                and array.dtype.itemsize in (1, 2, 4, 8) and array.metadata.fill_value == 0):
+                and array.dtype.kind in "fiub" and _zero_bits(array.metadata.fill_value, array.dtype)):
             self._codec = numcodecs.Zstd(level=codecs[1].level, checksum=codecs[1].checksum)
-            self._dir = Path(array.store_path.store.root) / array.store_path.path
+            self._dir = Path(store.root) / array.store_path.path
             self._zeros = (0,) * (array.ndim - 1)
 
     @property
@@ -50,15 +55,30 @@ class ImageChunkWriter:
         if self._codec is None:
             self.array[i] = value
             return
+        n = self.array.shape[0]
+        if not -n <= i < n:
+            raise IndexError(f"{self.array.path}: item {i} outside [0, {n})")
+        i = i % n
         item = np.ascontiguousarray(value, dtype=self.array.dtype.newbyteorder("<"))
-        if item.shape != tuple(self.array.shape[1:]):
+        if item.shape != tuple(self.array.shape[1:]):  # no broadcasting: one whole item, as stored
             raise ValueError(f"{self.array.path}: item of shape {item.shape}, expected {tuple(self.array.shape[1:])}")
-        if not 0 <= i < self.array.shape[0]:
-            raise IndexError(f"{self.array.path}: item {i} outside [0, {self.array.shape[0]})")
-        bits = item.view(f"u{item.dtype.itemsize}")
-        if not bits.any():  # the fill value: zarr's own rule decides whether a file exists
+        if not item.view(f"u{item.dtype.itemsize}").any():  # all bits zero = the fill value: zarr's rule
             self.array[i] = value
             return
         path = self._dir / self.array.metadata.encode_chunk_key((i, *self._zeros))
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(self._codec.encode(item))
+        partial = path.with_name(f"{path.name}.{uuid.uuid4().hex}.partial")  # as zarr's LocalStore: whole or absent
+        try:
+            partial.write_bytes(self._codec.encode(item))
+            os.replace(partial, path)
+        finally:
+            partial.unlink(missing_ok=True)
+
+
+def _zero_bits(fill: object, dtype: np.dtype) -> bool:
+    """Whether the fill value is all zero bits (0, +0.0, False): then "every bit zero" is exactly
+    zarr's empty-chunk test, which compares floats bit for bit (-0.0 is not +0.0 there)."""
+    try:
+        return not np.asarray(fill, dtype=dtype).reshape(1).view(f"u{dtype.itemsize}").any()
+    except (TypeError, ValueError):
+        return False

@@ -191,30 +191,29 @@ def _views_of(images: np.ndarray, masks: np.ndarray, angles: np.ndarray, views: 
     return torch.stack(x_views, dim=1), torch.stack(m_views, dim=1)
 
 
-def _write_batch(group: zarr.Group, spec: CacheSpec, index: np.ndarray, pending: PendingFeatures,
-                 m_views: torch.Tensor, images: np.ndarray, writer: BackgroundWriter) -> None:
+def _write_batch(arrays: dict[str, ImageChunkWriter], complete: zarr.Array, spec: CacheSpec, index: np.ndarray,
+                 pending: PendingFeatures, m_views: torch.Tensor, images: np.ndarray, writer: BackgroundWriter) -> None:
     """One batch's images into their chunks (at once where the writer has workers; zarr's bytes,
     written without zarr's per-chunk overhead, see chunk_files), then the images' completion flags,
     each only after all the batch's arrays are on disk."""
-    feats = pending.wait()
-    views = spec.total_views
-    blocks = {b: ImageChunkWriter(group[f"block_{b}"]) for b in feats}
-    masks_array, images_array = ImageChunkWriter(group["masks"]), ImageChunkWriter(group["images"])
+    try:
+        feats = pending.wait()
+        views = spec.total_views
 
-    def put(write: ImageChunkWriter, i: int, value: torch.Tensor | np.ndarray) -> None:
-        write(i, to_storage(value, spec.dtype) if torch.is_tensor(value) else value)
+        def put(write: ImageChunkWriter, i: int, value: torch.Tensor | np.ndarray) -> None:
+            write(i, to_storage(value, spec.dtype) if torch.is_tensor(value) else value)
 
-    writes = []
-    for j, i in enumerate(index):
-        for b, f in feats.items():
-            writes.append(partial(put, blocks[b], int(i), f.unflatten(0, (len(index), views))[j]))
-        writes.append(partial(put, masks_array, int(i), m_views[j].numpy()))
-        writes.append(partial(put, images_array, int(i), images[i]))
-    writer.write_all(writes)
-    complete = group["complete"]
-    for i in index:
-        complete[int(i)] = 1  # last: image i now counts
-    pending.release()
+        writes = []
+        for j, i in enumerate(index):
+            for b, f in feats.items():
+                writes.append(partial(put, arrays[f"block_{b}"], int(i), f.unflatten(0, (len(index), views))[j]))
+            writes.append(partial(put, arrays["masks"], int(i), m_views[j].numpy()))
+            writes.append(partial(put, arrays["images"], int(i), images[i]))
+        writer.write_all(writes)
+        for i in index:
+            complete[int(i)] = 1  # last: image i now counts
+    finally:
+        pending.release()
 
 
 def extract_split(group: zarr.Group, spec: CacheSpec, images: np.ndarray, masks: np.ndarray,
@@ -236,14 +235,17 @@ def extract_split(group: zarr.Group, spec: CacheSpec, images: np.ndarray, masks:
     label = desc if ranks.world == 1 else f"{desc} (rank {ranks.rank}/{ranks.world})"
     submit = getattr(featurizer, "submit", None)  # the teacher's: the host copy overlaps the next batch
     started = time.perf_counter()
+    arrays = {name: ImageChunkWriter(group[name]) for name in [*(f"block_{b}" for b in spec.blocks), "masks", "images"]}
+    complete = group["complete"]
+    workers = min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
     with (tqdm(total=mine, unit="img", desc=label, dynamic_ncols=True, disable=mine == 0 or not ranks.main) as bar,
-          BackgroundWriter(threaded=device.type == "cuda", workers=min(8, os.cpu_count() or 1)) as writer):
+          BackgroundWriter(threaded=device.type == "cuda", workers=workers) as writer):
         for index in batches:
             x_views, m_views = _views_of(images[index], masks[index], angles[index], spec.views,
                                          shifts[index] if shifts is not None else None)
             x = x_views.flatten(0, 1).to(device)
             pending = submit(x) if submit is not None else PendingFeatures(featurizer(x))
-            writer.submit(partial(_write_batch, group, spec, index, pending, m_views, images, writer))
+            writer.submit(partial(_write_batch, arrays, complete, spec, index, pending, m_views, images, writer))
             bar.update(len(index))
     seconds = time.perf_counter() - started
     return {"done": mine, "skipped": int(group["complete"].shape[0] - len(todo)), "seconds": seconds}
