@@ -27,9 +27,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from textdiff.cache import CacheSpec, SplitLayout, open_for_writing  # noqa: E402
+from textdiff.cache import CacheSpec, SplitLayout, from_storage, open_for_writing  # noqa: E402
 from textdiff.data import load_prepared  # noqa: E402
 from textdiff.extraction import extract_split  # noqa: E402
+from textdiff.featurizer import images_to_model_range  # noqa: E402
 from textdiff.params import load_params  # noqa: E402
 from textdiff.runtime import device_name  # noqa: E402
 from textdiff.teacher import Diffusion, FeatureExtractor, build_adm, normalize_config  # noqa: E402
@@ -59,8 +60,6 @@ def bare_forward(model: torch.nn.Module, images, batch: int, autocast: str,
     late blocks skipped it can run above 100 % of this (the issue's ratio is against the full forward)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from textdiff.featurizer import images_to_model_range
-
     x = images_to_model_range(images[:1]).to(device).repeat(batch, 1, 1, 1)
     t = torch.full((batch,), 50, device=device)
     cast = torch.autocast(device.type, dtype=getattr(torch, autocast)) if autocast != "float32" else nullcontext()
@@ -81,8 +80,6 @@ def bare_forward(model: torch.nn.Module, images, batch: int, autocast: str,
 def teacher_alone(extractor: FeatureExtractor, images, batch: int, device: torch.device) -> float:
     """Images/s of the extractor's part of the stage (forward, cast, host copy), without zarr: tells
     a slow stage's teacher from its writes."""
-    from textdiff.featurizer import images_to_model_range
-
     x = images_to_model_range(images[:batch])
     extractor.submit(x).release()  # warm-up
     sync(device)
@@ -164,9 +161,6 @@ def main() -> None:
         sync(device)
         full = time.perf_counter() - t0
         # The cache holds what the teacher gives: the first batch read back against a fresh forward.
-        from textdiff.cache import from_storage
-        from textdiff.featurizer import images_to_model_range
-
         fresh_feats = extractor(images_to_model_range(images[: args.batch_size]))
         worst = max(float((from_storage(group[f"block_{b}"][i], args.dtype)[0].float() - f[i].float()).abs().max())
                     for b, f in fresh_feats.items() for i in range(min(args.batch_size, n)))

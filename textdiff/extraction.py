@@ -203,10 +203,11 @@ def _write_batch(arrays: dict[str, ImageChunkWriter], complete: zarr.Array, spec
         def put(write: ImageChunkWriter, i: int, value: torch.Tensor | np.ndarray) -> None:
             write(i, to_storage(value, spec.dtype) if torch.is_tensor(value) else value)
 
+        per_image = {b: f.unflatten(0, (len(index), views)) for b, f in feats.items()}  # [B, views, steps, C, h, w]
         writes = []
         for j, i in enumerate(index):
-            for b, f in feats.items():
-                writes.append(partial(put, arrays[f"block_{b}"], int(i), f.unflatten(0, (len(index), views))[j]))
+            for b, f in per_image.items():
+                writes.append(partial(put, arrays[f"block_{b}"], int(i), f[j]))
             writes.append(partial(put, arrays["masks"], int(i), m_views[j].numpy()))
             writes.append(partial(put, arrays["images"], int(i), images[i]))
         writer.write_all(writes)
