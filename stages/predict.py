@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -31,11 +32,18 @@ from textdiff.wsi import is_slide, segment_slide
 NUCLEI_COLUMNS = ["image", "label", "area", "centroid_y", "centroid_x", "eccentricity"]
 
 
+class _NothingSegmented(Exception):
+    """Every image failed: the previous predictions.h5 and nuclei.csv are left as they were."""
+
+
 def report_for(path: Path, text: str | None, report_rows: dict[str, str] | None, reports: Path | None) -> str:
     if report_rows is None:
         return text or ""
     if path.stem not in report_rows:
         raise TextDiffError(f"{path}: no report row for '{path.stem}' in {reports}")
+    if not report_rows[path.stem].strip():
+        # Training refuses empty reports; an empty sentence at inference is an input it never saw.
+        raise TextDiffError(f"{reports}: the report for image '{path.stem}' is empty")
     return report_rows[path.stem]
 
 
@@ -89,6 +97,10 @@ def run(inputs: list[Path], out: Path, text: str | None = None, reports: Path | 
         raise TextDiffError(f"--mpp is micrometres per pixel, between {MPP_RANGE[0]} and {MPP_RANGE[1]}; got {mpp}")
     if sum(x is not None and x is not False for x in (scale, mpp, whole or None)) > 1:
         raise TextDiffError("give one of --scale, --mpp and --resize-whole")
+    if text is not None and not text.strip():
+        raise TextDiffError("--text is empty: pass the image's one-sentence report")
+    if out.exists() and not out.is_dir():
+        raise TextDiffError(f"{out}: --out must be a folder, and this is a file")
     if masks is not None and not masks.is_dir():
         raise TextDiffError(f"{masks}: --masks must be a folder of <image id>.png masks")
     model_dir = model.parent if model.suffix == ".pt" else model
@@ -106,42 +118,57 @@ def run(inputs: list[Path], out: Path, text: str | None = None, reports: Path | 
         raise TextDiffError(f"the model in {model_dir} reads the report text "
                             f"(fusion {card.classifier.fusion}): pass --text \"...\" or --reports WORKBOOK.xlsx")
 
-    out.mkdir(parents=True, exist_ok=True)
-    failures, nuclei, pixels = [], [], 0.0
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise TextDiffError(f"{out}: cannot create the output folder ({err.strerror})") from None
+    failures, nuclei, pixels, done = [], [], 0.0, 0
     started = time.perf_counter()
-    with atomic_file(out / "predictions.h5") as h5_tmp, h5py.File(h5_tmp, "w") as h5:
-        h5.attrs.update({"model": str(model_dir.resolve()), "params": json.dumps(card.train),
-                         "classifier": json.dumps(card.classifier.to_json()),
-                         "teacher_sha256": card.spec.teacher_sha256 or "rgb"})
-        for path in tqdm(paths, unit="img", desc="predict", dynamic_ncols=True):
-            try:
-                if is_slide(path):
-                    sentence = report_for(path, text, report_rows, reports)
-                    result = segment_slide(
-                        path, lambda rgb, s=sentence: segmenter.probabilities(rgb, s, segmenter.working_mpp), out,
-                        segmenter.working_mpp, mpp, segmenter.source_mpp,
-                        identity={"model": model_identity, "text": sentence})
-                    slides.append(result)
-                    pixels += result.megapixels
-                    tqdm.write(f"{path.stem}: {result.nuclei} nuclei in {result.tissue_tiles} of {result.tiles} tiles "
-                               f"with tissue ({result.megapixels / max(result.seconds, 1e-9):.3g} megapixels/s at "
-                               f"{segmenter.working_mpp:.3g} µm/px) -> {', '.join(p.name for p in result.outputs)}")
+    try:
+        with atomic_file(out / "predictions.h5") as h5_tmp, h5py.File(h5_tmp, "w") as h5:
+            h5.attrs.update({"model": str(model_dir.resolve()), "params": json.dumps(card.train),
+                             "classifier": json.dumps(card.classifier.to_json()),
+                             "teacher_sha256": card.spec.teacher_sha256 or "rgb"})
+            for path in tqdm(paths, unit="img", desc="predict", dynamic_ncols=True):
+                try:
+                    if is_slide(path):
+                        sentence = report_for(path, text, report_rows, reports)
+                        result = segment_slide(
+                            path, lambda rgb, s=sentence: segmenter.probabilities(rgb, s, segmenter.working_mpp),
+                            out, segmenter.working_mpp, mpp, segmenter.source_mpp,
+                            identity={"model": model_identity, "text": sentence})
+                        slides.append(result)
+                        pixels += result.megapixels
+                        done += 1
+                        tqdm.write(f"{path.stem}: {result.nuclei} nuclei in {result.tissue_tiles} of {result.tiles} "
+                                   f"tiles with tissue ({result.megapixels / max(result.seconds, 1e-9):.3g} "
+                                   f"megapixels/s at {segmenter.working_mpp:.3g} µm/px) -> "
+                                   f"{', '.join(p.name for p in result.outputs)}")
+                        continue
+                    own = mpp or tiff_mpp(path)
+                    rows, mp = segment_one(segmenter, path, report_for(path, text, report_rows, reports), out, h5,
+                                           masks, own)
+                except TextDiffError as err:
+                    failures.append(str(err))
+                    tqdm.write(f"error: {err}", file=sys.stderr)
                     continue
-                own = mpp or tiff_mpp(path)
                 if own is None and segmenter.factor(None) is not None and scale is None:
                     assumed.append(path.name)
-                rows, mp = segment_one(segmenter, path, report_for(path, text, report_rows, reports), out, h5, masks,
-                                       own)
-            except TextDiffError as err:
-                failures.append(str(err))
-                tqdm.write(f"error: {err}")
-                continue
-            nuclei.extend(rows)
-            pixels += mp
-    with atomic_file(out / "nuclei.csv") as tmp, open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=NUCLEI_COLUMNS)
-        writer.writeheader()
-        writer.writerows(nuclei)
+                nuclei.extend(rows)
+                pixels += mp
+                done += 1
+            # A reader of predictions.h5 alone must see which inputs are missing from it, and why.
+            h5.attrs["failed"] = json.dumps(failures)
+            if not done:
+                raise _NothingSegmented
+    except _NothingSegmented:
+        print(f"no image was segmented: {out / 'predictions.h5'} and {out / 'nuclei.csv'} were not written",
+              file=sys.stderr)
+    else:
+        with atomic_file(out / "nuclei.csv") as tmp, open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=NUCLEI_COLUMNS)
+            writer.writeheader()
+            writer.writerows(nuclei)
     seconds = time.perf_counter() - started
     if assumed:
         print(f"{len(assumed)} image(s) with no usable resolution tags (first: {assumed[0]}) were taken at the "

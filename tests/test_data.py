@@ -17,6 +17,7 @@ from textdiff.data import (
     SPLITS,
     Sample,
     load_prepared,
+    read_image,
     read_reports,
     read_split,
     resize_sample,
@@ -194,6 +195,20 @@ def test_unsupported_image_mode(tiny_monuseg):
     Image.fromarray(np.full((40, 40), 4000, np.uint16)).save(path)
     with raises_one_line(str(path), "mode"):
         read_split(root, "train")
+
+
+@pytest.mark.parametrize("suffix", [".png", ".tif"])
+def test_sixteen_bit_colour_images_are_refused_not_truncated(tmp_path, suffix):
+    """Pillow would open these as 8-bit RGB holding only the high byte (a 12-bit scan: all < 16)."""
+    import cv2
+
+    deep = np.random.default_rng(0).integers(0, 4096, (24, 24, 3)).astype(np.uint16)
+    path = tmp_path / f"deep{suffix}"
+    cv2.imwrite(str(path), deep)
+    with raises_one_line(str(path), "16-bit"):
+        read_image(path)
+    cv2.imwrite(str(path), (deep >> 4).astype(np.uint8))  # the same picture at 8 bits is read
+    assert read_image(path)[0].shape == (24, 24, 3)
 
 
 def test_missing_mask(tiny_monuseg):

@@ -112,6 +112,12 @@ def test_load_params_errors_name_the_file(tmp_path):
     bad.write_text("train: [unclosed\n")
     with pytest.raises(TextDiffError, match="bad.yaml: not valid YAML"):
         load_params(bad)
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("# nothing but a comment\n")
+    with pytest.raises(TextDiffError, match="empty.yaml: params file is empty"):
+        load_params(empty)
+    empty.write_text("{}\n")  # the explicit way to ask for every default
+    assert load_params(empty).train == parse_params({}).train
 
 
 def test_ints_accepted_for_floats_and_scalar_lists(tmp_path):

@@ -1,6 +1,7 @@
 """`textdiff predict`: any image size, bad files skipped, CSV/HDF5 contents, exact stitching."""
 
 import csv
+import json
 import shutil
 from pathlib import Path
 
@@ -204,3 +205,58 @@ def test_tiles_mode_end_to_end(tiny_project, tmp_path):
     assert predicted.exit_code == 0, predicted.output
     with h5py.File(out / "predictions.h5") as h5:
         np.testing.assert_allclose(h5["img_test_0"][:], stitched, atol=1e-3)  # fp16 cache vs fp32 live
+
+
+def test_predict_bad_inputs_are_one_line_and_keep_earlier_results(trained, tmp_path, xlsx_writer):
+    """Every refusal is one line with no traceback; a run where every image fails leaves the
+    previous predictions.h5 / nuclei.csv as they were, and a partial failure is recorded in the file."""
+    good = trained.data_root / "Test_Folder" / "img" / "img_test_0.tif"
+    out = tmp_path / "pred"
+
+    def predict(*args: str):
+        result = runner.invoke(app, ["predict", *args])
+        assert "Traceback" not in result.output
+        return result
+
+    assert predict(str(good), "--out", str(out), "--text", "Many nuclei.").exit_code == 0
+    before = {name: (out / name).read_bytes() for name in ("predictions.h5", "nuclei.csv")}
+    with h5py.File(out / "predictions.h5") as h5:
+        assert list(h5) == ["img_test_0"] and h5.attrs["failed"] == "[]"
+
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(good.read_bytes()[:200])
+    result = predict(str(broken), "--out", str(out), "--text", "Many nuclei.")
+    assert result.exit_code == 1 and "broken.png" in result.output and "were not written" in result.output
+    assert {name: (out / name).read_bytes() for name in before} == before
+
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    shutil.copy(good, folder / good.name)
+    shutil.copy(broken, folder / broken.name)
+    assert predict(str(folder), "--out", str(out), "--text", "Many nuclei.").exit_code == 1
+    with h5py.File(out / "predictions.h5") as h5:
+        assert list(h5) == ["img_test_0"]
+        failed = json.loads(h5.attrs["failed"])
+        assert len(failed) == 1 and "broken.png" in failed[0]
+
+    result = predict(str(good), "--out", str(tmp_path / "p2"), "--text", "   ")
+    assert result.exit_code == 1 and "--text is empty" in result.output
+    book = xlsx_writer(tmp_path / "r.xlsx", [("img_test_0.tif", "")])
+    result = predict(str(good), "--out", str(tmp_path / "p3"), "--reports", str(book))
+    assert result.exit_code == 1 and "img_test_0" in result.output and "is empty" in result.output
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    result = predict(str(good), "--out", str(a_file), "--text", "Many nuclei.")
+    assert result.exit_code == 1 and "must be a folder" in result.output
+    result = predict(str(good), "--out", str(tmp_path / "p4"), "--text", "Many nuclei.", "--device", "gpu0")
+    assert result.exit_code == 1 and "unknown device 'gpu0'" in result.output
+
+    model = tmp_path / "model"
+    shutil.copytree(Path("models/classifier"), model)
+    (model / "model.pt").write_bytes(np.random.default_rng(0).bytes(4096))
+    result = predict(str(good), "--out", str(tmp_path / "p5"), "--text", "x", "--model", str(model))
+    assert result.exit_code == 1 and "model.pt: not a loadable weights-only PyTorch file" in result.output
+    torch.save(torch.zeros(3), model / "model.pt")
+    result = predict(str(good), "--out", str(tmp_path / "p6"), "--text", "x", "--model", str(model))
+    assert result.exit_code == 1 and "holds a Tensor" in result.output
+    assert not (tmp_path / "p5" / "predictions.h5").exists() and not (tmp_path / "p6" / "predictions.h5").exists()

@@ -162,10 +162,16 @@ def _decode(path: Path, data: bytes, what: str) -> Image.Image:
     """Fully decode an image file with pillow (so truncation shows up now, not later)."""
     try:
         with Image.open(io.BytesIO(data)) as im:
+            deep = _sixteen_bit_colour(im)
             im.load()  # the first frame of a multi-page TIFF
-            return im.copy()
+            decoded = im.copy()
     except Exception as err:  # pillow raises many types for bad files: OSError, ValueError, SyntaxError...
         pil_error = err
+    else:
+        if deep and what == "image":
+            raise TextDiffError(f"{path}: 16-bit-per-channel colour image (expected 8-bit RGB; pillow would keep "
+                                "only the high byte, so convert it to 8 bits yourself)")
+        return decoded
     if path.suffix.lower() in (".tif", ".tiff"):
         # Some TIFF encodings pillow cannot decode; tifffile can.
         try:
@@ -180,6 +186,17 @@ def _decode(path: Path, data: bytes, what: str) -> Image.Image:
     if isinstance(pil_error, UnidentifiedImageError):
         raise TextDiffError(f"{path}: cannot read {what} (not a PNG/TIFF or other image file pillow knows)") from None
     raise TextDiffError(f"{path}: cannot read {what} ({_describe(pil_error)})") from None
+
+
+def _sixteen_bit_colour(im: Image.Image) -> bool:
+    """Pillow opens 16-bit RGB PNG/TIFF files as mode RGB and silently drops the low byte (a 12-bit
+    scan comes out nearly black); only the undecoded tiles' raw mode ("RGB;16L") tells."""
+    for tile in getattr(im, "tile", None) or []:
+        args = tile[3] if len(tile) > 3 else None
+        rawmode = args[0] if isinstance(args, tuple) and args else args
+        if isinstance(rawmode, str) and ";16" in rawmode and rawmode.startswith(("RGB", "BGR")):
+            return True
+    return False
 
 
 def _array_to_pil(path: Path, array: np.ndarray, what: str) -> Image.Image:

@@ -21,6 +21,7 @@ from textdiff.atomic import atomic_dir
 from textdiff.cache import CachedSplit, CacheSpec
 from textdiff.classifier import ClassifierConfig, PixelClassifier
 from textdiff.errors import TextDiffError
+from textdiff.teacher.checkpoint import torch_load_reason
 from textdiff.views import apply_view
 
 
@@ -177,10 +178,17 @@ def load_trained(model_dir: Path, device: torch.device) -> tuple[PixelClassifier
     except (KeyError, TypeError, AttributeError) as err:
         raise TextDiffError(f"{card_path}: not a classifier description ({type(err).__name__})") from None
     except TextDiffError as err:
-        raise TextDiffError(f"{card_path}: not a classifier description ({err})") from None
+        reason = str(err).removeprefix(f"{card_path}: ")
+        raise TextDiffError(f"{card_path}: not a classifier description ({reason})") from None
     try:
         state = torch.load(weights, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - unpickling a foreign or damaged file raises many types
+        raise TextDiffError(f"{weights}: not a loadable weights-only PyTorch file ({torch_load_reason(err)})") from None
+    if not isinstance(state, dict):
+        raise TextDiffError(f"{weights}: holds a {type(state).__name__}, not the classifier's state dict")
+    try:
         model = load_classifier(state, card.classifier, device)
-    except (RuntimeError, EOFError, ValueError) as err:
-        raise TextDiffError(f"{weights}: cannot load the classifier weights ({str(err).splitlines()[0]})") from None
+    except (RuntimeError, EOFError, ValueError, KeyError, TypeError) as err:
+        reason = (str(err).splitlines() or [type(err).__name__])[0]
+        raise TextDiffError(f"{weights}: cannot load the classifier weights ({reason})") from None
     return model, card

@@ -455,6 +455,9 @@ def load_params(path: str | Path = "params.yaml") -> Params:
         mark = getattr(err, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark is not None else ""
         raise TextDiffError(f"{path}: not valid YAML{where}") from None
+    if raw is None:
+        # An empty file is more often a failed write than a wish for every default; `{}` says the latter.
+        raise TextDiffError(f"{path}: params file is empty (write {{}} to run with every default)")
     params = parse_params(raw, source=str(path))
     return dataclasses.replace(params, path=path)
 

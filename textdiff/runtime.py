@@ -13,9 +13,15 @@ def resolve_device(name: str) -> torch.device:
     """`auto` = the GPU when there is one; asking for `cuda` without one is an error, not a fallback."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise TextDiffError("device 'cuda' was asked for but no CUDA GPU is available (use auto or cpu)")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise TextDiffError(f"unknown device '{name}' (use auto, cpu, cuda or cuda:N)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise TextDiffError(f"device '{name}' was asked for but no CUDA GPU is available (use auto or cpu)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise TextDiffError(f"device '{name}' was asked for but this machine has {torch.cuda.device_count()} GPU(s)")
+    return device
 
 
 def device_name(device: torch.device) -> str:

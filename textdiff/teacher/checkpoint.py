@@ -46,7 +46,7 @@ def _short(err: BaseException) -> str:
     return f"{type(err).__name__}: {text}" if text else type(err).__name__
 
 
-def _torch_load_reason(err: BaseException) -> str:
+def torch_load_reason(err: BaseException) -> str:
     """The useful part of torch.load's weights-only refusal (which also suggests weights_only=False,
     exactly what must not be done with an untrusted file)."""
     text = re.sub(r"\x1b\[[0-9;]*m", "", str(err))
@@ -187,7 +187,7 @@ def load_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
             obj = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:  # noqa: BLE001 - anything here is a bad file, not a bug
             raise TextDiffError(
-                f"{path}: not a loadable weights-only PyTorch checkpoint ({_torch_load_reason(err)})"
+                f"{path}: not a loadable weights-only PyTorch checkpoint ({torch_load_reason(err)})"
             ) from None
     elif path.suffix.lower() == SAFETENSORS_SUFFIX:
         obj = _load_safetensors(path)
