@@ -112,6 +112,7 @@ def run(inputs: list[Path], out: Path, text: str | None = None, reports: Path | 
         print(f"{model_dir}/model.json records no working resolution (trained before data.mpp existed): "
               "images are resized whole, as with --resize-whole")
     assumed: list[str] = []
+    unscored: list[str] = []  # --masks was given but holds no <id>.png for these
     slides: list = []
     model_identity = {f.name: sha256_file(f) for f in (model_dir / "model.json", model_dir / "model.pt")}
     if segmenter.encoder is not None and text is None and report_rows is None:
@@ -154,6 +155,8 @@ def run(inputs: list[Path], out: Path, text: str | None = None, reports: Path | 
                     continue
                 if own is None and segmenter.factor(None) is not None and scale is None:
                     assumed.append(path.name)
+                if masks is not None and not (masks / f"{path.stem}.png").is_file():
+                    unscored.append(path.name)
                 nuclei.extend(rows)
                 pixels += mp
                 done += 1
@@ -170,6 +173,9 @@ def run(inputs: list[Path], out: Path, text: str | None = None, reports: Path | 
             writer.writeheader()
             writer.writerows(nuclei)
     seconds = time.perf_counter() - started
+    if unscored:
+        print(f"{len(unscored)} image(s) have no ground truth <id>.png in {masks} and were not scored "
+              f"(first: {unscored[0]})")
     if assumed:
         print(f"{len(assumed)} image(s) with no usable resolution tags (first: {assumed[0]}) were taken at the "
               f"training images' {segmenter.source_mpp:g} µm/px; pass --mpp if they are not")

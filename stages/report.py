@@ -20,9 +20,17 @@ def exp_show(exp_json: Path | None = None, all_commits: bool = False) -> object:
     """`dvc exp show --json` (run now, or read from a saved file)."""
     if exp_json is not None:
         try:
-            return json.loads(Path(exp_json).read_text())
-        except (OSError, json.JSONDecodeError):
-            raise TextDiffError(f"{exp_json}: not readable `dvc exp show --json` output") from None
+            text = Path(exp_json).read_text()
+        except OSError as err:
+            raise TextDiffError(f"{exp_json}: cannot read it ({err.strerror})") from None
+        try:
+            shown = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise TextDiffError(f"{exp_json}: not JSON (line {err.lineno}: {err.msg})") from None
+        if not isinstance(shown, list) or not all(isinstance(c, dict) and "rev" in c for c in shown):
+            raise TextDiffError(f"{exp_json}: not `dvc exp show --json` output (expected a list of commits, "
+                                "each with a 'rev')")
+        return shown
     try:
         cmd = ["dvc", "exp", "show", "--json"] + (["--all-commits"] if all_commits else [])
         done = subprocess.run(cmd, capture_output=True, text=True, check=False)

@@ -84,6 +84,15 @@ def test_report_curves_writes_table_plot_and_csvs(tmp_path, monkeypatch):
     result = runner.invoke(app, ["report", "--curves", "--from-json", "mixed.json"])
     assert result.exit_code == 1 and "different train.steps budgets [100, 480]" in result.output
 
+    for name, content, message in [("missing.json", None, "cannot read it"),
+                                   ("broken.json", "[{", "not JSON (line 1"),
+                                   ("other.json", json.dumps({"rev": "x"}), "not `dvc exp show --json` output")]:
+        if content is not None:
+            (tmp_path / name).write_text(content)
+        result = runner.invoke(app, ["report", "--curves", "--from-json", name])
+        assert result.exit_code == 1 and f"{name}: {message}" in result.output, result.output
+        assert "Traceback" not in result.output
+
 
 def test_grid_script_lists_the_runs():
     out = subprocess.run([sys.executable, str(REPO / "benchmarks" / "label_grid.py")], capture_output=True,

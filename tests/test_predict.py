@@ -239,6 +239,12 @@ def test_predict_bad_inputs_are_one_line_and_keep_earlier_results(trained, tmp_p
         failed = json.loads(h5.attrs["failed"])
         assert len(failed) == 1 and "broken.png" in failed[0]
 
+    no_truth = tmp_path / "no_truth"
+    no_truth.mkdir()
+    result = predict(str(good), "--out", str(tmp_path / "p1"), "--text", "Many nuclei.", "--masks", str(no_truth))
+    assert result.exit_code == 0 and "1 image(s) have no ground truth <id>.png" in result.output
+    assert not (tmp_path / "p1" / "img_test_0_panel.png").exists()
+
     result = predict(str(good), "--out", str(tmp_path / "p2"), "--text", "   ")
     assert result.exit_code == 1 and "--text is empty" in result.output
     book = xlsx_writer(tmp_path / "r.xlsx", [("img_test_0.tif", "")])
