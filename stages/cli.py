@@ -149,7 +149,7 @@ def cache_verify(params: Path = PARAMS) -> None:
         for line in problems:
             typer.echo(f"error: {line}", err=True)
         raise typer.Exit(1)
-    typer.echo("cache/features.zarr: complete and consistent with params.yaml")
+    typer.echo(f"cache/features.zarr: complete and consistent with {params}")
 
 
 def main() -> None:  # pragma: no cover - console entry point

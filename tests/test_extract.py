@@ -11,6 +11,7 @@ from stages import extract as extract_stage
 from stages.cli import app
 from textdiff.cache import FeatureCache
 from textdiff.data import load_prepared
+from textdiff.errors import TextDiffError
 from textdiff.featurizer import images_to_model_range
 from textdiff.teacher import Diffusion, FeatureExtractor, load_teacher
 from textdiff.text import TextEncoder
@@ -139,6 +140,54 @@ def test_verify_catches_a_missing_chunk_and_a_param_mismatch(tiny_project):
     assert mismatch.exit_code == 1 and "steps" in mismatch.output
 
 
+def test_an_image_without_nuclei_is_cached_and_lost_chunks_of_any_array_are_caught(tiny_project):
+    """zarr skips chunks equal to the fill value, so an all-zero mask used to look like a lost chunk;
+    the cache now stores every chunk, and verify checks every array (text and ground truth too:
+    zarr would read a lost one as zeros and score it without a word)."""
+    from PIL import Image
+
+    from stages import prepare
+
+    mask = tiny_project.data_root / "Train_Folder" / "labelcol" / "img_train_1.png"
+    Image.fromarray(np.zeros(np.asarray(Image.open(mask)).shape, np.uint8)).save(mask)  # no nuclei
+    prepare.run(tiny_project.params_path)
+    result = _extract()
+    assert result.exit_code == 0, result.output
+    assert (CACHE / "train" / "masks" / "c" / "1" / "0" / "0" / "0").is_file()  # stored although all zero
+    assert runner.invoke(app, ["cache", "verify"]).exit_code == 0
+    assert FeatureCache(CACHE).split("train").mask(1).sum() == 0
+
+    for lost, name in [("train/text_tokens/c", "text_tokens"), ("test/release_masks/c/1", "release_masks")]:
+        target = CACHE / lost
+        moved = target.with_name(target.name + ".aside")
+        target.rename(moved)
+        bad = runner.invoke(app, ["cache", "verify"])
+        assert bad.exit_code == 1 and f"/{name}: " in bad.output and "missing on disk" in bad.output, bad.output
+        try:
+            FeatureCache(CACHE)
+            raise AssertionError("a cache with a lost chunk was opened")
+        except TextDiffError as err:
+            assert name in str(err)
+        moved.rename(target)
+
+    array_json = CACHE / "train" / "block_3" / "zarr.json"
+    saved = array_json.read_bytes()
+    array_json.unlink()
+    bad = runner.invoke(app, ["train"])  # FeatureCache checks against the cache's own spec
+    assert bad.exit_code == 1 and "block_3: array missing" in bad.output and "Traceback" not in bad.output
+    array_json.write_bytes(saved)
+
+
+def test_a_damaged_chunk_stops_training_in_one_line(tiny_project):
+    assert _extract().exit_code == 0
+    chunk = CACHE / "train" / "block_3" / "c" / "0" / "0" / "0" / "0" / "0" / "0"
+    chunk.write_bytes(chunk.read_bytes()[:50])  # on disk, so verify passes; the codec fails on reading
+    result = runner.invoke(app, ["train"])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "block_3: cannot read item 0" in result.output and "damaged" in result.output
+    assert not Path("models/classifier/model.pt").exists()
+
+
 def test_other_params_rebuild_or_refuse_never_mix(tiny_project):
     assert _extract().exit_code == 0
     tiny_project.write_params(teacher={"steps": [20, 100]})
@@ -198,6 +247,16 @@ def test_guided_diffusion_pt_checkpoint_with_teacher_config(tiny_project):
     tiny_project.write_params(teacher={"checkpoint": str(pt), "config": {}})
     result = _extract()
     assert result.exit_code == 1 and "teacher.config" in result.output
+    # ... but a broken file says so, not "set teacher.config" (which would not help).
+    for name, content, reason in [("empty.safetensors", b"", "the file is empty"),
+                                  ("noise.safetensors", bytes(range(256)) * 4, "not a readable safetensors file"),
+                                  ("noise.pt", b"PK-not-really" * 50, "not a PyTorch checkpoint")]:
+        broken = tiny_project.root / "models" / name
+        broken.write_bytes(content)
+        tiny_project.write_params(teacher={"checkpoint": str(broken), "config": {}})
+        result = _extract()
+        assert result.exit_code == 1 and f"{name}: {reason}" in result.output, result.output
+        assert "set teacher.config" not in result.output
 
     # A config that does not match the weights: counts and key names, one line.
     wrong = dict(TINY_TEACHER, num_channels=64, num_head_channels=32)

@@ -31,10 +31,11 @@ scratch (or refused), so features of two teachers can never be mixed.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -218,6 +219,13 @@ def from_storage(a: np.ndarray, dtype: str) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(a))
 
 
+def writable(array: zarr.Array) -> zarr.Array:
+    """`array` set to store every chunk, one equal to the fill value too. zarr skips those by default,
+    and then an image with no nuclei (an all-zero mask chunk) is indistinguishable from a lost
+    chunk; with every chunk on disk, `verify` can treat a missing chunk file as damage."""
+    return array.with_config({"write_empty_chunks": True})
+
+
 def _open_group(path: Path, mode: str) -> zarr.Group:
     try:
         return zarr.open_group(str(path), mode=mode, zarr_format=3)
@@ -290,11 +298,6 @@ def _create(path: Path, spec: CacheSpec, layouts: dict[str, SplitLayout], proven
     return root
 
 
-def chunk_exists(path: Path, split: str, name: str, index: int, ndim: int) -> bool:
-    """Whether the chunk holding image `index` of an array is on disk (one image per chunk)."""
-    return (Path(path) / split / name / "c" / str(index) / Path(*(["0"] * (ndim - 1)))).is_file()
-
-
 def verify(path: Path, spec: CacheSpec | None = None, layouts: dict[str, SplitLayout] | None = None) -> list[str]:
     """Every problem that would make the cache untrustworthy, one line each (empty = sound)."""
     path = Path(path)
@@ -316,21 +319,33 @@ def verify(path: Path, spec: CacheSpec | None = None, layouts: dict[str, SplitLa
         problems.append(f"{path}: has no cache spec (an unfinished or foreign store)")
     if spec is not None:
         problems.extend(f"{path}: built with other params: {line}" for line in spec.diff(stored))
+    reference = spec if spec is not None else stored  # the arrays a cache with this spec must hold
     splits = layouts.keys() if layouts is not None else [k for k in root.group_keys()]
     for split in splits:
         if split not in root:
             problems.append(f"{path}/{split}: split group missing")
             continue
         layout = layouts[split] if layouts is not None else None
-        problems.extend(_split_problems(path, root[split], split, spec, layout))
+        problems.extend(_split_problems(path, root[split], split, reference, layout))
     return problems
+
+
+def _layout_from_attrs(group: zarr.Group) -> SplitLayout:
+    """The layout a split's own attrs record: enough for the shapes its arrays must have (where
+    each tile window sits is in the arrays themselves, not needed here)."""
+    ids, texts = list(group.attrs.get("ids", [])), list(group.attrs.get("texts", []))
+    if "image_ids" not in group.attrs:
+        return SplitLayout(ids, texts)
+    image_ids = list(group.attrs["image_ids"])
+    tiles = TileLayout(image_ids, list(group.attrs.get("image_texts", [])), [0] * len(ids), [(0, 0)] * len(ids), 0)
+    return SplitLayout(ids, texts, tiles)
 
 
 def _split_problems(path: Path, group: zarr.Group, split: str, spec: CacheSpec | None,
                     layout: SplitLayout | None) -> list[str]:
     problems = []
     ids = list(group.attrs.get("ids", []))
-    expected = array_shapes(spec, layout) if spec is not None and layout is not None else None
+    expected = array_shapes(spec, layout or _layout_from_attrs(group)) if spec is not None else None
     if layout is not None and ids != layout.ids:
         problems.append(f"{path}/{split}: holds other image ids than data/prepared")
     for name in list(expected) if expected is not None else list(group.array_keys()):
@@ -338,7 +353,8 @@ def _split_problems(path: Path, group: zarr.Group, split: str, spec: CacheSpec |
             problems.append(f"{path}/{split}/{name}: array missing")
         elif expected is not None and tuple(group[name].shape) != expected[name][0]:
             problems.append(f"{path}/{split}/{name}: shape {tuple(group[name].shape)}, expected {expected[name][0]}")
-    if not group.attrs.get("text_complete", False):
+    text_complete = bool(group.attrs.get("text_complete", False))
+    if not text_complete:
         problems.append(f"{path}/{split}: text embeddings were never completed")
     if "complete" not in group:
         return problems
@@ -346,12 +362,31 @@ def _split_problems(path: Path, group: zarr.Group, split: str, spec: CacheSpec |
     missing = [ids[i] if i < len(ids) else str(i) for i in np.flatnonzero(flags == 0)]
     if missing:
         problems.append(f"{path}/{split}: {len(missing)} of {len(ids)} images incomplete (first: {missing[0]})")
-    per_image = [k for k in group.array_keys() if k.startswith("block_") or k in ("masks", "images")]
-    for i in np.flatnonzero(flags == 1):
-        for name in per_image:
-            if not chunk_exists(path, split, name, int(i), group[name].ndim):
-                problems.append(f"{path}/{split}/{name}: chunk of image {ids[i]} is missing on disk")
+    # Every chunk is written, even an all-zero one (`writable`), so a missing chunk file is damage:
+    # zarr would read it as zeros without a word (a lost text or ground-truth chunk scores silently).
+    done = [int(i) for i in np.flatnonzero(flags == 1)]
+    for name in sorted(group.array_keys()):
+        if name == "complete":  # a 0 flag is the fill value: no chunk, by design
+            continue
+        array = group[name]
+        per_image = name.startswith("block_") or name in ("masks", "images")
+        if not per_image and not text_complete:
+            continue  # written with the text; already reported above
+        for coords in _chunk_grid(array, done if per_image else None):
+            if not (path / split / name / array.metadata.encode_chunk_key(coords)).is_file():
+                which = f"image {ids[coords[0]]}" if per_image and coords[0] < len(ids) else f"chunk {coords}"
+                problems.append(f"{path}/{split}/{name}: {which} is missing on disk")
+                break  # one line per array
     return problems
+
+
+def _chunk_grid(array: zarr.Array, first_axis: list[int] | None) -> Iterator[tuple[int, ...]]:
+    """The chunk coordinates of `array` (only those of items `first_axis` along axis 0 if given)."""
+    counts = [-(-size // chunk) for size, chunk in zip(array.shape, array.chunks)]
+    if any(c == 0 for c in counts):
+        return
+    lead = first_axis if first_axis is not None else range(counts[0])
+    yield from ((i, *rest) for i in lead for rest in itertools.product(*(range(c) for c in counts[1:])))
 
 
 @dataclass
@@ -381,25 +416,34 @@ class CachedSplit:
     def image_size(self) -> int:
         return self.spec.image_size
 
+    def _read(self, name: str, key: Any) -> np.ndarray:
+        """`group[name][key]`, with a damaged chunk (truncated, garbled: the codec fails) reported in
+        one line naming the array and item instead of a codec traceback half-way through training."""
+        try:
+            return np.asarray(self.group[name][key])
+        except Exception as err:  # noqa: BLE001 - zarr and its codecs raise many types for a bad chunk
+            where = f"{getattr(self.group.store_path.store, 'root', '')}/{self.group.path}/{name}"
+            item = key[0] if isinstance(key, tuple) else key
+            item = "of the split" if isinstance(item, slice) else item
+            reason = (str(err).splitlines() or [""])[0][:120]
+            raise TextDiffError(f"{where}: cannot read item {item} ({type(err).__name__}: {reason}); the cache is "
+                                "damaged: delete it and run `textdiff extract`") from None
+
     def features(self, index: int, view: int | None = None) -> list[torch.Tensor]:
         """Per block: [views, steps, C, H, W] (or [steps, C, H, W] for one view), stored dtype."""
-        out = []
-        for b in self.spec.blocks:
-            arr = self.group[f"block_{b}"]
-            a = arr[index] if view is None else arr[index, view]
-            out.append(from_storage(a, self.spec.dtype))
-        return out
+        key = index if view is None else (index, view)
+        return [from_storage(self._read(f"block_{b}", key), self.spec.dtype) for b in self.spec.blocks]
 
     def feature_bytes(self) -> int:
         """Bytes of one image's features (all views, steps and blocks) as stored."""
         return sum(int(np.prod(self.group[f"block_{b}"].shape[1:])) * 2 for b in self.spec.blocks)
 
     def mask(self, index: int, view: int | None = None) -> torch.Tensor:
-        m = self.group["masks"][index] if view is None else self.group["masks"][index, view]
+        m = self._read("masks", index if view is None else (index, view))
         return torch.from_numpy(np.ascontiguousarray(m))
 
     def image(self, index: int) -> np.ndarray:
-        return np.asarray(self.group["images"][index])
+        return self._read("images", index)
 
     def tile_layout(self) -> tuple[list[str], np.ndarray, np.ndarray]:
         """Tiles mode: (source image ids, per-window image index, per-window (y, x) origin)."""
@@ -407,18 +451,18 @@ class CachedSplit:
                 np.asarray(self.group["tile_origin"][:]))
 
     def full_mask(self, image_index: int) -> np.ndarray:
-        return np.asarray(self.group["full_masks"][image_index])
+        return self._read("full_masks", image_index)
 
     def release_mask(self, image_index: int) -> np.ndarray:
         """The released code's (dilated) ground truth of source image `image_index`."""
-        return np.asarray(self.group["release_masks"][image_index])
+        return self._read("release_masks", image_index)
 
     def text(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if not self._text:
             self._text.update(
-                tokens=torch.from_numpy(np.asarray(self.group["text_tokens"][:])),
-                mask=torch.from_numpy(np.asarray(self.group["text_mask"][:])),
-                pooled=torch.from_numpy(np.asarray(self.group["text_pooled"][:])),
+                tokens=torch.from_numpy(self._read("text_tokens", slice(None))),
+                mask=torch.from_numpy(self._read("text_mask", slice(None))),
+                pooled=torch.from_numpy(self._read("text_pooled", slice(None))),
             )
         return self._text["tokens"][index], self._text["mask"][index], self._text["pooled"][index]
 

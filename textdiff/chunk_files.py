@@ -12,8 +12,10 @@ and whose codecs are exactly (little-endian bytes, zstd) on a local store, it en
 the same numcodecs Zstd that zarr's ZstdCodec wraps and writes the file at the key zarr's chunk-key
 encoding gives, through a temporary file renamed into place as zarr's LocalStore does. Anything
 else (read-only, other codecs or chunking, a fill value that is not all zero bits, complex dtypes)
-and an item whose bits are all zero (zarr writes no chunk for a fill-value chunk) goes through
-`array[i] = value`. Tests compare the files byte for byte with zarr's.
+goes through `array[i] = value`, and so does an item whose bits are all zero unless the array is
+configured to write empty chunks (zarr's default writes no chunk for a fill-value item, and deletes
+an old one; the cache's arrays keep every chunk, see `cache.writable`). Tests compare the files
+byte for byte with zarr's.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ class ImageChunkWriter:
             self._codec = numcodecs.Zstd(level=codecs[1].level, checksum=codecs[1].checksum)
             self._dir = Path(store.root) / array.store_path.path
             self._zeros = (0,) * (array.ndim - 1)
+        self._keep_empty = bool(array.config.write_empty_chunks)
 
     @property
     def fast(self) -> bool:
@@ -62,7 +65,7 @@ class ImageChunkWriter:
         item = np.ascontiguousarray(value, dtype=self.array.dtype.newbyteorder("<"))
         if item.shape != tuple(self.array.shape[1:]):  # no broadcasting: one whole item, as stored
             raise ValueError(f"{self.array.path}: item of shape {item.shape}, expected {tuple(self.array.shape[1:])}")
-        if not item.view(f"u{item.dtype.itemsize}").any():  # all bits zero = the fill value: zarr's rule
+        if not self._keep_empty and not item.view(f"u{item.dtype.itemsize}").any():  # the fill value: zarr's rule
             self.array[i] = value
             return
         path = self._dir / self.array.metadata.encode_chunk_key((i, *self._zeros))

@@ -113,7 +113,7 @@ def _split_dir(root: str | Path, split: str) -> Path:
     root = Path(root)
     if not root.is_dir():
         what = "is not a folder" if root.exists() else "not found"
-        raise TextDiffError(f"{root}: dataset root {what} (data.root in params.yaml)")
+        raise TextDiffError(f"{root}: dataset root {what} (the params' data.root)")
     folder = root / FOLDERS[split]
     if not folder.is_dir():
         raise TextDiffError(f"{folder}: {split} split folder not found under {root}")

@@ -19,6 +19,7 @@ from textdiff.params import Params
 from textdiff.paths import TEACHER_FILE
 from textdiff.teacher import Diffusion, FeatureExtractor, existing_checkpoint, load_teacher, normalize_config, teacher_config
 from textdiff.teacher.adm import attention_token_counts
+from textdiff.teacher.checkpoint import unreadable_reason
 from textdiff.teacher.diffusion import to_model_range
 
 Featurizer = Callable[[torch.Tensor], dict[int, torch.Tensor]]  # [B,3,H,W] in [-1,1] -> {block: [B,S,C,h,w]}
@@ -56,6 +57,9 @@ def choose_teacher(params: Params) -> TeacherChoice:
     except TextDiffError as err:
         if "no teacher config given" not in str(err):
             raise
+        broken = unreadable_reason(path)
+        if broken is not None:
+            raise TextDiffError(f"{path}: {broken}, from {origin}") from None
         raise TextDiffError(
             f"{path}: no architecture for this checkpoint: set teacher.config (guided-diffusion create_model keys)"
         ) from None

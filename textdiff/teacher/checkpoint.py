@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -247,6 +248,31 @@ def _safetensors_config(path: Path) -> dict[str, Any] | None:
         return json.loads(meta["config"]) if "config" in meta else None
     except Exception:  # noqa: BLE001 - load_checkpoint will report the real problem
         return None
+
+
+def unreadable_reason(path: str | Path) -> str | None:
+    """Why the file at `path` cannot be a checkpoint at all, from cheap checks (size, safetensors
+    header, torch's zip or pickle framing), without loading it; None when it may be one. Lets a
+    missing-architecture message not hide a file that is simply broken."""
+    path = Path(path)
+    if is_index(path) or not path.is_file():
+        return None  # an index's shards, and a missing file, are reported where they are loaded
+    if path.stat().st_size == 0:
+        return "the file is empty (0 bytes)"
+    if path.suffix.lower() == SAFETENSORS_SUFFIX:
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt"):
+                return None
+        except Exception as err:  # noqa: BLE001
+            return f"not a readable safetensors file ({_short(err)})"
+    if path.suffix.lower() in TORCH_SUFFIXES:
+        with open(path, "rb") as f:
+            head = f.read(2)
+        if not zipfile.is_zipfile(path) and head[:1] != b"\x80":  # torch.save: zip, or a legacy pickle
+            return "not a PyTorch checkpoint (neither torch.save's zip nor a pickle)"
+    return None
 
 
 def _normalized_or_none(config: Mapping[str, Any]) -> dict[str, Any] | None:
