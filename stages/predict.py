@@ -139,6 +139,8 @@ def run(inputs: list[Path], out: Path, text: str | None = None, reports: Path | 
                             out, segmenter.working_mpp, mpp, segmenter.source_mpp,
                             identity={"model": model_identity, "text": sentence})
                         slides.append(result)
+                        if result.mpp_assumed:
+                            assumed.append(path.name)
                         pixels += result.megapixels
                         done += 1
                         tqdm.write(f"{path.stem}: {result.nuclei} nuclei in {result.tissue_tiles} of {result.tiles} "

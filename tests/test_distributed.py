@@ -30,6 +30,31 @@ def test_ranks_deal_batches_round_robin():
     assert sorted(sum(shares, [])) == batches and Ranks().share(batches) == batches
 
 
+def test_a_hand_set_world_size_without_torchrun_s_variables_is_one_line(monkeypatch):
+    """Without these checks: a c10d traceback (no MASTER_ADDR) or a wait for a rank that never comes."""
+    import pytest
+    import torch
+
+    from textdiff.distributed import init_ranks
+    from textdiff.errors import TextDiffError
+
+    for name in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert init_ranks(torch.device("cpu"))[0] == Ranks()
+    cases = [({"WORLD_SIZE": "abc"}, "WORLD_SIZE='abc' is not an integer"),
+             ({"WORLD_SIZE": "2"}, "RANK is not set"),
+             ({"WORLD_SIZE": "2", "RANK": "5"}, "RANK=5 is outside 0..1"),
+             ({"WORLD_SIZE": "2", "RANK": "0"}, "MASTER_ADDR is not set"),
+             ({"WORLD_SIZE": "2", "RANK": "0", "MASTER_ADDR": "localhost"}, "MASTER_PORT is not set")]
+    for env, message in cases:
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        with pytest.raises(TextDiffError, match=message):
+            init_ranks(torch.device("cpu"))
+    assert not torch.distributed.is_initialized()
+
+
 def test_two_ranks_build_a_cache_bit_identical_to_one_process(tiny_project, monkeypatch):
     """Each rank computes whole batches exactly as one process would. torchrun gives every process
     one thread (OMP_NUM_THREADS=1), and a CPU convolution may sum in another order with another

@@ -116,6 +116,10 @@ def test_load_params_errors_name_the_file(tmp_path):
     empty.write_text("# nothing but a comment\n")
     with pytest.raises(TextDiffError, match="empty.yaml: params file is empty"):
         load_params(empty)
+    for key, text in [("train.lr", "train: {lr: .nan}"), ("pretrain.max_minutes", "pretrain: {max_minutes: .inf}")]:
+        bad.write_text(text + "\n")  # NaN passes `<= 0` and `< 0`: it used to reach the optimiser
+        with pytest.raises(TextDiffError, match=f"bad.yaml: {key} must be a finite number"):
+            load_params(bad)
     empty.write_text("{}\n")  # the explicit way to ask for every default
     assert load_params(empty).train == parse_params({}).train
 

@@ -137,3 +137,28 @@ def test_a_corrupt_slide_is_one_line_and_the_others_are_processed(trained, slide
     assert result.exit_code == 1
     assert "broken.svs" in result.output and "Traceback" not in result.output
     assert (tmp_path / "out" / "good.geojson").is_file()
+
+
+def test_a_damaged_tile_is_one_line_and_a_slide_without_resolution_gets_a_notice(trained, slide_image, tmp_path):
+    """OpenSlide opens a slide with garbled tile data and fails only when reading it: that is one
+    line for that slide, and the next slide is still segmented."""
+    folder = tmp_path / "slides"
+    folder.mkdir()
+    damaged = write_slide(folder / "a_damaged.tif", slide_image)
+    with tifffile.TiffFile(damaged) as tif:
+        page = tif.pages[0]
+        offsets, counts = page.dataoffsets, page.databytecounts
+    with open(damaged, "r+b") as f:
+        for i in range(len(counts)):  # every level-0 tile: whichever the reader picks fails
+            f.seek(offsets[i] + 2)
+            f.write(b"\xde\xad\xbe\xef" * max(1, (counts[i] - 4) // 4))
+    with tifffile.TiffWriter(folder / "b_untagged.tif") as tif:  # no resolution tags at all
+        for k in range(3):
+            tif.write(np.ascontiguousarray(slide_image[:: 2**k, :: 2**k]), tile=(64, 64), photometric="rgb",
+                      compression="zlib", subfiletype=0 if k == 0 else 1)
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["predict", str(folder), "--out", str(out), "--text", "x"])
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    assert "a_damaged.tif: cannot read the region of tile" in result.output or "a_damaged.tif: cannot read its thumbnail" in result.output, result.output
+    assert (out / "b_untagged.geojson").is_file() and not (out / "a_damaged.geojson").exists()
+    assert "no usable resolution tags (first: b_untagged.tif)" in result.output

@@ -14,6 +14,8 @@ from typing import Sequence, TypeVar
 
 import torch
 
+from textdiff.errors import TextDiffError
+
 T = TypeVar("T")
 
 
@@ -39,10 +41,36 @@ class Ranks:
         return list(items[self.rank :: self.world])
 
 
+def _launch_env() -> int:
+    """WORLD_SIZE, after checking the variables torchrun sets are all there and sane: a hand-set
+    WORLD_SIZE without them would otherwise end in a c10d traceback, or wait forever for a rank
+    that does not exist."""
+    def integer(name: str, default: str | None = None) -> int:
+        raw = os.environ.get(name, default)
+        if raw is None:
+            raise TextDiffError(f"WORLD_SIZE={os.environ['WORLD_SIZE']} but {name} is not set: launch with "
+                                "torchrun (it sets RANK, LOCAL_RANK, MASTER_ADDR, MASTER_PORT), or unset WORLD_SIZE")
+        try:
+            return int(raw)
+        except ValueError:
+            raise TextDiffError(f"{name}={raw!r} is not an integer (torchrun's environment)") from None
+
+    world = integer("WORLD_SIZE", "1")
+    if world <= 1:
+        return world
+    rank = integer("RANK")
+    if not 0 <= rank < world:
+        raise TextDiffError(f"RANK={rank} is outside 0..{world - 1} (WORLD_SIZE={world})")
+    for name in ("MASTER_ADDR", "MASTER_PORT"):
+        if not os.environ.get(name):
+            raise TextDiffError(f"WORLD_SIZE={world} but {name} is not set: launch with torchrun, or unset WORLD_SIZE")
+    return world
+
+
 def init_ranks(device: torch.device) -> tuple[Ranks, torch.device]:
     """The ranks of a torchrun job (initialising the process group once) and this rank's device:
     `cuda:LOCAL_RANK` on GPUs. Outside torchrun: one rank, the device unchanged."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = _launch_env()
     if world <= 1:
         return Ranks(), device
     if device.type == "cuda":

@@ -12,6 +12,7 @@ for an hour on defaults. Each stage loads only the sections it declares in dvc.y
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,12 +47,12 @@ COMPACT_ADM = {
 
 
 def _positive(name: str, value: float) -> None:
-    if value <= 0:
+    if not math.isfinite(value) or value <= 0:  # NaN passes every comparison: test it first
         raise ValueError(f"{name} must be > 0, got {value}")
 
 
 def _non_negative(name: str, value: float) -> None:
-    if value < 0:
+    if not math.isfinite(value) or value < 0:
         raise ValueError(f"{name} must be >= 0, got {value}")
 
 
@@ -375,6 +376,8 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
     if annotation is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError(f"{key} must be a number, got {value!r}")
+        if not math.isfinite(value):  # YAML's .nan / .inf: no param means either
+            raise ValueError(f"{key} must be a finite number, got {value!r}")
         return float(value)
     if annotation is str:
         if value is None:

@@ -126,6 +126,19 @@ def tissue_mask(thumbnail: np.ndarray) -> np.ndarray:
     return ndimage.binary_opening(tissue, iterations=1)
 
 
+def _reading(path: Path, what: str, read: Callable[[], np.ndarray]) -> np.ndarray:
+    """`read()`, with a slide that opens but fails on a damaged tile reported in one line. The tiles
+    done so far stay flagged in the store: a re-run with the same file resumes, one with a repaired
+    file restarts (its size and mtime are part of the store's identity)."""
+    try:
+        return read()
+    except TextDiffError:
+        raise
+    except Exception as err:  # noqa: BLE001 - OpenSlideError, OSError, decoder errors of a damaged tile
+        reason = (str(err).splitlines() or [""])[0][:160]
+        raise TextDiffError(f"{path}: cannot read {what} ({type(err).__name__}: {reason})") from None
+
+
 def read_region(slide, plan: SlidePlan, box: tuple[int, int, int, int]) -> np.ndarray:
     """The RGB pixels of a working-resolution box, read from the pyramid level just finer than
     needed (transparent pixels, outside the scanned area, are white glass)."""
@@ -231,6 +244,7 @@ class SlideResult:
     megapixels: float  # at working resolution, of the tiles segmented in this run
     seconds: float
     outputs: list[Path]
+    mpp_assumed: bool = False  # neither --mpp nor the slide said: the training images' µm/px was used
 
 
 def segment_slide(path: Path, segment: Callable[[np.ndarray], np.ndarray], out: Path, working_mpp: float,
@@ -246,7 +260,8 @@ def segment_slide(path: Path, segment: Callable[[np.ndarray], np.ndarray], out: 
     core, margin = core or CORE, MARGIN if margin is None else margin
     slide = open_slide(path)
     try:
-        mpp0 = mpp or slide_mpp(slide) or source_mpp
+        own_mpp = slide_mpp(slide)
+        mpp0 = mpp or own_mpp or source_mpp
         if working_mpp <= 0:
             raise TextDiffError(f"{path}: the model records no working resolution (trained before data.mpp existed); "
                                 "retrain it to segment slides")
@@ -258,7 +273,7 @@ def segment_slide(path: Path, segment: Callable[[np.ndarray], np.ndarray], out: 
                  "working_mpp": working_mpp, "core": core, "margin": margin,
                  "mtime": os.path.getmtime(path), "bytes": os.path.getsize(path)}
         root = _open_store(store, plan, ident)
-        thumb = np.asarray(slide.get_thumbnail((THUMBNAIL, THUMBNAIL)).convert("RGB"))
+        thumb = _reading(path, "its thumbnail", lambda: np.asarray(slide.get_thumbnail((THUMBNAIL, THUMBNAIL)).convert("RGB")))
         tissue = tissue_mask(thumb)
         ty_scale, tx_scale = tissue.shape[0] / plan.height, tissue.shape[1] / plan.width
         ny, nx = plan.grid
@@ -279,7 +294,8 @@ def segment_slide(path: Path, segment: Callable[[np.ndarray], np.ndarray], out: 
             if has:
                 region = plan.region_box(ty, tx)
                 core_box = plan.core_box(ty, tx)
-                prob = segment(read_region(slide, plan, region))
+                pixels_in = _reading(path, f"the region of tile ({ty}, {tx})", lambda: read_region(slide, plan, region))
+                prob = segment(pixels_in)
                 cy0, cx0, cy1, cx1 = core_box
                 core_prob = prob[cy0 - region[0] : cy1 - region[0], cx0 - region[1] : cx1 - region[1]]
                 root["probability/0"][cy0:cy1, cx0:cx1] = np.rint(np.clip(core_prob, 0, 1) * 255).astype(np.uint8)
@@ -294,7 +310,7 @@ def segment_slide(path: Path, segment: Callable[[np.ndarray], np.ndarray], out: 
         build_pyramid(root, core)
         outputs = write_outputs(store, stem, out, plan, thumb, working_mpp)
         count = sum(1 for _ in _features(store, plan.grid))
-        return SlideResult(count, ny * nx, tissue_tiles, pixels, seconds, outputs)
+        return SlideResult(count, ny * nx, tissue_tiles, pixels, seconds, outputs, mpp_assumed=not (mpp or own_mpp))
     finally:
         slide.close()
 
