@@ -421,6 +421,8 @@ class CachedSplit:
         one line naming the array and item instead of a codec traceback half-way through training."""
         try:
             return np.asarray(self.group[name][key])
+        except (IndexError, KeyError, TypeError):
+            raise  # a wrong index or name is a bug here, not damage on disk
         except Exception as err:  # noqa: BLE001 - zarr and its codecs raise many types for a bad chunk
             where = f"{getattr(self.group.store_path.store, 'root', '')}/{self.group.path}/{name}"
             item = key[0] if isinstance(key, tuple) else key

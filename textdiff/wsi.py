@@ -273,7 +273,8 @@ def segment_slide(path: Path, segment: Callable[[np.ndarray], np.ndarray], out: 
                  "working_mpp": working_mpp, "core": core, "margin": margin,
                  "mtime": os.path.getmtime(path), "bytes": os.path.getsize(path)}
         root = _open_store(store, plan, ident)
-        thumb = _reading(path, "its thumbnail", lambda: np.asarray(slide.get_thumbnail((THUMBNAIL, THUMBNAIL)).convert("RGB")))
+        thumb = _reading(path, "its thumbnail",
+                         lambda: np.asarray(slide.get_thumbnail((THUMBNAIL, THUMBNAIL)).convert("RGB")))
         tissue = tissue_mask(thumb)
         ty_scale, tx_scale = tissue.shape[0] / plan.height, tissue.shape[1] / plan.width
         ny, nx = plan.grid
