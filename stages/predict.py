@@ -18,7 +18,7 @@ import numpy as np
 from tqdm import tqdm
 
 from textdiff.atomic import atomic_file
-from textdiff.data import read_image, read_mask, read_reports
+from textdiff.data import read_image, read_mask, read_reports, report_for_image
 from textdiff.errors import TextDiffError
 from textdiff.hashing import sha256_file
 from textdiff.magnification import MPP_RANGE, plausible, tiff_mpp
@@ -39,12 +39,7 @@ class _NothingSegmented(Exception):
 def report_for(path: Path, text: str | None, report_rows: dict[str, str] | None, reports: Path | None) -> str:
     if report_rows is None:
         return text or ""
-    if path.stem not in report_rows:
-        raise TextDiffError(f"{path}: no report row for '{path.stem}' in {reports}")
-    if not report_rows[path.stem].strip():
-        # Training refuses empty reports; an empty sentence at inference is an input it never saw.
-        raise TextDiffError(f"{reports}: the report for image '{path.stem}' is empty")
-    return report_rows[path.stem]
+    return report_for_image(report_rows, reports, path)
 
 
 def ground_truth(path: Path, masks: Path | None, shape: tuple[int, ...]) -> np.ndarray | None:
@@ -59,8 +54,9 @@ def ground_truth(path: Path, masks: Path | None, shape: tuple[int, ...]) -> np.n
 
 
 def segment_one(segmenter: Segmenter, path: Path, sentence: str, out: Path, h5: h5py.File,
-                masks: Path | None = None, mpp: float | None = None) -> tuple[list[dict], float]:
-    """Mask, picture and probability map of one image; returns its nuclei rows and megapixels.
+                masks: Path | None = None, mpp: float | None = None) -> tuple[list[dict], float, bool]:
+    """Mask, picture and probability map of one image; returns its nuclei rows, megapixels, and
+    whether it was scored against a ground truth.
 
     With a ground-truth mask the picture is the evaluation panel (image | truth | prediction |
     errors, scored); without one, the image with the predicted contours."""
@@ -82,7 +78,7 @@ def segment_one(segmenter: Segmenter, path: Path, sentence: str, out: Path, h5: 
     rows = nucleus_table(path.stem, mask)
     tqdm.write(f"{path.stem}: {len(rows)} nuclei, {100 * mask.mean():.1f}% covered "
                f"({image.shape[1]}x{image.shape[0]}){scored}")
-    return rows, megapixels(image.shape)
+    return rows, megapixels(image.shape), gt is not None
 
 
 def run(inputs: list[Path], out: Path, text: str | None = None, reports: Path | None = None,
@@ -123,7 +119,7 @@ def run(inputs: list[Path], out: Path, text: str | None = None, reports: Path | 
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise TextDiffError(f"{out}: cannot create the output folder ({err.strerror})") from None
-    failures, nuclei, pixels, done = [], [], 0.0, 0
+    failures, nuclei, pixels = [], [], 0.0
     started = time.perf_counter()
     try:
         with atomic_file(out / "predictions.h5") as h5_tmp, h5py.File(h5_tmp, "w") as h5:
@@ -132,8 +128,8 @@ def run(inputs: list[Path], out: Path, text: str | None = None, reports: Path | 
                              "teacher_sha256": card.spec.teacher_sha256 or "rgb"})
             for path in tqdm(paths, unit="img", desc="predict", dynamic_ncols=True):
                 try:
+                    sentence = report_for(path, text, report_rows, reports)
                     if is_slide(path):
-                        sentence = report_for(path, text, report_rows, reports)
                         result = segment_slide(
                             path, lambda rgb, s=sentence: segmenter.probabilities(rgb, s, segmenter.working_mpp),
                             out, segmenter.working_mpp, mpp, segmenter.source_mpp,
@@ -142,29 +138,26 @@ def run(inputs: list[Path], out: Path, text: str | None = None, reports: Path | 
                         if result.mpp_assumed:
                             assumed.append(path.name)
                         pixels += result.megapixels
-                        done += 1
                         tqdm.write(f"{path.stem}: {result.nuclei} nuclei in {result.tissue_tiles} of {result.tiles} "
                                    f"tiles with tissue ({result.megapixels / max(result.seconds, 1e-9):.3g} "
                                    f"megapixels/s at {segmenter.working_mpp:.3g} µm/px) -> "
                                    f"{', '.join(p.name for p in result.outputs)}")
                         continue
                     own = mpp or tiff_mpp(path)
-                    rows, mp = segment_one(segmenter, path, report_for(path, text, report_rows, reports), out, h5,
-                                           masks, own)
+                    rows, mp, scored = segment_one(segmenter, path, sentence, out, h5, masks, own)
                 except TextDiffError as err:
                     failures.append(str(err))
                     tqdm.write(f"error: {err}", file=sys.stderr)
                     continue
                 if own is None and segmenter.factor(None) is not None and scale is None:
                     assumed.append(path.name)
-                if masks is not None and not (masks / f"{path.stem}.png").is_file():
+                if masks is not None and not scored:
                     unscored.append(path.name)
                 nuclei.extend(rows)
                 pixels += mp
-                done += 1
             # A reader of predictions.h5 alone must see which inputs are missing from it, and why.
             h5.attrs["failed"] = json.dumps(failures)
-            if not done:
+            if len(failures) == len(paths):
                 raise _NothingSegmented
     except _NothingSegmented:
         print(f"no image was segmented: {out / 'predictions.h5'} and {out / 'nuclei.csv'} were not written",

@@ -54,14 +54,14 @@ def test_an_all_zero_item_follows_zarr_s_rule_and_removes_a_stale_chunk(tmp_path
 def test_an_all_zero_item_is_stored_when_the_array_keeps_empty_chunks(tmp_path):
     """The cache's arrays keep every chunk (an image without nuclei has an all-zero mask): the fast
     path then writes the zero item too, with the bytes zarr itself writes under that setting."""
-    from textdiff.cache import writable
+    from textdiff.cache import keeping_empty_chunks
 
-    by_zarr = writable(_array(tmp_path, "a", (2, 4, 4), "uint8"))
-    by_writer = writable(_array(tmp_path, "b", (2, 4, 4), "uint8"))
-    writer = ImageChunkWriter(by_writer)
-    assert writer.fast
-    by_zarr[1] = np.zeros((4, 4), np.uint8)
-    writer(1, np.zeros((4, 4), np.uint8))
+    with keeping_empty_chunks():
+        by_zarr, by_writer = _array(tmp_path, "a", (2, 4, 4), "uint8"), _array(tmp_path, "b", (2, 4, 4), "uint8")
+        writer = ImageChunkWriter(by_writer)
+        assert writer.fast
+        by_zarr[1] = np.zeros((4, 4), np.uint8)
+        writer(1, np.zeros((4, 4), np.uint8))
     assert _files(tmp_path, "b") == _files(tmp_path, "a") and list(_files(tmp_path, "b")) == ["c/1/0/0"]
 
 

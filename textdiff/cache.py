@@ -30,6 +30,7 @@ scratch (or refused), so features of two teachers can never be mixed.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import shutil
@@ -219,11 +220,12 @@ def from_storage(a: np.ndarray, dtype: str) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(a))
 
 
-def writable(array: zarr.Array) -> zarr.Array:
-    """`array` set to store every chunk, one equal to the fill value too. zarr skips those by default,
-    and then an image with no nuclei (an all-zero mask chunk) is indistinguishable from a lost
-    chunk; with every chunk on disk, `verify` can treat a missing chunk file as damage."""
-    return array.with_config({"write_empty_chunks": True})
+def keeping_empty_chunks() -> contextlib.AbstractContextManager:
+    """While it lasts, arrays opened are set to store every chunk, one equal to the fill value too.
+    zarr skips those by default, and then an image with no nuclei (an all-zero mask chunk) is
+    indistinguishable from a lost chunk; with every chunk on disk, `verify` can treat a missing
+    chunk file as damage. Extraction writes the cache inside it."""
+    return zarr.config.set({"array.write_empty_chunks": True})
 
 
 def _open_group(path: Path, mode: str) -> zarr.Group:
@@ -362,7 +364,7 @@ def _split_problems(path: Path, group: zarr.Group, split: str, spec: CacheSpec |
     missing = [ids[i] if i < len(ids) else str(i) for i in np.flatnonzero(flags == 0)]
     if missing:
         problems.append(f"{path}/{split}: {len(missing)} of {len(ids)} images incomplete (first: {missing[0]})")
-    # Every chunk is written, even an all-zero one (`writable`), so a missing chunk file is damage:
+    # Every chunk is written, even an all-zero one (`keeping_empty_chunks`), so a missing chunk file is damage:
     # zarr would read it as zeros without a word (a lost text or ground-truth chunk scores silently).
     done = [int(i) for i in np.flatnonzero(flags == 1)]
     for name in sorted(group.array_keys()):

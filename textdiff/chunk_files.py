@@ -14,7 +14,7 @@ encoding gives, through a temporary file renamed into place as zarr's LocalStore
 else (read-only, other codecs or chunking, a fill value that is not all zero bits, complex dtypes)
 goes through `array[i] = value`, and so does an item whose bits are all zero unless the array is
 configured to write empty chunks (zarr's default writes no chunk for a fill-value item, and deletes
-an old one; the cache's arrays keep every chunk, see `cache.writable`). Tests compare the files
+an old one; the cache's arrays keep every chunk, see `cache.keeping_empty_chunks`). Tests compare the files
 byte for byte with zarr's.
 """
 

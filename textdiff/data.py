@@ -344,6 +344,18 @@ def read_reports(path: str | Path) -> dict[str, str]:
         wb.close()
 
 
+def report_for_image(reports: dict[str, str], workbook: Path, image_path: Path) -> str:
+    """One image's report from a workbook `read_reports` read. A missing row and an empty report
+    are one-line errors, the same for training and `textdiff predict`: the classifier never saw an
+    image without its sentence."""
+    image_id = image_path.stem
+    if image_id not in reports:
+        raise TextDiffError(f"{workbook}: no report row for image '{image_id}' ({image_path.name})")
+    if not reports[image_id]:  # read_reports collapses whitespace: a blank cell is ""
+        raise TextDiffError(f"{workbook}: the report for image '{image_id}' is empty")
+    return reports[image_id]
+
+
 def read_split(root: str | Path, split: str, *, progress: bool = False) -> list[Sample]:
     """Every image of one split with its mask and report, validated eagerly, sorted by id.
 
@@ -362,10 +374,7 @@ def read_split(root: str | Path, split: str, *, progress: bool = False) -> list[
         mask_path = mask_dir / f"{sample_id}{MASK_SUFFIX}"
         if not mask_path.is_file():
             raise TextDiffError(f"{image_path}: no mask (expected {mask_path})")
-        if sample_id not in reports:
-            raise TextDiffError(f"{workbook}: no report row for image '{sample_id}' ({image_path.name})")
-        if not reports[sample_id]:
-            raise TextDiffError(f"{workbook}: the report for image '{sample_id}' is empty")
+        report_for_image(reports, workbook, image_path)
         plan.append((sample_id, image_path, mask_path))
 
     items: Iterable = plan

@@ -21,7 +21,7 @@ import torch
 import zarr
 from tqdm import tqdm
 
-from textdiff.cache import CacheSpec, SplitLayout, open_for_writing, to_storage, verify, writable
+from textdiff.cache import CacheSpec, SplitLayout, keeping_empty_chunks, open_for_writing, to_storage, verify
 from textdiff.chunk_files import ImageChunkWriter
 from textdiff.distributed import Ranks, close_ranks, init_ranks
 from textdiff.data import SPLITS, PreparedSplit, load_prepared, read_manifest
@@ -138,17 +138,17 @@ def write_text(group: zarr.Group, tokens: np.ndarray, mask: np.ndarray, pooled: 
                inputs: SplitInputs | None = None) -> None:
     """The per-split arrays written once (text; in tiles mode also the window layout), then the
     flag that says they are complete."""
-    writable(group["text_tokens"])[:] = tokens
-    writable(group["text_mask"])[:] = mask
-    writable(group["text_pooled"])[:] = pooled
+    group["text_tokens"][:] = tokens
+    group["text_mask"][:] = mask
+    group["text_pooled"][:] = pooled
     if inputs is not None:
-        writable(group["release_masks"])[:] = inputs.release_masks
+        group["release_masks"][:] = inputs.release_masks
     tiles = inputs.layout.tiles if inputs is not None else None
     if tiles is not None:
-        writable(group["tile_image"])[:] = np.asarray(tiles.image_index, np.int32)
-        writable(group["tile_origin"])[:] = np.asarray(tiles.origins, np.int32).reshape(-1, 2)
+        group["tile_image"][:] = np.asarray(tiles.image_index, np.int32)
+        group["tile_origin"][:] = np.asarray(tiles.origins, np.int32).reshape(-1, 2)
     if inputs is not None and inputs.full_masks is not None and "full_masks" in group:
-        writable(group["full_masks"])[:] = inputs.full_masks
+        group["full_masks"][:] = inputs.full_masks
     group.attrs["text_complete"] = True
 
 
@@ -236,8 +236,7 @@ def extract_split(group: zarr.Group, spec: CacheSpec, images: np.ndarray, masks:
     label = desc if ranks.world == 1 else f"{desc} (rank {ranks.rank}/{ranks.world})"
     submit = getattr(featurizer, "submit", None)  # the teacher's: the host copy overlaps the next batch
     started = time.perf_counter()
-    arrays = {name: ImageChunkWriter(writable(group[name]))
-              for name in [*(f"block_{b}" for b in spec.blocks), "masks", "images"]}
+    arrays = {name: ImageChunkWriter(group[name]) for name in [*(f"block_{b}" for b in spec.blocks), "masks", "images"]}
     complete = group["complete"]
     workers = min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
     with (tqdm(total=mine, unit="img", desc=label, dynamic_ncols=True, disable=mine == 0 or not ranks.main) as bar,
@@ -264,25 +263,27 @@ def extract_cache(params: Params, cache_path: Path = CACHE_PATH, rebuild: bool =
     plan = plan_cache(params, prepared_dir)
     ranks, device = init_ranks(resolve_device(params.extract.device))
     try:
-        # Load the models first: a bad checkpoint or encoder must fail before the cache is touched.
-        featurizer = build_featurizer(plan.spec, plan.teacher.path if plan.teacher else None, device,
-                                      out_dtype=getattr(torch, plan.spec.dtype), compile=params.extract.compile)
-        if ranks.main:
-            _prepare_shared(params, plan, cache_path, rebuild, device)
-        ranks.barrier()
-        root = zarr.open_group(str(cache_path), mode="r+", zarr_format=3)
-        for split, inputs in plan.splits.items():
-            stats = extract_split(root[split], plan.spec, inputs.images, inputs.masks, featurizer,
-                                  params.extract.batch_size, device, desc=f"extract {split}", ranks=ranks)
-            rate = stats["done"] / stats["seconds"] if stats["done"] and stats["seconds"] > 0 else 0.0
+        with keeping_empty_chunks():  # every chunk on disk, so verify can tell a lost one
+            # Load the models first: a bad checkpoint or encoder must fail before the cache is touched.
+            featurizer = build_featurizer(plan.spec, plan.teacher.path if plan.teacher else None, device,
+                                          out_dtype=getattr(torch, plan.spec.dtype), compile=params.extract.compile)
             if ranks.main:
-                print(f"{split}: {stats['done']} extracted" + (f" by rank 0 of {ranks.world}" if ranks.world > 1 else "")
-                      + f", {stats['skipped']} already cached" + (f", {rate:.2f} img/s" if stats["done"] else ""))
-        ranks.barrier()
-        if ranks.main:
-            problems = verify(cache_path, plan.spec, plan.layouts)
-            if problems:
-                raise TextDiffError(problems[0])
+                _prepare_shared(params, plan, cache_path, rebuild, device)
+            ranks.barrier()
+            root = zarr.open_group(str(cache_path), mode="r+", zarr_format=3)
+            for split, inputs in plan.splits.items():
+                stats = extract_split(root[split], plan.spec, inputs.images, inputs.masks, featurizer,
+                                      params.extract.batch_size, device, desc=f"extract {split}", ranks=ranks)
+                rate = stats["done"] / stats["seconds"] if stats["done"] and stats["seconds"] > 0 else 0.0
+                if ranks.main:
+                    print(f"{split}: {stats['done']} extracted"
+                          + (f" by rank 0 of {ranks.world}" if ranks.world > 1 else "")
+                          + f", {stats['skipped']} already cached" + (f", {rate:.2f} img/s" if stats["done"] else ""))
+            ranks.barrier()
+            if ranks.main:
+                problems = verify(cache_path, plan.spec, plan.layouts)
+                if problems:
+                    raise TextDiffError(problems[0])
     finally:
         close_ranks(ranks)
     return plan
@@ -305,9 +306,9 @@ def _prepare_shared(params: Params, plan: CachePlan, cache_path: Path, rebuild: 
                 index = inputs.layout.tiles.image_index
                 emb.tokens, emb.mask, emb.pooled = (a[index] for a in (emb.tokens, emb.mask, emb.pooled))
             if plan.spec.rotations:
-                writable(group["rotation_angles"])[:] = rotation_angles(plan.spec, split, inputs.layout.n)
+                group["rotation_angles"][:] = rotation_angles(plan.spec, split, inputs.layout.n)
             if plan.spec.stain_views:
-                writable(group["stain_shifts"])[:] = stain_shifts(plan.spec, split, inputs.layout.n)
+                group["stain_shifts"][:] = stain_shifts(plan.spec, split, inputs.layout.n)
             write_text(group, emb.tokens, emb.mask, emb.pooled, inputs)
 
 

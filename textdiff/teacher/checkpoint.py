@@ -269,8 +269,8 @@ def unreadable_reason(path: str | Path) -> str | None:
             return f"not a readable safetensors file ({_short(err)})"
     if path.suffix.lower() in TORCH_SUFFIXES:
         with open(path, "rb") as f:
-            head = f.read(2)
-        if not zipfile.is_zipfile(path) and head[:1] != b"\x80":  # torch.save: zip, or a legacy pickle
+            head = f.read(1)
+        if not zipfile.is_zipfile(path) and head != b"\x80":  # torch.save: zip, or a legacy pickle
             return "not a PyTorch checkpoint (neither torch.save's zip nor a pickle)"
     return None
 
