@@ -42,7 +42,6 @@ SDPA = adm.qkv_attention
 sys.path.insert(0, str(ROOT / "tests"))
 from test_adm import _einsum_qkv_attention as einsum_qkv_attention  # noqa: E402
 
-
 IMPLEMENTATIONS: dict[str, Callable[[torch.Tensor, int, bool], torch.Tensor]] = {
     "einsum": einsum_qkv_attention,
     "sdpa": SDPA,

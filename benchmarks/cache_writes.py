@@ -15,13 +15,12 @@ Prints measured numbers only.
 from __future__ import annotations
 
 import argparse
-import sys
 import os
 import shutil
+import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
-
 from pathlib import Path
 
 import numcodecs
@@ -30,7 +29,7 @@ import zarr
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from textdiff.chunk_files import ImageChunkWriter  # noqa: E402
+from textdiff.extract.chunk_files import ImageChunkWriter  # noqa: E402
 
 
 def rate(write, n: int, threads: int, nbytes: int) -> float:

@@ -27,12 +27,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from textdiff.cache import CacheSpec, SplitLayout, from_storage, open_for_writing  # noqa: E402
-from textdiff.data import load_prepared  # noqa: E402
-from textdiff.extraction import extract_split  # noqa: E402
-from textdiff.featurizer import images_to_model_range  # noqa: E402
+from textdiff.cache.spec import CacheSpec, SplitLayout
+from textdiff.cache.store import from_storage, open_for_writing  # noqa: E402
+from textdiff.data.prepared import load_prepared  # noqa: E402
+from textdiff.encoders.image import images_to_model_range  # noqa: E402
+from textdiff.extract.extraction import extract_split  # noqa: E402
 from textdiff.params import load_params  # noqa: E402
-from textdiff.runtime import device_name  # noqa: E402
+from textdiff.runtime.device import device_name  # noqa: E402
 from textdiff.teacher import Diffusion, FeatureExtractor, build_adm, normalize_config  # noqa: E402
 
 PAPER = dict(image_size=256, num_channels=256, num_res_blocks=2, channel_mult="", learn_sigma=True,

@@ -19,11 +19,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from textdiff.data import list_images, read_image  # noqa: E402
+from textdiff.data.dataset import list_images
+from textdiff.data.images import read_image  # noqa: E402
 from textdiff.params import load_params  # noqa: E402
 from textdiff.paths import CLASSIFIER_DIR, resolve_data_root  # noqa: E402
-from textdiff.runtime import resolve_device  # noqa: E402
-from textdiff.segmenter import build_segmenter  # noqa: E402
+from textdiff.predict.images import build_segmenter  # noqa: E402
+from textdiff.runtime.device import resolve_device  # noqa: E402
 
 
 def main() -> None:

@@ -4,7 +4,7 @@
     python benchmarks/pretrain.py --config gpu64 --batch 32 --crop 128 --device cuda
     python benchmarks/pretrain.py --config gpu64 --batch 32 --crop 128 --device cuda --compile
 
-The loop is `textdiff.pretraining.pretrain` exactly as the stage runs it (crops, views, noise and
+The loop is `textdiff.pretrain.loop.pretrain` exactly as the stage runs it (crops, views, noise and
 timesteps drawn on the device, AdamW, gradient clipping, EMA, loss read back every `--log-every`
 steps). The bare figure is the same model's forward + backward on one batch already on the device,
 the ceiling the loop can approach. Images: data/prepared train+val when present, else random
@@ -25,10 +25,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from textdiff.crops import CropSampler  # noqa: E402
 from textdiff.params import COMPACT_ADM  # noqa: E402
-from textdiff.pretraining import new_state, pretrain, unlabeled_images  # noqa: E402
-from textdiff.runtime import device_name, resolve_device  # noqa: E402
+from textdiff.pretrain.crops import CropSampler  # noqa: E402
+from textdiff.pretrain.loop import new_state, pretrain, unlabeled_images  # noqa: E402
+from textdiff.runtime.device import device_name, resolve_device  # noqa: E402
 from textdiff.teacher import Diffusion  # noqa: E402
 
 CONFIGS = {

@@ -29,13 +29,15 @@ from skimage.segmentation import find_boundaries
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from textdiff.baselines import hematoxylin_otsu  # noqa: E402
-from textdiff.data import read_split, to_working_size  # noqa: E402
+from robustness import RANDOM_STRENGTHS, conditions, markdown_table, measure, summarize_rows, upsample_mask  # noqa: E402
+
+from textdiff.baselines.classic import hematoxylin_otsu  # noqa: E402
+from textdiff.data.dataset import read_split
+from textdiff.data.resize import to_working_size  # noqa: E402
 from textdiff.params import load_params  # noqa: E402
 from textdiff.paths import CLASSIFIER_DIR, resolve_data_root  # noqa: E402
-from textdiff.robustness import RANDOM_STRENGTHS, conditions, markdown_table, measure, summarize_rows, upsample_mask  # noqa: E402
-from textdiff.runtime import device_name, resolve_device  # noqa: E402
-from textdiff.segmenter import build_segmenter  # noqa: E402
+from textdiff.predict.images import build_segmenter  # noqa: E402
+from textdiff.runtime.device import device_name, resolve_device  # noqa: E402
 
 
 def parse_models(values: list[str]) -> list[tuple[str, Path]]:

@@ -21,13 +21,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from textdiff.cache import FeatureCache  # noqa: E402
-from textdiff.classifier import PixelClassifier  # noqa: E402
-from textdiff.featurizer import build_featurizer, choose_teacher, images_to_model_range  # noqa: E402
-from textdiff.losses import total_loss  # noqa: E402
+from textdiff.cache.store import FeatureCache  # noqa: E402
+from textdiff.encoders.image import build_featurizer, choose_teacher, images_to_model_range  # noqa: E402
+from textdiff.model.classifier import PixelClassifier  # noqa: E402
+from textdiff.model.losses import total_loss  # noqa: E402
 from textdiff.params import load_params  # noqa: E402
 from textdiff.paths import CACHE_PATH  # noqa: E402
-from textdiff.training import classifier_config  # noqa: E402
+from textdiff.train.training import classifier_config  # noqa: E402
 
 
 def main() -> None:

@@ -24,7 +24,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from textdiff.data import list_images, read_image  # noqa: E402
+from textdiff.data.dataset import list_images
+from textdiff.data.images import read_image  # noqa: E402
 from textdiff.params import load_params  # noqa: E402
 from textdiff.paths import resolve_data_root  # noqa: E402
 

@@ -11,24 +11,24 @@ import h5py
 import numpy as np
 
 from textdiff.atomic import atomic_dir, atomic_file, write_json
-from textdiff.cache import FeatureCache
-from textdiff.evaluation import evaluate_baseline, evaluate_test, summary_rows
+from textdiff.baselines.unet import load_baseline
+from textdiff.cache.store import FeatureCache
 from textdiff.errors import TextDiffError
-from textdiff.inference import load_trained
-from textdiff.panels import panel, panel_caption, save_png
+from textdiff.evaluation.panels import panel, panel_caption, save_png
+from textdiff.evaluation.scoring import evaluate_baseline, evaluate_test, summary_rows
+from textdiff.model.card import TEXTDIFF, load_trained, read_model_dir
 from textdiff.params import load_params
 from textdiff.paths import CACHE_PATH, CLASSIFIER_DIR, METRICS_DIR, PANEL_DIR, PREDICTIONS_H5, SUMMARY_CSV
-from textdiff.runtime import resolve_device
-from textdiff.unet import load_baseline, model_kind
+from textdiff.runtime.device import resolve_device
 
 
 def run(params_path: Path, cache_path: Path = CACHE_PATH, model_dir: Path = CLASSIFIER_DIR) -> dict:
     params = load_params(params_path)
     device = resolve_device(params.evaluate.device)
     cache = FeatureCache(cache_path)
-    kind = model_kind(model_dir)
+    kind = read_model_dir(model_dir).kind
     try:
-        if kind == "textdiff":
+        if kind == TEXTDIFF:
             model, card = load_trained(model_dir, device)
             result = evaluate_test(model, card, cache, device, params.evaluate.panels)
             attrs = {"fusion": card.classifier.fusion, "best_epoch": card.best_epoch, "params": json.dumps(card.train)}

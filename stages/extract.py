@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
-import os
-
-from textdiff.extraction import extract_cache, verify_cache
-from textdiff.launch import relaunch_under_torchrun
-from textdiff.params import load_params
+from textdiff.extract.extraction import extract_cache, verify_cache
+from textdiff.params import Params, load_params
 from textdiff.paths import CACHE_PATH
+from textdiff.runtime.launch import relaunch_under_torchrun
+from textdiff.teacher.adm import config_problem
+
+
+def checked(params: Params) -> Params:
+    """The teacher's own rule for teacher.config, before any model is built."""
+    params.refuse(config_problem("teacher.config", params.teacher.config))
+    return params
 
 
 def run(params_path: Path, rebuild: bool = True, cache_path: Path = CACHE_PATH) -> None:
-    params = load_params(params_path)
+    params = checked(load_params(params_path))
     if params.extract.nproc > 1 and "WORLD_SIZE" not in os.environ:
         relaunch_under_torchrun(params.extract.nproc, ["extract", "--params", str(params_path),
                                                        "--rebuild" if rebuild else "--no-rebuild"])
@@ -27,7 +33,7 @@ def run(params_path: Path, rebuild: bool = True, cache_path: Path = CACHE_PATH) 
 
 
 def verify(params_path: Path, cache_path: Path = CACHE_PATH) -> list[str]:
-    problems, notes = verify_cache(load_params(params_path), cache_path)
+    problems, notes = verify_cache(checked(load_params(params_path)), cache_path)
     for line in notes:
         print(line)
     return problems

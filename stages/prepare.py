@@ -10,13 +10,15 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from textdiff.data import prepare_dataset
+from textdiff.data.prepare import prepare_dataset
+from textdiff.data.stain import method_problem
 from textdiff.params import load_params
 from textdiff.paths import PREPARED_DIR, resolve_data_root
 
 
 def run(params_path: Path, out_dir: Path = PREPARED_DIR) -> None:
     params = load_params(params_path)
+    params.refuse(method_problem(params.data.stain))
     started = time.perf_counter()
     splits = prepare_dataset(params.data, resolve_data_root(params.data.root), out_dir)
     for split, samples in splits.items():

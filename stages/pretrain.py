@@ -1,7 +1,7 @@
 """Stage `pretrain`: the in-domain teacher, unless the user brought one.
 
 Reads only data/prepared/{train,val}.npz: test images never reach the teacher. Resumable (see
-`textdiff.pretraining`).
+`textdiff.pretrain.loop`).
 """
 
 from __future__ import annotations
@@ -10,8 +10,11 @@ from pathlib import Path
 
 from textdiff.params import load_params
 from textdiff.paths import PREPARED_DIR
-from textdiff.pretraining import run_pretraining
+from textdiff.pretrain.loop import run_pretraining
+from textdiff.teacher.adm import config_problem
 
 
 def run(params_path: Path, prepared_dir: Path = PREPARED_DIR) -> None:
-    print(run_pretraining(load_params(params_path), params_path, prepared_dir))
+    params = load_params(params_path)
+    params.refuse(config_problem("pretrain.config", params.pretrain.config))
+    print(run_pretraining(params, params_path, prepared_dir))

@@ -7,11 +7,10 @@ import json
 import subprocess
 from pathlib import Path
 
-from textdiff.errors import TextDiffError
-from textdiff.ablation import markdown_table, rows_from_exp_show
-from textdiff.curves import aggregate, markdown, plot, runs_from_exp_show, write_csvs
-
 from textdiff.atomic import atomic_file
+from textdiff.errors import TextDiffError
+from textdiff.report.ablation import markdown_table, rows_from_exp_show
+from textdiff.report.curves import aggregate, markdown, plot, runs_from_exp_show, write_csvs
 
 CURVES_MD = Path("metrics/label_efficiency.md")
 

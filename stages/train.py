@@ -13,20 +13,23 @@ from pathlib import Path
 import torch
 
 from textdiff.atomic import write_json
-from textdiff.cache import FeatureCache
-from textdiff.inference import ModelCard, save_trained
-from textdiff.magnification import working_mpp
-from textdiff.distributed import Ranks, close_ranks, init_ranks
-from textdiff.launch import relaunch_under_torchrun
+from textdiff.baselines.unet import save_baseline
+from textdiff.cache.store import FeatureCache
+from textdiff.data.magnification import working_mpp
+from textdiff.model.card import ModelCard, save_trained
+from textdiff.model.classifier import train_params_problem
 from textdiff.params import Params, load_params, section_dict
 from textdiff.paths import CACHE_PATH, CLASSIFIER_DIR, METRICS_DIR, TRAIN_LIVE_DIR
-from textdiff.runtime import provenance, resolve_device
-from textdiff.training import EpochRecord, schedule_for, train_classifier, train_unet
-from textdiff.unet import save_baseline
+from textdiff.runtime.device import provenance, resolve_device
+from textdiff.runtime.distributed import Ranks, close_ranks, init_ranks
+from textdiff.runtime.launch import relaunch_under_torchrun
+from textdiff.train.training import EpochRecord, schedule_for, train_classifier, train_unet
 
 
 def run(params_path: Path, cache_path: Path = CACHE_PATH, out_dir: Path = CLASSIFIER_DIR) -> None:
     params = load_params(params_path)
+    t = params.train
+    params.refuse(train_params_problem(t.fusion, t.classifier, t.decoder_norm, t.contrastive_weight))
     if params.train.nproc > 1 and "WORLD_SIZE" not in os.environ:
         relaunch_under_torchrun(params.train.nproc, ["train", "--params", str(params_path)])
         return

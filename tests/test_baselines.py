@@ -2,8 +2,8 @@
 
 import numpy as np
 
-from textdiff.baselines import hematoxylin_otsu
-from textdiff.metrics import iou_dice_textdiff
+from textdiff.baselines.classic import hematoxylin_otsu
+from textdiff.evaluation.metrics import iou_dice_textdiff
 
 
 def _synthetic_he(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

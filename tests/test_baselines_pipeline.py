@@ -10,12 +10,12 @@ import torch
 from typer.testing import CliRunner
 
 from stages.cli import app
-from textdiff.baselines import hematoxylin_otsu
-from textdiff.cache import FeatureCache
-from textdiff.data import load_prepared
-from textdiff.featurizer import images_to_model_range
-from textdiff.metrics import aji, iou_dice_textdiff
-from textdiff.unet import view_pixels
+from textdiff.baselines.classic import hematoxylin_otsu
+from textdiff.baselines.unet import view_pixels
+from textdiff.cache.store import FeatureCache
+from textdiff.data.prepared import load_prepared
+from textdiff.encoders.image import images_to_model_range
+from textdiff.evaluation.metrics import aji, iou_dice_textdiff
 
 runner = CliRunner()
 

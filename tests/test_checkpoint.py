@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import random_adm
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from conftest import random_adm
 from textdiff.errors import TextDiffError
 from textdiff.teacher import build_adm, load_checkpoint, load_teacher, save_checkpoint
 from textdiff.teacher.checkpoint import sha256_file

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import zarr
 
-from textdiff.chunk_files import ImageChunkWriter
+from textdiff.extract.chunk_files import ImageChunkWriter
 
 KEYS = {"name": "default", "configuration": {"separator": "/"}}
 
@@ -54,7 +54,7 @@ def test_an_all_zero_item_follows_zarr_s_rule_and_removes_a_stale_chunk(tmp_path
 def test_an_all_zero_item_is_stored_when_the_array_keeps_empty_chunks(tmp_path):
     """The cache's arrays keep every chunk (an image without nuclei has an all-zero mask): the fast
     path then writes the zero item too, with the bytes zarr itself writes under that setting."""
-    from textdiff.cache import keeping_empty_chunks
+    from textdiff.cache.store import keeping_empty_chunks
 
     with keeping_empty_chunks():
         by_zarr, by_writer = _array(tmp_path, "a", (2, 4, 4), "uint8"), _array(tmp_path, "b", (2, 4, 4), "uint8")

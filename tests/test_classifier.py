@@ -5,9 +5,9 @@ import json
 import pytest
 import torch
 
-from textdiff.classifier import FUSIONS, ClassifierConfig, PixelClassifier
 from textdiff.errors import TextDiffError
-from textdiff.losses import total_loss
+from textdiff.model.classifier import FUSIONS, ClassifierConfig, PixelClassifier
+from textdiff.model.losses import total_loss
 
 CHANNELS = [8, 8, 4, 4]
 SIZES = [8, 16, 32, 64]

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from textdiff.crops import CropSampler
+from textdiff.data.views import NUM_VIEWS, apply_view
 from textdiff.errors import TextDiffError
-from textdiff.views import NUM_VIEWS, apply_view
+from textdiff.pretrain.crops import CropSampler
 
 
 def _windows(images: np.ndarray, crop: int) -> list[torch.Tensor]:

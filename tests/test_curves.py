@@ -12,7 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from stages.cli import app
-from textdiff.curves import aggregate, markdown, method_of, runs_from_exp_show
+from textdiff.report.curves import aggregate, markdown, method_of, runs_from_exp_show
 
 runner = CliRunner()
 REPO = Path(__file__).resolve().parents[1]

@@ -12,17 +12,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from textdiff import data
-from textdiff.data import (
-    SPLITS,
-    Sample,
-    load_prepared,
-    read_image,
-    read_reports,
-    read_split,
-    resize_sample,
-    write_prepared,
-)
+from textdiff.data import dataset, images, prepared
+from textdiff.data.dataset import SPLITS, Sample, read_split
+from textdiff.data.images import read_image
+from textdiff.data.prepared import load_prepared, write_prepared
+from textdiff.data.reports import read_reports
+from textdiff.data.resize import resize_sample
 from textdiff.errors import TextDiffError
 
 REAL_COUNTS = {"train": 24, "val": 6, "test": 14}
@@ -59,7 +54,7 @@ def test_real_counts_shapes_and_masks(real_splits, monuseg_root):
             assert set(np.unique(s.mask)) == {0, 1}
             assert isinstance(s.text, str) and s.text.strip() == s.text and s.text
             assert s.image_path.suffix == (".tif" if split == "test" else ".png")
-            assert s.mask_path == monuseg_root / data.FOLDERS[split] / "labelcol" / f"{s.id}.png"
+            assert s.mask_path == monuseg_root / dataset.FOLDERS[split] / "labelcol" / f"{s.id}.png"
             assert len(s.image_sha256) == 64 and len(s.mask_sha256) == 64
     all_ids = [s.id for samples in real_splits.values() for s in samples]
     assert len(set(all_ids)) == len(all_ids)  # no image in two splits
@@ -67,7 +62,7 @@ def test_real_counts_shapes_and_masks(real_splits, monuseg_root):
 
 def test_real_ids_match_workbooks(real_splits, monuseg_root):
     for split, samples in real_splits.items():
-        reports = read_reports(monuseg_root / data.FOLDERS[split] / data.WORKBOOKS[split])
+        reports = read_reports(monuseg_root / dataset.FOLDERS[split] / dataset.WORKBOOKS[split])
         assert sorted(reports) == [s.id for s in samples]
         assert all(reports[s.id] == s.text for s in samples)
 
@@ -312,7 +307,7 @@ def test_same_image_in_two_splits(tiny_monuseg, xlsx_writer):
     xlsx_writer(root / "Val_Folder" / "Val_text.xlsx",
                    [("img_val_0.png", "a."), ("img_val_1.png", "b."), ("img_train_0.png", "c.")])
     with raises_one_line("img_train_0", "train", "val"):
-        data.read_splits(root, ("train", "val"))
+        dataset.read_splits(root, ("train", "val"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -367,8 +362,8 @@ def test_failed_write_leaves_old_output(tiny_monuseg, tmp_path, monkeypatch):
             raise OSError("disk full")
         real_save(path, arrays)
 
-    real_save = data._save_npz
-    monkeypatch.setattr(data, "_save_npz", failing_save)
+    real_save = prepared._save_npz
+    monkeypatch.setattr(prepared, "_save_npz", failing_save)
     with pytest.raises(OSError, match="disk full"):
         write_prepared(out, _prepared_inputs(root, 8), {"image_size": 8, "source_root": str(root)})
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
@@ -423,7 +418,7 @@ def test_tiff_that_pillow_cannot_decode_falls_back_to_tifffile(tiny_monuseg, mon
     def refuse(*args, **kwargs):
         raise OSError("unsupported compression")
 
-    monkeypatch.setattr(data.Image, "open", refuse)
-    monkeypatch.setattr(data, "read_mask", lambda path: (np.zeros((40, 40), np.uint8), ""))  # masks are PNG
+    monkeypatch.setattr(images.Image, "open", refuse)
+    monkeypatch.setattr(dataset, "read_mask", lambda path: (np.zeros((40, 40), np.uint8), ""))  # masks are PNG
     got = [s.image for s in read_split(root, "test")]
     assert all(np.array_equal(a, b) for a, b in zip(expected, got))

@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import random_adm
+
 from textdiff.errors import TextDiffError
-from textdiff.teacher import Diffusion, build_adm
+from textdiff.teacher import Diffusion
 from textdiff.teacher.diffusion import discretized_gaussian_log_likelihood, normal_kl, space_timesteps
 
 FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "adm"

@@ -9,7 +9,7 @@ import zarr
 from typer.testing import CliRunner
 
 from stages.cli import app
-from textdiff.distributed import Ranks
+from textdiff.runtime.distributed import Ranks
 
 runner = CliRunner()
 
@@ -35,8 +35,8 @@ def test_a_hand_set_world_size_without_torchrun_s_variables_is_one_line(monkeypa
     import pytest
     import torch
 
-    from textdiff.distributed import init_ranks
     from textdiff.errors import TextDiffError
+    from textdiff.runtime.distributed import init_ranks
 
     for name in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(name, raising=False)

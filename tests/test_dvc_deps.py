@@ -85,8 +85,16 @@ def test_no_stage_imports_another_stage():
 
 def test_the_closure_reaches_indirect_modules():
     """The check can fail: modules reached only through other modules count, unrelated ones do not."""
-    assert Path("textdiff/tiles.py") in import_closure("stages.extract")
-    assert Path("textdiff/training.py") not in import_closure("stages.evaluate")
+    assert Path("textdiff/data/tiles.py") in import_closure("stages.extract")
+    assert Path("textdiff/train/training.py") not in import_closure("stages.evaluate")
+
+
+@pytest.mark.parametrize("stage", ("prepare", "pretrain", "extract"))
+def test_the_teacher_half_never_runs_classifier_code(stage):
+    """Editing the classifier must not make DVC re-run the teacher (the pipeline's point)."""
+    closure = import_closure(f"stages.{stage}")
+    model = sorted(str(p) for p in closure if p.parts[:2] in (("textdiff", "model"), ("textdiff", "train")))
+    assert not model, f"stage {stage} imports {model}"
 
 
 def test_stages_run_the_code_of_their_own_directory():

@@ -75,6 +75,13 @@ def test_repro_experiment_metrics_diff_and_report(project_copy):
     _run(["git", "add", "-A"], work, env)
     _run(["git", "commit", "-qm", "baseline"], work, env)
 
+    # Exact invalidation: editing the classifier leaves the teacher's half of the pipeline up to date.
+    classifier = work / "textdiff/model/classifier.py"
+    classifier.write_text(classifier.read_text() + "\n# an edit\n")
+    status = json.loads(_run(["dvc", "status", "--json"], work, env).strip().splitlines()[-1])
+    assert sorted(status) == ["evaluate", "train"], status
+    _run(["git", "checkout", "--", "textdiff/model/classifier.py"], work, env)
+
     out = _run(["dvc", "exp", "run", "-S", "train.fusion=none"], work, env)
     assert "Running stage 'train'" in out and "Running stage 'evaluate'" in out
     for stage in ("prepare", "pretrain", "extract"):

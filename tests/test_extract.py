@@ -9,12 +9,12 @@ from typer.testing import CliRunner
 
 from stages import extract as extract_stage
 from stages.cli import app
-from textdiff.cache import FeatureCache
-from textdiff.data import load_prepared
+from textdiff.cache.store import FeatureCache
+from textdiff.data.prepared import load_prepared
+from textdiff.encoders.image import images_to_model_range
+from textdiff.encoders.text import TextEncoder
 from textdiff.errors import TextDiffError
-from textdiff.featurizer import images_to_model_range
 from textdiff.teacher import Diffusion, FeatureExtractor, load_teacher
-from textdiff.text import TextEncoder
 
 runner = CliRunner()
 CACHE = Path("cache/features.zarr")
@@ -94,8 +94,8 @@ def test_the_gpu_s_threaded_parallel_writer_stores_zarr_s_bytes(tiny_project, mo
     here on the CPU, every chunk file must equal the one zarr's own `array[i] = value` writes."""
     import shutil
 
-    import textdiff.extraction as extraction
-    from textdiff.writer import BackgroundWriter
+    import textdiff.extract.extraction as extraction
+    from textdiff.extract.writer import BackgroundWriter
 
     class ZarrOnly:  # the reference: zarr's own write path for every chunk
         fast = False
@@ -231,6 +231,7 @@ def test_rgb_control_caches_the_pixels_themselves(tiny_project):
 def test_guided_diffusion_pt_checkpoint_with_teacher_config(tiny_project):
     """The paper's route: an OpenAI-style .pt state dict (no sidecar) + teacher.config."""
     from conftest import TINY_TEACHER
+
     from textdiff.teacher import build_adm
 
     torch.manual_seed(1)

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import random_adm
+
 from textdiff.errors import TextDiffError
 from textdiff.teacher import Diffusion, FeatureExtractor, block_shapes, build_adm
 

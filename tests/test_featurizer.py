@@ -5,13 +5,12 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from conftest import TINY_TEACHER
-from textdiff.cache import CacheSpec
+
+from textdiff.cache.spec import CacheSpec
+from textdiff.encoders.image import attention_report, choose_teacher
 from textdiff.errors import TextDiffError
-from textdiff.featurizer import attention_report, choose_teacher
-from textdiff.params import load_params
-from textdiff.params import COMPACT_ADM
+from textdiff.params import COMPACT_ADM, load_params
 
 
 def test_safetensors_without_sidecar_uses_its_header(tiny_project):
@@ -57,8 +56,8 @@ def test_autocast_is_in_the_spec_only_when_used_so_older_caches_keep_their_finge
 def test_the_stage_passes_autocast_to_the_teacher(tiny_project):
     import torch
 
-    from textdiff.extraction import plan_cache
-    from textdiff.featurizer import build_featurizer
+    from textdiff.encoders.image import build_featurizer
+    from textdiff.extract.extraction import plan_cache
 
     tiny_project.write_params(extract={"autocast": "bfloat16"})
     plan = plan_cache(load_params("params.yaml"))

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from textdiff.errors import TextDiffError
-from textdiff.losses import contrastive_loss, soft_dice_loss, total_loss
+from textdiff.model.losses import contrastive_loss, soft_dice_loss, total_loss
 
 
 def _target():

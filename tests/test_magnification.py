@@ -8,12 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
-
 from PIL import Image
 from typer.testing import CliRunner
 
 from stages.cli import app
-from textdiff.magnification import tiff_mpp, working_mpp
+from textdiff.data.magnification import tiff_mpp, working_mpp
 
 runner = CliRunner()
 
@@ -40,7 +39,7 @@ def test_predict_brings_every_image_to_the_working_resolution(trained, tmp_path,
     card = json.loads(Path("models/classifier/model.json").read_text())
     assert card["source_mpp"] == 0.25 and card["working_mpp"] == pytest.approx(0.25 * 40 / 32)  # 40 px -> 32 px
 
-    import textdiff.segmenter as segmenter_module
+    import textdiff.predict.images as segmenter_module
 
     seen = []
     real = segmenter_module.sliding_window

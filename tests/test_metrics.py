@@ -7,7 +7,7 @@ import pytest
 from skimage.measure import label
 
 from textdiff.errors import TextDiffError
-from textdiff.metrics import (
+from textdiff.evaluation.metrics import (
     PixelDice,
     aji,
     aji_plus,
@@ -192,7 +192,7 @@ def test_bad_inputs_raise():
 
 
 def test_boundary_f1_against_a_hand_count():
-    from textdiff.metrics import boundary_f1
+    from textdiff.evaluation.metrics import boundary_f1
 
     gt = np.zeros((40, 40), np.uint8)
     gt[10:30, 10:30] = 1  # inner contour: 4 * 20 - 4 = 76 pixels

@@ -12,8 +12,9 @@ import torch.nn.functional as F
 from typer.testing import CliRunner
 
 from stages.cli import app
-from textdiff.data import load_prepared, read_manifest, read_mask
-from textdiff.metrics import aji, boundary_f1, iou_dice_textdiff
+from textdiff.data.images import read_mask
+from textdiff.data.prepared import load_prepared, read_manifest
+from textdiff.evaluation.metrics import aji, boundary_f1, iou_dice_textdiff
 
 runner = CliRunner()
 
@@ -26,7 +27,7 @@ def test_prepare_keeps_the_source_masks_and_the_cache_carries_them(tiny_project)
         source, _ = read_mask(tiny_project.data_root / files[image_id]["mask"])
         assert np.array_equal(test.native_masks[k], source)
     assert runner.invoke(app, ["extract"]).exit_code == 0
-    from textdiff.cache import FeatureCache
+    from textdiff.cache.store import FeatureCache
 
     cache = FeatureCache("cache/features.zarr")
     assert cache.spec.full_size == 40 and cache.spec.mode == "resize"
@@ -55,7 +56,7 @@ def test_evaluate_scores_at_native_resolution_as_predict_upsamples(tiny_project)
 
 
 def test_predict_and_evaluate_share_one_upsampling(tiny_project):
-    from textdiff.inference import resize_probability
+    from textdiff.model.inference import resize_probability
 
     prob = np.random.default_rng(0).random((8, 8)).astype(np.float32)
     expected = F.interpolate(torch.from_numpy(prob)[None, None], size=(20, 20), mode="bilinear",
@@ -64,6 +65,6 @@ def test_predict_and_evaluate_share_one_upsampling(tiny_project):
     assert resize_probability(prob, (8, 8)) is not prob and np.array_equal(resize_probability(prob, (8, 8)), prob)
     import inspect
 
-    import textdiff.segmenter as segmenter
+    import textdiff.predict.images as segmenter
 
     assert "resize_probability(" in inspect.getsource(segmenter.Segmenter)  # predict uses it too

@@ -12,7 +12,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from stages.cli import app
-from textdiff.panels import FN_COLOUR, FP_COLOUR, TN_COLOUR, TP_COLOUR, error_map, panel
+from textdiff.evaluation.panels import FN_COLOUR, FP_COLOUR, TN_COLOUR, TP_COLOUR, error_map, panel
 
 runner = CliRunner()
 
@@ -40,7 +40,7 @@ def test_panel_shows_the_error_map_crisp_and_upscaled():
     pred[2:6, 2:6] = 1
     image = np.full((8, 8, 3), 200, np.uint8)
     out = panel(image, gt, pred, "img   Dice 0.250   AJI 0.143", scale=2)
-    from textdiff.panels import _mask_rgb, tile_origin
+    from textdiff.evaluation.panels import _mask_rgb, tile_origin
 
     for k, expected in enumerate([image, _mask_rgb(gt), _mask_rgb(pred), error_map(pred, gt)]):
         x0, y0 = tile_origin(k, (16, 16))

@@ -1,8 +1,7 @@
 """params.yaml validation: unknown keys and bad values stop a stage before any work."""
 
-from pathlib import Path
-
 import dataclasses
+from pathlib import Path
 
 import pytest
 import yaml
@@ -79,7 +78,6 @@ def test_milestones_must_fall_before_the_last_epoch():
 @pytest.mark.parametrize(
     "raw, words",
     [
-        ({"train": {"fusion": "foo"}}, ["train.fusion", "foo"]),
         ({"train": {"epochs": -1}}, ["train.epochs", "-1"]),
         ({"train": {"fusoin": "none"}}, ["unknown key", "train.fusoin"]),
         ({"trian": {}}, ["unknown section", "trian"]),
@@ -90,8 +88,6 @@ def test_milestones_must_fall_before_the_last_epoch():
         ({"teacher": {"steps": "fifty"}}, ["teacher.steps"]),
         ({"train": {"augment": "yes"}}, ["train.augment"]),
         ({"data": {"image_size": 250}}, ["data.image_size"]),
-        ({"teacher": {"config": {"image_size": 64, "num_channels": 32, "num_res_blocks": 1, "bogus": 1}}},
-         ["teacher.config", "bogus"]),
         ({"train": "cross_attention"}, ["train", "mapping"]),
         ({"pretrain": {"export_dtype": "int8"}}, ["pretrain.export_dtype", "int8"]),
     ],
@@ -130,3 +126,56 @@ def test_ints_accepted_for_floats_and_scalar_lists(tmp_path):
     params = load_params(f)
     assert params.train.lr == 1.0 and isinstance(params.train.lr, float)
     assert params.train.milestones == (15,)
+
+
+def test_params_imports_no_model_code():
+    """params.py is in every stage's DVC deps: a model import there makes the teacher's stages depend
+    on the classifier (editing it would re-run extract)."""
+    import ast
+
+    tree = ast.parse((Path(__file__).resolve().parents[1] / "textdiff/params.py").read_text())
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    imported |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    assert {m for m in imported if m.startswith("textdiff")} == {"textdiff.errors"}
+
+
+@pytest.mark.parametrize(
+    "raw, words",
+    [
+        ({"train": {"fusion": "foo"}}, ["p.yaml: train.fusion must be one of", "cross_attention", "'foo'"]),
+        ({"train": {"classifier": "mine"}}, ["p.yaml: train.classifier", "'mine'"]),
+        ({"train": {"classifier": "release", "fusion": "concat"}}, ["train.classifier=release", "concat"]),
+        ({"train": {"fusion": "none", "contrastive_weight": 0.1}}, ["train.contrastive_weight", "none"]),
+    ],
+)
+def test_the_classifier_owns_its_train_choices(raw, words, tmp_path):
+    from textdiff.model.classifier import train_params_problem
+
+    f = tmp_path / "p.yaml"
+    f.write_text(yaml.safe_dump(raw))
+    params = load_params(f)  # params alone accepts them: it holds no list of fusions
+    t = params.train
+    with pytest.raises(TextDiffError) as err:
+        params.refuse(train_params_problem(t.fusion, t.classifier, t.decoder_norm, t.contrastive_weight))
+    assert "\n" not in str(err.value) and all(w in str(err.value) for w in words), str(err.value)
+    assert train_params_problem("cross_attention", "project", "image", 0.0) is None
+
+
+def test_stages_refuse_owned_choices_before_any_work(tmp_path):
+    """The train, prepare, extract and pretrain stages ask the owner's rule first: no cache, data or
+    teacher is touched (the paths here do not exist)."""
+    from stages import extract, prepare, pretrain, train
+
+    f = tmp_path / "p.yaml"
+    bogus = {"image_size": 64, "num_channels": 32, "num_res_blocks": 1, "bogus": 1}
+    cases = [
+        (train.run, {"train": {"fusion": "foo"}}, "train.fusion"),
+        (prepare.run, {"data": {"stain": "purple"}}, "data.stain"),
+        (extract.run, {"teacher": {"config": bogus}}, "teacher.config"),
+        (extract.verify, {"teacher": {"config": bogus}}, "teacher.config"),
+        (pretrain.run, {"pretrain": {"config": bogus}}, "pretrain.config"),
+    ]
+    for run, raw, key in cases:
+        f.write_text(yaml.safe_dump(raw))
+        with pytest.raises(TextDiffError, match=f"p.yaml: {key}"):
+            run(f, tmp_path / "nowhere")

@@ -13,8 +13,8 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from stages.cli import app
-from textdiff.segmenter import nucleus_table, sliding_window
-from textdiff.tiles import blend_tiles, gaussian_window, tile_grid, window_starts
+from textdiff.data.tiles import blend_tiles, gaussian_window, tile_grid, window_starts
+from textdiff.predict.images import nucleus_table, sliding_window
 
 runner = CliRunner()
 
@@ -102,7 +102,7 @@ def test_predict_folder_with_a_corrupt_file(trained, tmp_path):
 
 def test_tiled_prediction_equals_single_pass_where_it_fits(trained):
     """A 32 px image with 32 px windows: the sliding-window path gives the single-pass answer."""
-    from textdiff.segmenter import build_segmenter
+    from textdiff.predict.images import build_segmenter
 
     segmenter, _ = build_segmenter(Path("models/classifier"), torch.device("cpu"), None, None)
     image = np.asarray(Image.open(trained.data_root / "Train_Folder/img/img_train_0.png").convert("RGB").resize((32, 32)))
@@ -155,7 +155,7 @@ def test_glass_windows_are_not_segmented_and_carry_no_weight():
 def test_glass_gets_no_nuclei_however_the_classifier_reacts_to_it(trained):
     """Per-image normalisation stretches a blank window's noise; glass windows must not reach the
     classifier (the shipped model marked 13.6 % of plain glass as nuclei before this guard)."""
-    from textdiff.segmenter import build_segmenter, is_glass
+    from textdiff.predict.images import build_segmenter, is_glass
 
     segmenter, _ = build_segmenter(Path("models/classifier"), torch.device("cpu"), None, None)
     rng = np.random.default_rng(0)
@@ -181,7 +181,7 @@ def test_tiles_mode_end_to_end(tiny_project, tmp_path):
     assert runner.invoke(app, ["prepare"]).exit_code == 0
     result = runner.invoke(app, ["extract"])
     assert result.exit_code == 0, result.output
-    from textdiff.cache import FeatureCache
+    from textdiff.cache.store import FeatureCache
 
     cache = FeatureCache("cache/features.zarr")
     assert cache.spec.mode == "tiles" and cache.spec.full_size == 40

@@ -10,7 +10,7 @@ import yaml
 from typer.testing import CliRunner
 
 from stages.cli import app
-from textdiff.data import load_prepared
+from textdiff.data.prepared import load_prepared
 
 runner = CliRunner()
 

@@ -10,8 +10,8 @@ import torch
 from typer.testing import CliRunner
 
 from stages.cli import app
-from textdiff.cache import FeatureCache
-from textdiff.pretraining import CropSampler, new_state, pretrain, resume_state
+from textdiff.cache.store import FeatureCache
+from textdiff.pretrain.loop import CropSampler, new_state, pretrain, resume_state
 from textdiff.teacher import Diffusion, load_teacher, sha256_file
 
 runner = CliRunner()
@@ -57,7 +57,7 @@ def test_a_few_steps_lower_the_loss():
 
 
 def test_stage_resumes_exports_and_never_reads_test(tiny_project, monkeypatch):
-    import textdiff.pretraining as stage
+    import textdiff.pretrain.loop as stage
 
     read = []
     real = stage.load_prepared
@@ -168,7 +168,7 @@ def test_a_killed_run_resumes_to_the_same_weights_as_an_uninterrupted_one(tmp_pa
 
 
 def test_changed_settings_never_resume_even_if_killed_before_the_first_checkpoint(tiny_project, monkeypatch):
-    import textdiff.pretraining as stage
+    import textdiff.pretrain.loop as stage
 
     _pretrain_params(tiny_project, steps=4)
     assert runner.invoke(app, ["pretrain"]).exit_code == 0
@@ -196,7 +196,7 @@ def test_changed_settings_never_resume_even_if_killed_before_the_first_checkpoin
 
 
 def test_trim_dvclive_drops_rows_past_the_resumed_step(tmp_path):
-    from textdiff.pretraining import trim_dvclive
+    from textdiff.pretrain.loop import trim_dvclive
 
     tsv = tmp_path / "plots" / "metrics" / "pretrain" / "loss.tsv"
     tsv.parent.mkdir(parents=True)
@@ -255,7 +255,7 @@ def _distance(a: torch.nn.Module | dict, b: torch.nn.Module | dict) -> float:
 
 
 def test_the_ema_warm_up_schedule():
-    from textdiff.pretraining import ema_decay_at
+    from textdiff.pretrain.loop import ema_decay_at
 
     assert ema_decay_at(0, 0.999) == pytest.approx(0.1)
     assert ema_decay_at(90, 0.999) == pytest.approx(91 / 100)
@@ -272,7 +272,7 @@ def test_a_short_runs_ema_follows_the_weights_and_samples_like_the_data(monkeypa
     its DDIM samples are the starting noise itself. The warm-up EMA must sit near the trained
     weights and sample clearly structured images; the constant decay (patched in) must not.
     """
-    import textdiff.pretraining as stage
+    import textdiff.pretrain.loop as stage
 
     images = _smooth_images()
     diffusion, cpu = Diffusion(), torch.device("cpu")

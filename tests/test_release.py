@@ -13,9 +13,10 @@ import torch.nn.functional as F
 from typer.testing import CliRunner
 
 from stages.cli import app
-from textdiff.classifier import ClassifierConfig, PixelClassifier
-from textdiff.data import read_split, release_image, release_mask, resize_sample
-from textdiff.losses import soft_dice_loss
+from textdiff.data.dataset import read_split
+from textdiff.data.resize import release_image, release_mask, resize_sample
+from textdiff.model.classifier import ClassifierConfig, PixelClassifier
+from textdiff.model.losses import soft_dice_loss
 
 runner = CliRunner()
 CHANNELS, STEPS, TEXT_DIM, D, HEADS = [8, 8, 8, 4], 3, 10, 12, 2  # widths 24, 24, 24, 12 (= D: raw)
@@ -132,9 +133,10 @@ def test_release_switches_train_and_every_run_is_scored_both_ways(tiny_project):
     assert metrics["dice_release"] == pytest.approx(metrics["dice"])
     assert metrics["dice_release"] == pytest.approx(np.mean([r["dice_release"] for r in per_image]))
     # predict brings a new image to the teacher exactly as prepare did (BGR, bilinear).
-    from textdiff.data import load_prepared, read_image
-    from textdiff.featurizer import images_to_model_range
-    from textdiff.segmenter import build_segmenter
+    from textdiff.data.images import read_image
+    from textdiff.data.prepared import load_prepared
+    from textdiff.encoders.image import images_to_model_range
+    from textdiff.predict.images import build_segmenter
 
     segmenter, _ = build_segmenter(Path("models/classifier"), torch.device("cpu"), None, None)
     seen = []
@@ -164,10 +166,11 @@ def test_extract_refuses_data_prepared_under_another_protocol(tiny_project):
 
 
 def test_release_augmentation_draws_the_released_mix_of_views():
-    from textdiff.training import choose_view
+    from textdiff.data.views import ViewLayout
+    from textdiff.train.training import choose_view
 
     rng = np.random.default_rng(0)
-    draws = [choose_view("release", 8, 4, rng) for _ in range(20000)]
+    draws = [choose_view("release", ViewLayout(8, 4), rng) for _ in range(20000)]
     views = np.array([v for v, _ in draws])
     assert all(j == 0 for _, j in draws)  # real teacher features of each view, never flipped features
     assert set(views) <= {0, 4, 5, 6, 7, 8, 9, 10, 11}  # a quarter turn + flip is always a reflection
@@ -177,13 +180,13 @@ def test_release_augmentation_draws_the_released_mix_of_views():
     assert share(views >= 8) == pytest.approx(0.25, abs=0.015)
     for v in range(4, 12):
         assert share(views == v) == pytest.approx(0.125 if v < 8 else 0.0625, abs=0.01)
-    dihedral = [choose_view("dihedral", 8, 4, rng)[0] for _ in range(4000)]
+    dihedral = [choose_view("dihedral", ViewLayout(8, 4), rng)[0] for _ in range(4000)]
     assert set(dihedral) == set(range(8))  # the rotated copies are the release's alone
-    assert choose_view("none", 8, 4, rng) == (0, 0)
+    assert choose_view("none", ViewLayout(8, 4), rng) == (0, 0)
 
 
 def test_the_release_rotation_keeps_image_and_mask_aligned_with_black_corners():
-    from textdiff.extraction import rotate_like_release
+    from textdiff.extract.extraction import rotate_like_release
 
     rng = np.random.default_rng(1)
     image = rng.integers(1, 256, (64, 64, 3), dtype=np.uint8)
@@ -198,8 +201,8 @@ def test_the_release_rotation_keeps_image_and_mask_aligned_with_black_corners():
 
 
 def test_extracting_rotated_copies_and_training_with_the_release_augmentation(tiny_project):
-    from textdiff.cache import FeatureCache
-    from textdiff.extraction import rotate_like_release
+    from textdiff.cache.store import FeatureCache
+    from textdiff.extract.extraction import rotate_like_release
 
     tiny_project.write_params(extract={"views": 1, "batch_size": 2, "rotations": 2}, train={"augment": "release"})
     assert runner.invoke(app, ["extract"]).exit_code == 0

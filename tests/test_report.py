@@ -1,6 +1,6 @@
 """`textdiff report`: dvc exp show --json -> the ablation table."""
 
-from textdiff.ablation import markdown_table, rows_from_exp_show
+from textdiff.report.ablation import markdown_table, rows_from_exp_show
 
 
 def _record(name, fusion, lam, dice, iou, aji):

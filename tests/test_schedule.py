@@ -9,9 +9,9 @@ import torch
 from typer.testing import CliRunner
 
 from stages.cli import app
-from textdiff.cache import FeatureCache
+from textdiff.cache.store import FeatureCache
 from textdiff.params import TrainParams, load_params
-from textdiff.training import schedule_for, train_classifier
+from textdiff.train.training import schedule_for, train_classifier
 
 runner = CliRunner()
 

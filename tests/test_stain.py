@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from textdiff import stain
+from textdiff.data import stain
 
 
 def he_image(seed: int = 0, size: int = 96, hematoxylin: float = 1.0, eosin: float = 1.0) -> np.ndarray:
@@ -73,7 +73,8 @@ def test_torch_jitter_matches_the_numpy_shift_with_the_same_draws():
 
 
 def _real_images(root, split: str, n: int) -> list[np.ndarray]:
-    from textdiff.data import list_images, read_image
+    from textdiff.data.dataset import list_images
+    from textdiff.data.images import read_image
 
     return [read_image(path)[0] for path in list_images(root, split)[:n]]
 

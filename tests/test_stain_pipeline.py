@@ -11,8 +11,8 @@ import torch
 from typer.testing import CliRunner
 
 from stages.cli import app
-from textdiff.cache import FeatureCache
-from textdiff.stain import StainShift, apply_shift
+from textdiff.cache.store import FeatureCache
+from textdiff.data.stain import StainShift, apply_shift
 
 runner = CliRunner()
 
@@ -22,8 +22,10 @@ def _manifest() -> dict:
 
 
 def test_macenko_normalises_every_split_with_a_reference_fitted_on_train(tiny_project):
-    from textdiff.data import load_prepared, read_split, resize_sample
-    from textdiff.stain import fit_reference, normalize
+    from textdiff.data.dataset import read_split
+    from textdiff.data.prepared import load_prepared
+    from textdiff.data.resize import resize_sample
+    from textdiff.data.stain import fit_reference, normalize
 
     raw = load_prepared("data/prepared", "test").images.copy()
     tiny_project.write_params(data={"stain": "macenko"})
@@ -45,7 +47,7 @@ def test_macenko_normalises_every_split_with_a_reference_fitted_on_train(tiny_pr
     assert FeatureCache("cache/features.zarr").spec.stain == reference
     tiny_project.write_params(data={"stain": "macenko"}, train={"epochs": 1, "d_model": 16, "heads": 2})
     assert runner.invoke(app, ["train"]).exit_code == 0
-    from textdiff.segmenter import build_segmenter
+    from textdiff.predict.images import build_segmenter
 
     segmenter, card = build_segmenter(Path("models/classifier"), torch.device("cpu"), None, None)
     assert card.spec.stain == reference and segmenter.stain == reference
@@ -59,7 +61,7 @@ def test_stain_mismatch_between_prepare_and_params_is_one_line(tiny_project):
 
 
 def test_stain_views_are_the_teachers_features_of_seeded_stain_shifts(tiny_project):
-    from textdiff.featurizer import build_featurizer, images_to_model_range
+    from textdiff.encoders.image import build_featurizer, images_to_model_range
 
     tiny_project.write_params(extract={"views": 1, "batch_size": 2, "stain_views": 2, "stain_sigma": 0.3})
     assert runner.invoke(app, ["extract"]).exit_code == 0
@@ -91,8 +93,8 @@ def test_stain_views_are_the_teachers_features_of_seeded_stain_shifts(tiny_proje
 
 
 def test_training_draws_the_original_or_a_stain_copy_uniformly():
-    from textdiff.cache import CacheSpec
-    from textdiff.training import choose_stain_copy
+    from textdiff.cache.spec import CacheSpec
+    from textdiff.train.training import choose_stain_copy
 
     def spec(views, rotations, stain_views):
         return CacheSpec(teacher_kind="rgb", steps=(0,), blocks=(0,), image_size=8, views=views, dtype="float16",
@@ -100,19 +102,19 @@ def test_training_draws_the_original_or_a_stain_copy_uniformly():
                          stain_views=stain_views)
 
     rng = np.random.default_rng(0)
-    one = spec(1, 0, 3)
+    one = spec(1, 0, 3).view_layout
     draws = [choose_stain_copy((0, 5), one, rng) for _ in range(8000)]
     views = np.array([v for v, _ in draws])
     for v in range(4):
         assert np.mean(views == v) == pytest.approx(0.25, abs=0.02)
     assert all(j == 5 for _, j in draws)  # the flip chosen for the features stays
-    eight = spec(8, 2, 1)
+    eight = spec(8, 2, 1).view_layout
     assert {choose_stain_copy((3, 0), eight, np.random.default_rng(s)) for s in range(40)} == {(3, 0), (10, 3)}
     assert {choose_stain_copy((9, 0), eight, np.random.default_rng(s)) for s in range(40)} == {(9, 0), (10, 0)}
 
 
 def test_pretrain_stain_jitter_changes_colours_not_crops():
-    from textdiff.crops import CropSampler
+    from textdiff.pretrain.crops import CropSampler
 
     rng = np.random.default_rng(0)
     images = rng.integers(30, 230, (3, 40, 40, 3), dtype=np.uint8)

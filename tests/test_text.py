@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
+from textdiff.encoders.text import DEFAULT_ENCODER, TextEncoder, resolve_encoder
 from textdiff.errors import TextDiffError
-from textdiff.text import DEFAULT_ENCODER, TextEncoder, resolve_encoder
 
 REPORTS = ["The nuclei density in the upper right is high.", "Few nuclei."]
 

@@ -9,9 +9,9 @@ import pytest
 from typer.testing import CliRunner
 
 from stages.cli import app
-from textdiff.cache import FeatureCache
-from textdiff.metrics import iou_dice_textdiff
-from textdiff.training import labeled_subset
+from textdiff.cache.store import FeatureCache
+from textdiff.evaluation.metrics import iou_dice_textdiff
+from textdiff.train.training import labeled_subset
 
 runner = CliRunner()
 

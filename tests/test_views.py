@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from textdiff.views import NUM_VIEWS, apply_view
+from textdiff.data.views import NUM_VIEWS, apply_view
 
 
 def test_views_are_the_eight_distinct_dihedral_images():

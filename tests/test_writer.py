@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from textdiff.writer import BackgroundWriter
+from textdiff.extract.writer import BackgroundWriter
 
 
 def test_writes_run_in_order_and_all_finish_before_the_block_ends():

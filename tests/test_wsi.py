@@ -15,7 +15,7 @@ import zarr
 from typer.testing import CliRunner
 
 from stages.cli import app
-from textdiff import wsi
+from textdiff.predict import slides as wsi
 
 runner = CliRunner()
 MPP = 0.25
@@ -35,7 +35,7 @@ def write_slide(path: Path, image: np.ndarray, levels: int = 3, tile: int = 64) 
 @pytest.fixture
 def slide_image(tiny_project) -> np.ndarray:
     """Tissue (the tiny dataset's images, tiled) on the left two thirds, glass on the right third."""
-    from textdiff.data import read_split
+    from textdiff.data.dataset import read_split
 
     images = [s.image for s in read_split(tiny_project.data_root, "train")]
     tissue = np.concatenate([np.concatenate([images[(r + c) % len(images)] for c in range(4)], axis=1)
@@ -59,14 +59,14 @@ def test_a_slide_is_segmented_tile_by_tile_like_the_same_pixels_as_an_image(trai
     assert "slide: " in result.output and "tiles with tissue" in result.output
 
     # 1. the same pixels as a plain image: the tile seams stay within the blend's tolerance
-    from textdiff.segmenter import build_segmenter
+    from textdiff.predict.images import build_segmenter
 
     segmenter, card = build_segmenter(Path("models/classifier"), torch.device("cpu"), None, None)
     whole = segmenter.probabilities(slide_image, "Many nuclei.", MPP)  # at the image's size (level 0)
     factor = MPP / card.working_mpp
     prob = _probability(out, "slide").astype(np.float32) / 255
     assert prob.shape == (round(160 * factor), round(240 * factor))
-    from textdiff.inference import resize_probability
+    from textdiff.model.inference import resize_probability
 
     expected = resize_probability(whole, prob.shape)
     tissue_cols = slice(0, round(160 * factor) - 8)
@@ -109,19 +109,19 @@ def test_a_killed_slide_run_resumes_where_it_stopped(trained, slide_image, tmp_p
                 raise KeyboardInterrupt  # a kill half-way
         return real(*args, **kwargs, on_tile=on_tile)
 
-    monkeypatch.setattr("stages.predict.segment_slide", killed_after_two)
+    monkeypatch.setattr("textdiff.predict.run.segment_slide", killed_after_two)
     killed = runner.invoke(app, ["predict", str(slide), "--out", str(out), "--text", "x"])
     assert killed.exit_code == 130 and "interrupted" in killed.output
     done = np.asarray(zarr.open_group(str(out / "s.zarr"), mode="r")["done"][:])
     assert done.sum() == 2 and not (out / "s.geojson").exists()
 
     counted = []
-    monkeypatch.setattr("stages.predict.segment_slide", lambda *a, **k: real(*a, **k, on_tile=counted.append))
+    monkeypatch.setattr("textdiff.predict.run.segment_slide", lambda *a, **k: real(*a, **k, on_tile=counted.append))
     result = runner.invoke(app, ["predict", str(slide), "--out", str(out), "--text", "x"])
     assert result.exit_code == 0, result.output
     assert len(counted) == done.size - 2  # only the tiles not yet done
     fresh = tmp_path / "fresh"
-    monkeypatch.setattr("stages.predict.segment_slide", real)
+    monkeypatch.setattr("textdiff.predict.run.segment_slide", real)
     assert runner.invoke(app, ["predict", str(slide), "--out", str(fresh), "--text", "x"]).exit_code == 0
     assert np.array_equal(_probability(out, "s"), _probability(fresh, "s"))
     assert (out / "s.geojson").read_text() == (fresh / "s.geojson").read_text()

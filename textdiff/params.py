@@ -7,6 +7,11 @@ DVC hands every stage the same file (and `dvc exp run -S key=value` edits it), s
 `train.fusoin` or a negative epoch count must stop the stage with one line naming the key, not run
 for an hour on defaults. Each stage loads only the sections it declares in dvc.yaml, so changing
 `train.*` can never invalidate `extract`.
+
+This module is data only: it imports no model or pipeline code, so it sits in every stage's DVC
+deps without making the teacher's stages depend on the classifier. A choice whose list belongs to
+another module (the classifier's fusions, the stain methods, an ADM config) is checked by the stage
+that uses it, with that module's rule, before any work, in the same one-line form (`Params.refuse`).
 """
 
 from __future__ import annotations
@@ -20,12 +25,10 @@ from typing import Any
 
 import yaml
 
-from textdiff.classifier import FUSIONS  # the classifier owns its fusion variants
 from textdiff.errors import TextDiffError
-from textdiff.magnification import MPP_RANGE, plausible
-from textdiff.stain import STAIN_METHODS
 
 DTYPES = ("float16", "bfloat16", "float32")
+MPP_RANGE = (0.05, 20.0)  # µm/px a microscope image can plausibly have (100x oil .. a 1x thumbnail)
 DEVICES = ("auto", "cpu", "cuda")
 
 # The in-domain teacher `textdiff pretrain` trains (and the shipped one was trained with): a
@@ -80,10 +83,9 @@ class DataParams:
 
     def check(self) -> None:
         _positive("data.image_size", self.image_size)
-        if not plausible(self.mpp):
+        if not MPP_RANGE[0] <= self.mpp <= MPP_RANGE[1]:
             raise ValueError(f"data.mpp is micrometres per pixel, between {MPP_RANGE[0]} and {MPP_RANGE[1]}; "
                              f"got {self.mpp}")
-        _one_of("data.stain", self.stain, STAIN_METHODS)
         if self.image_size % 8:
             raise ValueError(f"data.image_size must be a multiple of 8, got {self.image_size}")
         _one_of("data.mode", self.mode, ("resize", "tiles"))
@@ -269,14 +271,7 @@ class TrainParams:
     nproc: int = 1
 
     def check(self) -> None:
-        _one_of("train.fusion", self.fusion, FUSIONS)
-        _one_of("train.classifier", self.classifier, ("project", "release"))
-        _one_of("train.decoder_norm", self.decoder_norm, ("image", "running"))
         _one_of("train.augment", self.augment, AUGMENTATIONS)
-        if self.classifier == "release" and self.fusion not in ("cross_attention", "hierarchical"):
-            raise ValueError(f"train.classifier=release fuses the text by attention; train.fusion={self.fusion} is not")
-        if self.classifier == "release" and self.contrastive_weight > 0:
-            raise ValueError("train.contrastive_weight > 0 needs the contrastive heads; the release classifier has none")
         _non_negative("train.contrastive_weight", self.contrastive_weight)
         _positive("train.epochs", self.epochs)
         _non_negative("train.steps", self.steps)
@@ -300,8 +295,6 @@ class TrainParams:
         if self.batch_size % self.nproc:
             raise ValueError(f"train.batch_size ({self.batch_size}) must be a multiple of train.nproc ({self.nproc}): "
                              "each process takes an equal part of every batch")
-        if self.fusion == "none" and self.contrastive_weight > 0:
-            raise ValueError("train.contrastive_weight > 0 needs text, but train.fusion is none (image only)")
 
 
 @dataclass(frozen=True)
@@ -360,6 +353,17 @@ class Params:
     baseline: BaselineParams = field(default_factory=BaselineParams)
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)
     path: Path | None = None
+
+    @property
+    def source(self) -> str:
+        """The file these params came from, as every params error names it."""
+        return str(self.path) if self.path is not None else "params.yaml"
+
+    def refuse(self, problem: str | None) -> None:
+        """Raise `problem` (a rule of the module that owns the key, e.g. the classifier's fusions)
+        as the one-line error every params problem is; nothing when there is none."""
+        if problem:
+            raise TextDiffError(f"{self.source}: {problem}")
 
 
 def _coerce(key: str, value: Any, annotation: Any) -> Any:
@@ -436,14 +440,6 @@ def parse_params(raw: Any, source: str = "params.yaml") -> Params:
             f"{source}: unknown section '{unknown[0]}' (known sections: {', '.join(SECTIONS)})"
         )
     sections = {name: _build_section(name, cls, raw.get(name), source) for name, cls in SECTIONS.items()}
-    for name in ("teacher", "pretrain"):
-        if sections[name].config:
-            from textdiff.teacher import normalize_config
-
-            try:
-                normalize_config(sections[name].config)
-            except TextDiffError as err:
-                raise TextDiffError(f"{source}: {name}.config: {err}") from None
     return Params(**sections)
 
 
@@ -476,7 +472,7 @@ def section_dict(section: Any) -> dict:
 
 __all__ = [
     "DTYPES",
-    "FUSIONS",
+    "MPP_RANGE",
     "Params",
     "load_params",
     "parse_params",

@@ -168,6 +168,18 @@ def attention_token_counts(config: Mapping[str, Any], image_size: int | None = N
     return [(size // ds, (size // ds) ** 2) for ds in sorted(ds_values)]
 
 
+def config_problem(key: str, config: Mapping[str, Any]) -> str | None:
+    """An ADM config from params (`teacher.config`, `pretrain.config`) checked as the model reads
+    it, as one line naming the key (None: fine or empty, i.e. the checkpoint's own)."""
+    if not config:
+        return None
+    try:
+        normalize_config(config)
+    except TextDiffError as err:
+        return f"{key}: {err}"
+    return None
+
+
 def normalize_config(config: Mapping[str, Any]) -> dict[str, Any]:
     """Fill create_model's defaults and check that the config describes a buildable UNet.
 
@@ -606,7 +618,7 @@ class UNetModel(nn.Module):
 
     torso_dtype: torch.dtype = torch.float32
 
-    def convert_to_fp16(self) -> "UNetModel":
+    def convert_to_fp16(self) -> UNetModel:
         """guided-diffusion's fp16 torso (what the TextDiff release runs with `use_fp16=True`):
         the conv weights of the input, middle and output blocks in float16; the timestep MLP,
         the embedding projections, the norms (computed in float32) and the output head stay float32."""

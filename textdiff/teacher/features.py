@@ -82,7 +82,7 @@ class PendingFeatures:
     overlaps it; call `release()` once the arrays are written so their buffers are reused (a buffer
     is never handed out twice while in use). On a CPU the features are ready at once."""
 
-    def __init__(self, host: dict[int, torch.Tensor], done: Any = None, pool: "_PinnedPool | None" = None):
+    def __init__(self, host: dict[int, torch.Tensor], done: Any = None, pool: _PinnedPool | None = None):
         self._host, self._done, self._pool = host, done, pool
 
     def wait(self) -> dict[int, torch.Tensor]:

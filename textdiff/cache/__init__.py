@@ -1,0 +1,2 @@
+"""cache/features.zarr: the spec of what the features depend on, the store (write, verify, read) and
+training's samples."""

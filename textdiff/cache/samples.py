@@ -1,0 +1,73 @@
+"""Training's view of a cached split: one image's features, mask and report embedding, held in
+RAM when the split is small enough, and stacked into batches."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from textdiff.cache.store import CachedSplit
+from textdiff.data.views import apply_view
+
+
+@dataclass
+class FeatureSample:
+    """One cached image as training reads it."""
+
+    features: list[torch.Tensor]  # per block [views, steps, C, H, W]
+    mask: torch.Tensor  # [views, H, W] uint8
+    tokens: torch.Tensor
+    text_mask: torch.Tensor
+    pooled: torch.Tensor
+
+
+PRELOAD_BYTES = 6 * 2**30  # keep a split in RAM below this: zarr decompression would dominate an epoch
+
+
+class SampleStore:
+    """One split's samples, in RAM when small enough, else read from zarr on demand."""
+
+    def __init__(self, split: CachedSplit, indices: list[int] | None = None):
+        self.split = split
+        self.indices = list(range(len(split))) if indices is None else list(indices)
+        self.cached: dict[int, FeatureSample] | None = (
+            {} if split.feature_bytes() * len(self.indices) < PRELOAD_BYTES else None)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def get_view(self, position: int, view: int) -> FeatureSample:
+        """One view of one image, as a one-view sample: a split too large for RAM reads only that
+        view from zarr (with 8 dihedral views and rotated copies, an image is 12x its own size)."""
+        if self.cached is not None:
+            full = self.get(position)
+            return FeatureSample([f[view : view + 1] for f in full.features], full.mask[view : view + 1],
+                                 full.tokens, full.text_mask, full.pooled)
+        i = self.indices[position]
+        tokens, text_mask, pooled = self.split.text(i)
+        return FeatureSample([f[None] for f in self.split.features(i, view)], self.split.mask(i, view)[None],
+                             tokens, text_mask, pooled)
+
+    def get(self, position: int) -> FeatureSample:
+        i = self.indices[position]
+        if self.cached is not None and i in self.cached:
+            return self.cached[i]
+        tokens, text_mask, pooled = self.split.text(i)
+        sample = FeatureSample(self.split.features(i), self.split.mask(i), tokens, text_mask, pooled)
+        if self.cached is not None:
+            self.cached[i] = sample
+        return sample
+
+
+def batch_of(samples: list[FeatureSample], views: list[int], jitter: list[int], device: torch.device):
+    """Stack samples (one chosen cached view each, then an optional tensor-level dihedral op)."""
+    feats = []
+    for k in range(len(samples[0].features)):
+        per = [apply_view(s.features[k][v], j) for s, v, j in zip(samples, views, jitter)]
+        feats.append(torch.stack(per).to(device, non_blocking=True))
+    mask = torch.stack([apply_view(s.mask[v], j) for s, v, j in zip(samples, views, jitter)])
+    tokens = torch.stack([s.tokens for s in samples]).to(device)
+    text_mask = torch.stack([s.text_mask for s in samples]).to(device)
+    pooled = torch.stack([s.pooled for s in samples]).to(device)
+    return feats, mask.long().to(device), tokens, text_mask, pooled

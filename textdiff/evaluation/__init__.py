@@ -1,0 +1,1 @@
+"""The evaluate stage: scoring against the ground truths, the metrics themselves, and the panels."""

@@ -1,0 +1,153 @@
+"""Scoring a trained classifier on the cached test split.
+
+Every model is scored twice: `dice`/`iou` (and the instance metrics) against the prepared masks,
+and `dice_release`/`iou_release` against the released code's dilated 256-px ground truth, the one
+the paper's table was scored on (`data.release_mask`), so any run can be set beside the paper.
+Resize models are scored on the prepared masks. Tiles models are scored on whole images at native
+resolution: the window probabilities of each source image are blended with the same Gaussian
+weights `textdiff predict` uses (`tiles.blend_tiles`) and compared with the full-size masks.
+
+Every model is also scored at native resolution (`*_native`, plus the boundary F1 `bf1_native` at
+2 px of the source image), when the cache holds the source masks: a resize model's probabilities
+are upsampled exactly as `textdiff predict` does (`inference.resize_probability`) and thresholded
+at 0.5. At 256 px a nucleus is a few pixels and a mask drawn too wide costs little; at native
+resolution, and on its boundary, it shows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from textdiff.baselines.classic import hematoxylin_otsu
+from textdiff.baselines.unet import predict_pixels
+from textdiff.cache.samples import SampleStore
+from textdiff.cache.spec import CacheSpec
+from textdiff.cache.store import CachedSplit, FeatureCache
+from textdiff.data.tiles import blend_tiles, paste_tiles
+from textdiff.errors import TextDiffError
+from textdiff.evaluation.metrics import boundary_f1, dice_pixel, image_metrics, iou_dice_textdiff, summarize
+from textdiff.model.card import ModelCard
+from textdiff.model.classifier import PixelClassifier
+from textdiff.model.inference import predict_split, resize_probability
+
+SUMMARY_METRICS = ("dice", "aji")  # the summary plot's columns, per test image
+
+
+@dataclass
+class Evaluation:
+    """Per test image: id, probabilities, prediction, ground truth, scores; and the summary."""
+
+    ids: list[str]
+    probs: list[np.ndarray]
+    preds: list[np.ndarray]
+    gts: list[np.ndarray]
+    images: list[np.ndarray]  # the first `panels` images, for the error panels (RGB)
+    per_image: list[dict]
+    metrics: dict[str, float]
+
+
+def stitch_windows(split: CachedSplit, window_probs: list[np.ndarray], panels: int):
+    """Tiles mode: (image ids, blended full-size probabilities, full-size masks, the first
+    `panels` images rebuilt from their windows)."""
+    image_ids, index, origins = split.tile_layout()
+    probs, gts, images = [], [], []
+    for k in range(len(image_ids)):
+        windows = np.flatnonzero(index == k)
+        where = [tuple(map(int, origins[w])) for w in windows]
+        height, width = split.full_mask(k).shape
+        prob = blend_tiles([torch.from_numpy(window_probs[w]) for w in windows], where, height, width)
+        probs.append(prob.numpy().astype(np.float32))
+        gts.append(split.full_mask(k))
+        if k < panels:
+            images.append(paste_tiles([split.image(int(w)) for w in windows], where, height, width))
+    return image_ids, probs, gts, images
+
+
+def release_prediction(pred: np.ndarray, prob: np.ndarray, side: int) -> np.ndarray:
+    """The prediction at the release ground truth's size: as is when it already has it, else the
+    probabilities resized bilinearly and thresholded (tiles models, other working sizes)."""
+    if pred.shape == (side, side):
+        return pred
+    return (resize_probability(prob, (side, side)) > 0.5).astype(np.uint8)
+
+
+NATIVE_KEYS = ("dice", "iou", "aji", "pq")
+BOUNDARY_TOLERANCE = 2.0  # pixels of the source image
+
+
+def native_scores(pred: np.ndarray, gt: np.ndarray) -> dict[str, float]:
+    """Region, instance and boundary scores at the source resolution, keyed `<metric>_native`."""
+    scores = image_metrics(pred, gt)
+    out = {f"{k}_native": scores[k] for k in NATIVE_KEYS}
+    out["bf1_native"] = boundary_f1(pred, gt, BOUNDARY_TOLERANCE)
+    return out
+
+
+def evaluate_test(model: PixelClassifier, card: ModelCard, cache: FeatureCache, device: torch.device,
+                  panels: int) -> Evaluation:
+    """Metrics of the classifier on the test split of the cache it was trained on."""
+    if card.spec != cache.spec:
+        raise TextDiffError("the classifier was trained on another cache; re-run `textdiff train`")
+    test = cache.split("test")
+    preds, gts, probs = predict_split(model, SampleStore(test), device, keep_probs=True)
+    return score_test(cache, preds, gts, probs, panels)
+
+
+def evaluate_baseline(kind: str, model: torch.nn.Module | None, spec: CacheSpec, cache: FeatureCache,
+                      device: torch.device, panels: int) -> Evaluation:
+    """The same scoring for a baseline: the U-Net's probabilities, or the classic mask (as 0/1
+    probabilities, so tiles are blended and thresholded like any model's)."""
+    if spec != cache.spec:
+        raise TextDiffError(f"the {kind} baseline was made on another cache; re-run `textdiff train`")
+    test = cache.split("test")
+    if kind == "unet":
+        preds, gts, probs = predict_pixels(model, test, device)
+    else:
+        bgr = cache.spec.protocol == "release"
+        preds = [hematoxylin_otsu(test.image(i), bgr=bgr) for i in range(len(test))]
+        gts = [test.mask(i, 0).numpy().astype(np.uint8) for i in range(len(test))]
+        probs = [p.astype(np.float32) for p in preds]
+    return score_test(cache, preds, gts, probs, panels)
+
+
+def score_test(cache: FeatureCache, preds: list[np.ndarray], gts: list[np.ndarray], probs: list[np.ndarray],
+               panels: int) -> Evaluation:
+    """Every metric of view-0 predictions of the test items (windows are stitched first)."""
+    test = cache.split("test")
+    if cache.spec.tiled:  # score whole images at native resolution, not windows
+        ids, probs, gts, images = stitch_windows(test, probs, panels)
+        preds = [(p > 0.5).astype(np.uint8) for p in probs]
+    else:
+        ids, images = test.ids, [test.image(k) for k in range(min(panels, len(test)))]
+    full = test.spec.full_size
+    per_image = []
+    for k, (image_id, p, g) in enumerate(zip(ids, preds, gts)):
+        dice_r, iou_r = iou_dice_textdiff(release_prediction(p, probs[k], test.spec.release_side), test.release_mask(k))
+        row = {"id": image_id, **image_metrics(p, g), "dice_release": dice_r, "iou_release": iou_r}
+        if cache.spec.tiled:  # already whole images at native resolution
+            row.update(native_scores(p, g))
+        elif full:
+            native = (resize_probability(probs[k], (full, full)) > 0.5).astype(np.uint8)
+            row.update(native_scores(native, test.full_mask(k)))
+        per_image.append(row)
+    summary = summarize(per_image)
+    metrics = {
+        "dice": summary["dice"], "iou": summary["iou"], "dice_pixel": dice_pixel(preds, gts),
+        "aji": summary["aji"], "aji_plus": summary["aji_plus"], "pq": summary["pq"], "dq": summary["dq"], "sq": summary["sq"],
+        "dice_release": summary["dice_release"], "iou_release": summary["iou_release"],
+        **{k: summary[k] for k in (*(f"{m}_native" for m in NATIVE_KEYS), "bf1_native") if k in summary},
+        "num_images": len(per_image),
+    }
+    if cache.spec.protocol == "release":  # the release feeds BGR; people look at RGB
+        images = [np.ascontiguousarray(image[..., ::-1]) for image in images]
+    return Evaluation(list(ids), probs, preds, gts, images, per_image, metrics)
+
+
+def summary_rows(per_image: list[dict]) -> list[dict]:
+    """The per-image scores in long form (id, metric, value): the data of the summary plot."""
+    return [{"id": row["id"], "metric": metric, "value": round(float(row[metric]), 6)}
+            for metric in SUMMARY_METRICS for row in per_image]
+

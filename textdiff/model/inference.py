@@ -1,0 +1,37 @@
+"""A trained classifier's predictions: over a cached split (validation, evaluate), and a
+probability map brought to another size (evaluate's native scoring and `textdiff predict` share it)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from textdiff.cache.samples import SampleStore, batch_of
+from textdiff.model.classifier import PixelClassifier
+
+
+def resize_probability(prob: np.ndarray | torch.Tensor, size: tuple[int, int]) -> np.ndarray:
+    """A foreground-probability map at another size, bilinear (no antialiasing: it upsamples).
+    `textdiff predict` brings a resize model's 256-px probabilities to the image's own size with it,
+    and evaluate does the same for native-resolution scoring, so the two agree."""
+    t = torch.as_tensor(np.ascontiguousarray(prob, dtype=np.float32)) if isinstance(prob, np.ndarray) else prob.float()
+    if tuple(t.shape[-2:]) == tuple(size):
+        return t.cpu().numpy()
+    return F.interpolate(t[None, None], size=size, mode="bilinear", align_corners=False)[0, 0].cpu().numpy()
+
+
+@torch.no_grad()
+def predict_split(model: PixelClassifier, data: SampleStore, device: torch.device,
+                  keep_probs: bool = False) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]]:
+    """Argmax masks, ground truths (and foreground probabilities) of view 0 of every image."""
+    model.eval()
+    preds, gts, probs = [], [], []
+    for p in range(len(data)):
+        feats, mask, tokens, text_mask, pooled = batch_of([data.get(p)], [0], [0], device)
+        logits = model(feats, tokens, text_mask, pooled)["logits"].float()
+        preds.append(logits.argmax(1)[0].cpu().numpy().astype(np.uint8))
+        gts.append(mask[0].cpu().numpy().astype(np.uint8))
+        if keep_probs:
+            probs.append(torch.softmax(logits, 1)[0, 1].cpu().numpy())
+    return preds, gts, probs

@@ -1,0 +1,1 @@
+"""`textdiff predict`: a trained model on new images and whole slides."""

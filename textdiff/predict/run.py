@@ -1,0 +1,186 @@
+"""`textdiff predict` over a list of inputs: images and whole slides, with a trained model.
+
+Everything the model needs is read from its `model.json` (teacher checkpoint and config, steps,
+blocks, text encoder, image size), so a user only names images. A bad image is reported in one
+line and skipped; the others are still segmented; the caller's exit code says whether any failed.
+Images are written by `segment_image`, slides by `segment_slide_input` (textdiff.predict.slides does
+the tiling); `predictions.h5` and `nuclei.csv` are swapped in whole at the end.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+from tqdm import tqdm
+
+from textdiff.atomic import atomic_file
+from textdiff.data.images import read_image, read_mask
+from textdiff.data.magnification import MPP_RANGE, plausible, tiff_mpp
+from textdiff.data.reports import read_reports, report_for_image
+from textdiff.errors import TextDiffError
+from textdiff.evaluation.metrics import image_metrics
+from textdiff.evaluation.panels import overlay, panel, panel_caption, save_png
+from textdiff.hashing import sha256_file
+from textdiff.paths import CLASSIFIER_DIR
+from textdiff.predict.images import Segmenter, build_segmenter, collect_images, megapixels, nucleus_table
+from textdiff.predict.slides import SlideResult, is_slide, segment_slide
+from textdiff.runtime.device import resolve_device
+
+NUCLEI_COLUMNS = ["image", "label", "area", "centroid_y", "centroid_x", "eccentricity"]
+
+
+class _NothingSegmented(Exception):
+    """Every image failed: the previous predictions.h5 and nuclei.csv are left as they were."""
+
+
+def report_for(path: Path, text: str | None, report_rows: dict[str, str] | None, reports: Path | None) -> str:
+    if report_rows is None:
+        return text or ""
+    return report_for_image(report_rows, reports, path)
+
+
+def ground_truth(path: Path, masks: Path | None, shape: tuple[int, ...]) -> np.ndarray | None:
+    """`<masks>/<id>.png` when --masks names a folder holding it (checked against the image size)."""
+    if masks is None or not (masks / f"{path.stem}.png").is_file():
+        return None
+    gt, _ = read_mask(masks / f"{path.stem}.png")
+    if gt.shape != shape[:2]:
+        raise TextDiffError(f"{masks / (path.stem + '.png')}: mask is {gt.shape[1]}x{gt.shape[0]} but its image "
+                            f"{path.name} is {shape[1]}x{shape[0]}")
+    return gt
+
+
+def segment_image(segmenter: Segmenter, path: Path, sentence: str, out: Path, h5: h5py.File,
+                masks: Path | None = None, mpp: float | None = None) -> tuple[list[dict], float, bool]:
+    """Mask, picture and probability map of one image; returns its nuclei rows, megapixels, and
+    whether it was scored against a ground truth.
+
+    With a ground-truth mask the picture is the evaluation panel (image | truth | prediction |
+    errors, scored); without one, the image with the predicted contours."""
+    image, _ = read_image(path)
+    gt = ground_truth(path, masks, image.shape)
+    prob = segmenter.probabilities(image, sentence, mpp)
+    mask = (prob > 0.5).astype(np.uint8)
+    save_png(out / f"{path.stem}_mask.png", mask * 255)
+    scored = ""
+    if gt is None:
+        save_png(out / f"{path.stem}_overlay.png", overlay(image, pred=mask))
+    else:
+        m = image_metrics(mask, gt)
+        scored = f"; Dice {m['dice']:.3f}, AJI {m['aji']:.3f} against {masks}"
+        save_png(out / f"{path.stem}_panel.png", panel(image, gt, mask, panel_caption(path.stem, m)))
+    ds = h5.create_dataset(path.stem, data=prob, compression="gzip")
+    ds.attrs.update({"source": str(path.resolve()), "text": sentence, "description": "foreground (nucleus) probability",
+                     "mpp": mpp or segmenter.source_mpp})
+    rows = nucleus_table(path.stem, mask)
+    tqdm.write(f"{path.stem}: {len(rows)} nuclei, {100 * mask.mean():.1f}% covered "
+               f"({image.shape[1]}x{image.shape[0]}){scored}")
+    return rows, megapixels(image.shape), gt is not None
+
+
+def segment_slide_input(segmenter: Segmenter, path: Path, sentence: str, out: Path, mpp: float | None,
+                        model_identity: dict) -> SlideResult:
+    """One whole slide, tile by tile at the model's working resolution (resumable: the identity of
+    the model and the text decide whether a stopped run's tiles are reused); its summary line."""
+    result = segment_slide(path, lambda rgb: segmenter.probabilities(rgb, sentence, segmenter.working_mpp),
+                           out, segmenter.working_mpp, mpp, segmenter.source_mpp,
+                           identity={"model": model_identity, "text": sentence})
+    tqdm.write(f"{path.stem}: {result.nuclei} nuclei in {result.tissue_tiles} of {result.tiles} tiles with tissue "
+               f"({result.megapixels / max(result.seconds, 1e-9):.3g} megapixels/s at {segmenter.working_mpp:.3g} "
+               f"µm/px) -> {', '.join(p.name for p in result.outputs)}")
+    return result
+
+
+def predict_inputs(inputs: list[Path], out: Path, text: str | None = None, reports: Path | None = None,
+        model: Path = CLASSIFIER_DIR, teacher: Path | None = None, scale: float | None = None,
+        device: str = "auto", masks: Path | None = None, mpp: float | None = None, whole: bool = False) -> int:
+    """Returns the number of images that failed (the CLI exits non-zero when it is not 0)."""
+    if text is not None and reports is not None:
+        raise TextDiffError("give either --text or --reports, not both")
+    if scale is not None and scale <= 0:
+        raise TextDiffError(f"--scale must be > 0, got {scale}")
+    if mpp is not None and not plausible(mpp):
+        raise TextDiffError(f"--mpp is micrometres per pixel, between {MPP_RANGE[0]} and {MPP_RANGE[1]}; got {mpp}")
+    if sum(x is not None and x is not False for x in (scale, mpp, whole or None)) > 1:
+        raise TextDiffError("give one of --scale, --mpp and --resize-whole")
+    if text is not None and not text.strip():
+        raise TextDiffError("--text is empty: pass the image's one-sentence report")
+    if out.exists() and not out.is_dir():
+        raise TextDiffError(f"{out}: --out must be a folder, and this is a file")
+    if masks is not None and not masks.is_dir():
+        raise TextDiffError(f"{masks}: --masks must be a folder of <image id>.png masks")
+    model_dir = model.parent if model.suffix == ".pt" else model
+    paths = collect_images(inputs)
+    report_rows = read_reports(reports) if reports is not None else None
+    dev = resolve_device(device)
+    segmenter, card = build_segmenter(model_dir, dev, teacher, scale, whole)
+    if not card.working_mpp and scale is None and not whole and card.spec.mode == "resize":
+        print(f"{model_dir}/model.json records no working resolution (trained before data.mpp existed): "
+              "images are resized whole, as with --resize-whole")
+    assumed: list[str] = []
+    unscored: list[str] = []  # --masks was given but holds no <id>.png for these
+    model_identity = {f.name: sha256_file(f) for f in (model_dir / "model.json", model_dir / "model.pt")}
+    if segmenter.encoder is not None and text is None and report_rows is None:
+        raise TextDiffError(f"the model in {model_dir} reads the report text "
+                            f"(fusion {card.classifier.fusion}): pass --text \"...\" or --reports WORKBOOK.xlsx")
+
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise TextDiffError(f"{out}: cannot create the output folder ({err.strerror})") from None
+    failures, nuclei, pixels = [], [], 0.0
+    started = time.perf_counter()
+    try:
+        with atomic_file(out / "predictions.h5") as h5_tmp, h5py.File(h5_tmp, "w") as h5:
+            h5.attrs.update({"model": str(model_dir.resolve()), "params": json.dumps(card.train),
+                             "classifier": json.dumps(card.classifier.to_json()),
+                             "teacher_sha256": card.spec.teacher_sha256 or "rgb"})
+            for path in tqdm(paths, unit="img", desc="predict", dynamic_ncols=True):
+                try:
+                    sentence = report_for(path, text, report_rows, reports)
+                    if is_slide(path):
+                        result = segment_slide_input(segmenter, path, sentence, out, mpp, model_identity)
+                        if result.mpp_assumed:
+                            assumed.append(path.name)
+                        pixels += result.megapixels
+                        continue
+                    own = mpp or tiff_mpp(path)
+                    rows, mp, scored = segment_image(segmenter, path, sentence, out, h5, masks, own)
+                except TextDiffError as err:
+                    failures.append(str(err))
+                    tqdm.write(f"error: {err}", file=sys.stderr)
+                    continue
+                if own is None and segmenter.factor(None) is not None and scale is None:
+                    assumed.append(path.name)
+                if masks is not None and not scored:
+                    unscored.append(path.name)
+                nuclei.extend(rows)
+                pixels += mp
+            # A reader of predictions.h5 alone must see which inputs are missing from it, and why.
+            h5.attrs["failed"] = json.dumps(failures)
+            if len(failures) == len(paths):
+                raise _NothingSegmented
+    except _NothingSegmented:
+        print(f"no image was segmented: {out / 'predictions.h5'} and {out / 'nuclei.csv'} were not written",
+              file=sys.stderr)
+    else:
+        with atomic_file(out / "nuclei.csv") as tmp, open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=NUCLEI_COLUMNS)
+            writer.writeheader()
+            writer.writerows(nuclei)
+    seconds = time.perf_counter() - started
+    if unscored:
+        print(f"{len(unscored)} image(s) have no ground truth <id>.png in {masks} and were not scored "
+              f"(first: {unscored[0]})")
+    if assumed:
+        print(f"{len(assumed)} image(s) with no usable resolution tags (first: {assumed[0]}) were taken at the "
+              f"training images' {segmenter.source_mpp:g} µm/px; pass --mpp if they are not")
+    print(f"{len(paths) - len(failures)} of {len(paths)} images segmented into {out} "
+          f"({pixels / seconds:.2f} megapixels/s on {dev})" + (f"; {len(failures)} failed" if failures else ""))
+    return len(failures)

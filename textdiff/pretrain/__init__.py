@@ -1,0 +1,1 @@
+"""The pretrain stage: the in-domain diffusion teacher trained on unlabeled crops."""

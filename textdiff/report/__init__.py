@@ -1,0 +1,1 @@
+"""`textdiff report`: the ablation table and the label-efficiency curves from DVC experiments."""

@@ -1,0 +1,1 @@
+"""The train stage: one loop for every trained model (the classifier and the U-Net baseline)."""
