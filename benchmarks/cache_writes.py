@@ -57,18 +57,19 @@ def main() -> None:
                 group = zarr.open_group(os.path.join(work, "c.zarr"), mode="w", zarr_format=3)
                 array = group.create_array("x", shape=(args.chunks, *chunk.shape), chunks=(1, *chunk.shape),
                                            dtype="float16", fill_value=0)
-                via_zarr = rate(lambda i: array.__setitem__(i, chunk), args.chunks, threads, chunk.nbytes)
+                via_zarr = rate(lambda i, array=array: array.__setitem__(i, chunk), args.chunks, threads, chunk.nbytes)
                 ours = group.create_array("y", shape=(args.chunks, *chunk.shape), chunks=(1, *chunk.shape),
                                           dtype="float16", fill_value=0)
                 writer = ImageChunkWriter(ours)
-                via_writer = rate(lambda i: writer(i, chunk), args.chunks, threads, chunk.nbytes)
+                via_writer = rate(lambda i, writer=writer: writer(i, chunk), args.chunks, threads, chunk.nbytes)
 
-                def plain(i: int) -> None:
+                def plain(i: int, work: str = work) -> None:
                     with open(os.path.join(work, f"plain{i}"), "wb") as f:
                         f.write(codec.encode(chunk))
 
                 via_files = rate(plain, args.chunks, threads, chunk.nbytes)
-                print(f"{base}: {threads:2d} threads: zarr {via_zarr:6.0f} MB/s; ImageChunkWriter {via_writer:6.0f} MB/s; "
+                print(f"{base}: {threads:2d} threads: zarr {via_zarr:6.0f} MB/s; "
+                      f"ImageChunkWriter {via_writer:6.0f} MB/s; "
                       f"zstd + plain files {via_files:6.0f} MB/s")
             finally:
                 shutil.rmtree(work, ignore_errors=True)

@@ -109,7 +109,8 @@ def main() -> None:
     ap.add_argument("--autocast", default="float32", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--fuse-steps", default="auto", choices=["auto", "yes", "no"], help="auto: on CUDA only")
     ap.add_argument("--compile", action="store_true", help="torch.compile the truncated decoder")
-    ap.add_argument("--warm-up", action="store_true", help="run one batch untimed first (always on CUDA or with --compile)")
+    ap.add_argument("--warm-up", action="store_true", help="run one batch untimed first (always on CUDA or with "
+                                                           "--compile)")
     ap.add_argument("--throughput", action="store_true",
                     help="also time the bare UNet forward at batch x steps and count its FLOPs")
     ap.add_argument("--peak-tflops", type=float, default=0.0,
@@ -167,11 +168,13 @@ def main() -> None:
                     for b, f in fresh_feats.items() for i in range(min(args.batch_size, n)))
         print(f"read back: the first batch's cached features differ from a fresh forward by at most {worst:.3g}")
         per_image = (dir_bytes(path / "train") - 0) / n
-        print(f"full run: {n} images in {full:.1f} s = {n / full:.3f} img/s ({full / n / len(steps):.2f} s per image-timestep)")
+        print(f"full run: {n} images in {full:.1f} s = {n / full:.3f} img/s ({full / n / len(steps):.2f} s per "
+              "image-timestep)")
         print(f"bytes on disk per image: {per_image / 1e6:.1f} MB (zstd; {per_image / raw:.0%} of uncompressed)")
         print(f"peak RSS so far: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
         stage_rate = n * len(steps) / full
-        print(f"stage: {stage_rate:.2f} image-timesteps/s (fuse_steps={extractor.fuse_steps}, autocast {args.autocast}, "
+        print(f"stage: {stage_rate:.2f} image-timesteps/s "
+              f"(fuse_steps={extractor.fuse_steps}, autocast {args.autocast}, "
               f"compile {args.compile}, batch {args.batch_size}, device {device_name(device)})")
         if args.throughput:
             teacher_rate = teacher_alone(extractor, images, args.batch_size, device) * len(steps)
@@ -180,7 +183,8 @@ def main() -> None:
             bare_rate, flops = bare_forward(model, images, args.batch_size * len(steps), args.autocast, device)
             print(f"bare UNet forward at batch {args.batch_size * len(steps)}: {bare_rate:.2f} images/s; "
                   f"stage / bare = {stage_rate / bare_rate:.0%}")
-            print(f"{flops / 1e12:.3f} TFLOP per forward (torch FlopCounterMode) -> {bare_rate * flops / 1e12:.3g} TFLOP/s"
+            print(f"{flops / 1e12:.3f} TFLOP per forward (torch FlopCounterMode)"
+                  f" -> {bare_rate * flops / 1e12:.3g} TFLOP/s"
                   + (f" = {bare_rate * flops / 1e12 / args.peak_tflops:.0%} of {args.peak_tflops:g}" if args.peak_tflops
                      else " (give --peak-tflops for the compute-limit ratio)"))
 

@@ -45,7 +45,8 @@ def grid(counts: list[int], seeds: list[int], steps: int, val_every: int, method
                 sets = [*METHODS[method], f"train.num_labeled={n}", f"train.seed={seed}", f"train.steps={steps}",
                         f"train.val_every={val_every}", "evaluate.panels=0"]
                 (all_labels if n >= 24 else commands).append(
-                    ["dvc", "exp", "run", "--queue", "-n", f"le-{method}-n{n}-s{seed}"] + [x for s in sets for x in ("-S", s)])
+                    ["dvc", "exp", "run", "--queue", "-n", f"le-{method}-n{n}-s{seed}"]
+                    + [x for s in sets for x in ("-S", s)])
     return commands + all_labels
 
 

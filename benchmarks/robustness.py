@@ -65,7 +65,8 @@ def upsample_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """A binary mask brought to (height, width) by nearest neighbour."""
     if mask.shape == size:
         return mask.astype(np.uint8)
-    return np.asarray(Image.fromarray(mask.astype(np.uint8) * 255, "L").resize(size[::-1], Image.Resampling.NEAREST)) // 255
+    resized = Image.fromarray(mask.astype(np.uint8) * 255, "L").resize(size[::-1], Image.Resampling.NEAREST)
+    return np.asarray(resized) // 255
 
 
 def measure(segment: Callable[[np.ndarray, str], np.ndarray], images: Sequence[np.ndarray], masks: Sequence[np.ndarray],
@@ -109,7 +110,8 @@ def markdown_table(summary: Sequence[dict]) -> str:
         cells = []
         for m in methods:
             s = lookup.get((m, c))
-            cells.append("" if s is None else f"{100 * s['dice']:.2f} / {100 * s['aji']:.2f}, {s['foreground_ratio']:.2f}")
+            cells.append("" if s is None else f"{100 * s['dice']:.2f} / {100 * s['aji']:.2f}, "
+                                              f"{s['foreground_ratio']:.2f}")
         lines.append(f"| {c} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

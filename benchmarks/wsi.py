@@ -98,7 +98,8 @@ def draw_figure(slide_path: Path, pred: Path, corner: tuple[int, int], out: Path
     shown = 0
     for feature in features:
         ring = np.asarray(feature["geometry"]["coordinates"][0], float)
-        if ring[:, 0].max() < x0 or ring[:, 0].min() > x0 + crop or ring[:, 1].max() < y0 or ring[:, 1].min() > y0 + crop:
+        if (ring[:, 0].max() < x0 or ring[:, 0].min() > x0 + crop
+                or ring[:, 1].max() < y0 or ring[:, 1].min() > y0 + crop):
             continue
         b.add_patch(Polygon(ring, closed=True, fill=False, color="lime", lw=0.9))
         shown += 1

@@ -27,10 +27,10 @@ def user_errors(fn: Callable) -> Callable:
             return fn(*args, **kwargs)
         except TextDiffError as err:
             typer.echo(f"error: {err}", err=True)
-            raise typer.Exit(1)
+            raise typer.Exit(1) from None
         except KeyboardInterrupt:
             typer.echo("interrupted", err=True)
-            raise typer.Exit(130)
+            raise typer.Exit(130) from None
 
     return wrapper
 
@@ -94,7 +94,8 @@ def predict(
     out: Path = typer.Option(..., "--out", "-o", help="Output folder."),
     text: str = typer.Option(None, "--text", help="One report sentence used for every image."),
     reports: Path = typer.Option(None, "--reports", help="Workbook with Image/Description rows, matched by file stem."),
-    model: Path = typer.Option(Path("models/classifier"), "--model", help="Trained classifier folder (or its model.pt)."),
+    model: Path = typer.Option(Path("models/classifier"), "--model", help="Trained classifier folder (or its "
+                                                                          "model.pt)."),
     teacher: Path = typer.Option(None, "--teacher", help="The teacher checkpoint, if it moved since training."),
     scale: float = typer.Option(None, "--scale", help="Rescale by this factor and slide the training-size window "
                                 "(default: the factor that brings the image's µm/px to the model's)."),

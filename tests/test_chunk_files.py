@@ -21,7 +21,8 @@ def _array(root: Path, name: str, shape, dtype, **kw) -> zarr.Array:
 
 def _files(root: Path, name: str) -> dict[str, bytes]:
     base = root / name
-    return {str(p.relative_to(base)): p.read_bytes() for p in sorted(base.rglob("*")) if p.is_file() and p.name != "zarr.json"}
+    return {str(p.relative_to(base)): p.read_bytes()
+            for p in sorted(base.rglob("*")) if p.is_file() and p.name != "zarr.json"}
 
 
 @pytest.mark.parametrize("dtype", ["float16", "float32", "uint16", "uint8"])
@@ -93,7 +94,7 @@ def test_read_only_arrays_and_non_zero_fill_values_are_left_to_zarr(tmp_path):
     read_only = zarr.open_group(str(tmp_path), mode="r")["a"]
     writer = ImageChunkWriter(read_only)
     assert not writer.fast
-    with pytest.raises(Exception):  # zarr's own refusal, not a file written behind its back
+    with pytest.raises(Exception):  # noqa: B017 - zarr's own refusal, not a file written behind its back
         writer(0, np.ones(4, np.float32))
     assert not (tmp_path / "a" / "c").exists()
 

@@ -45,7 +45,8 @@ def test_output_shapes(fusion):
 
 
 def test_fp16_features_are_cast_and_rectangular_out_size():
-    model = PixelClassifier(ClassifierConfig(CHANNELS, STEPS, TEXT_DIM, d_model=D_MODEL, heads=HEADS, out_size=(40, 48)))
+    model = PixelClassifier(ClassifierConfig(CHANNELS, STEPS, TEXT_DIM, d_model=D_MODEL, heads=HEADS,
+                                             out_size=(40, 48)))
     feats, tokens, mask, pooled = make_inputs()
     out = model([f.half() for f in feats], tokens, mask.bool(), pooled)
     assert out["logits"].shape == (B, 2, 40, 48)
@@ -53,7 +54,8 @@ def test_fp16_features_are_cast_and_rectangular_out_size():
 
 
 def test_dict_block_channels_read_in_block_order():
-    model = PixelClassifier(ClassifierConfig({16: 4, 6: 8, 12: 4, 8: 8}, STEPS, TEXT_DIM, d_model=D_MODEL, heads=HEADS, out_size=OUT))
+    model = PixelClassifier(ClassifierConfig({16: 4, 6: 8, 12: 4, 8: 8}, STEPS, TEXT_DIM, d_model=D_MODEL, heads=HEADS,
+                                             out_size=OUT))
     assert model.block_channels == CHANNELS
     assert model(*make_inputs())["logits"].shape == (B, 2, OUT, OUT)
 

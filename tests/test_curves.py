@@ -42,7 +42,8 @@ def _grid():
         {"revs": [{**_run("errored", 8, 40, 0.99, 0.99), "error": {"msg": "Experiment run failed"}}]},
     ]
     return [{"rev": "workspace", "name": None, "data": {"params": {}, "metrics": {}}, "error": {"msg": "dirty"}},
-            {**runs[0], "experiments": [{"executor": {"state": "success"}, "revs": [r]} for r in runs[1:]] + unfinished}]
+            {**runs[0], "experiments": [{"executor": {"state": "success"}, "revs": [r]}
+                             for r in runs[1:]] + unfinished}]
 
 
 def test_methods_are_named_from_params():

@@ -111,7 +111,8 @@ def test_the_gpu_s_threaded_parallel_writer_stores_zarr_s_bytes(tiny_project, mo
         assert _extract().exit_code == 0
 
     def chunks(root: Path) -> dict[str, bytes]:
-        return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file() and "/c/" in str(p)}
+        return {str(p.relative_to(root)): p.read_bytes()
+                for p in sorted(root.rglob("*")) if p.is_file() and "/c/" in str(p)}
 
     before = chunks(CACHE)
     shutil.rmtree(CACHE)
@@ -202,8 +203,8 @@ def test_other_params_rebuild_or_refuse_never_mix(tiny_project):
 def test_bad_teacher_checkpoint_is_one_line(tiny_project):
     garbage = tiny_project.root / "models" / "garbage.pt"
     garbage.write_bytes(b"not a checkpoint at all")
-    tiny_project.write_params(teacher={"checkpoint": str(garbage), "config": {"image_size": 32, "num_channels": 32,
-                                                                            "num_res_blocks": 1, "channel_mult": "1,2"}})
+    config = {"image_size": 32, "num_channels": 32, "num_res_blocks": 1, "channel_mult": "1,2"}
+    tiny_project.write_params(teacher={"checkpoint": str(garbage), "config": config})
     result = _extract()
     assert result.exit_code == 1
     assert "garbage.pt" in result.output and "Traceback" not in result.output

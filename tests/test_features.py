@@ -28,7 +28,7 @@ def _reference(model, diffusion, images, steps, blocks, seed):
     for step in steps:
         acts = {}
         handles = [
-            model.output_blocks[b].register_forward_hook(lambda _m, _i, out, b=b: acts.__setitem__(b, out))
+            model.output_blocks[b].register_forward_hook(lambda _m, _i, out, b=b, acts=acts: acts.__setitem__(b, out))
             for b in blocks
         ]
         t = torch.full((images.shape[0],), step)

@@ -65,7 +65,8 @@ def test_predict_brings_every_image_to_the_working_resolution(trained, tmp_path,
     assert "2 image(s) with no usable resolution tags" in result.output and "0.25 µm/px" in result.output
 
     seen.clear()
-    result = runner.invoke(app, ["predict", str(folder), "--out", str(tmp_path / "o2"), "--text", "x", "--resize-whole"])
+    result = runner.invoke(app, ["predict", str(folder), "--out", str(tmp_path / "o2"),
+                                "--text", "x", "--resize-whole"])
     assert result.exit_code == 0 and {shape for shape, _, _ in seen} == {(32, 32)}
     seen.clear()
     result = runner.invoke(app, ["predict", str(folder / "small.png"), "--out", str(tmp_path / "o3"), "--text", "x",

@@ -105,7 +105,8 @@ def test_tiled_prediction_equals_single_pass_where_it_fits(trained):
     from textdiff.predict.images import build_segmenter
 
     segmenter, _ = build_segmenter(Path("models/classifier"), torch.device("cpu"), None, None)
-    image = np.asarray(Image.open(trained.data_root / "Train_Folder/img/img_train_0.png").convert("RGB").resize((32, 32)))
+    image = np.asarray(
+        Image.open(trained.data_root / "Train_Folder/img/img_train_0.png").convert("RGB").resize((32, 32)))
     single = segmenter.probabilities(image, "Few nuclei.", mpp=segmenter.working_mpp)  # at the working resolution
     segmenter.mode, segmenter.tile, segmenter.stride = "tiles", 32, 16
     tiled = segmenter.probabilities(image, "Few nuclei.", mpp=segmenter.working_mpp)
@@ -146,7 +147,8 @@ def test_glass_windows_are_not_segmented_and_carry_no_weight():
     for prob, (y, x) in zip(probs, origins):
         if prob is not None:
             only_glass[y : y + 32, x : x + 32] = False
-    torch.testing.assert_close(blended[~only_glass], torch.full_like(blended[~only_glass], 0.75))  # not diluted by glass
+    # not diluted by glass
+    torch.testing.assert_close(blended[~only_glass], torch.full_like(blended[~only_glass], 0.75))
     assert torch.all(blended[only_glass] == 0) and only_glass.any()
     with pytest.raises(ValueError, match="cover"):
         blend_tiles([None], origins[:1], 50, 40, tile=32)
@@ -159,7 +161,8 @@ def test_glass_gets_no_nuclei_however_the_classifier_reacts_to_it(trained):
 
     segmenter, _ = build_segmenter(Path("models/classifier"), torch.device("cpu"), None, None)
     rng = np.random.default_rng(0)
-    tissue = np.asarray(Image.open(trained.data_root / "Train_Folder/img/img_train_0.png").convert("RGB").resize((64, 64)))
+    tissue = np.asarray(
+        Image.open(trained.data_root / "Train_Folder/img/img_train_0.png").convert("RGB").resize((64, 64)))
     glass = np.clip(242 + rng.integers(-3, 4, (64, 64, 3)), 0, 255).astype(np.uint8)
     both = np.concatenate([tissue, glass], axis=1)  # 64 x 128 at the working resolution
     segmenter.mode, segmenter.tile, segmenter.stride = "tiles", 32, 32
@@ -201,7 +204,8 @@ def test_tiles_mode_end_to_end(tiny_project, tmp_path):
 
     out = tmp_path / "pred"
     img = tiny_project.data_root / "Test_Folder" / "img" / "img_test_0.tif"
-    predicted = runner.invoke(app, ["predict", str(img), "--out", str(out), "--text", "The nuclei are evenly distributed."])
+    predicted = runner.invoke(app, ["predict", str(img), "--out", str(out), "--text", "The nuclei are evenly "
+                                                                                      "distributed."])
     assert predicted.exit_code == 0, predicted.output
     with h5py.File(out / "predictions.h5") as h5:
         np.testing.assert_allclose(h5["img_test_0"][:], stitched, atol=1e-3)  # fp16 cache vs fp32 live

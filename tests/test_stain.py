@@ -21,7 +21,8 @@ def he_image(seed: int = 0, size: int = 96, hematoxylin: float = 1.0, eosin: flo
         cy, cx = rng.integers(6, size - 6, 2)
         nuclei |= (yy - cy) ** 2 + (xx - cx) ** 2 <= rng.integers(3, 8) ** 2
     hed = np.zeros((size, size, 3))  # every pixel its own mix, as real tissue (not two flat colours)
-    hed[..., 0] = np.where(nuclei, rng.uniform(1.2, 2.4, (size, size)), rng.uniform(0.0, 0.5, (size, size))) * hematoxylin
+    hed[..., 0] = np.where(nuclei, rng.uniform(1.2, 2.4, (size, size)),
+                           rng.uniform(0.0, 0.5, (size, size))) * hematoxylin
     hed[..., 1] = np.where(nuclei, rng.uniform(0.0, 0.4, (size, size)), rng.uniform(0.2, 0.9, (size, size))) * eosin
     hed[: size // 8, :, :] = 0.0  # a strip of glass
     return stain.from_hed(np.clip(hed, 0, None))

@@ -48,7 +48,9 @@ def _probability(out: Path, stem: str) -> np.ndarray:
     return np.asarray(zarr.open_group(str(out / f"{stem}.zarr"), mode="r")["probability/0"][:])
 
 
-def test_a_slide_is_segmented_tile_by_tile_like_the_same_pixels_as_an_image(trained, slide_image, tmp_path, monkeypatch):
+def test_a_slide_is_segmented_tile_by_tile_like_the_same_pixels_as_an_image(
+        trained, slide_image, tmp_path, monkeypatch
+):
     monkeypatch.setattr(wsi, "CORE", 64)
     monkeypatch.setattr(wsi, "MARGIN", 16)
     slide = write_slide(tmp_path / "slide.tif", slide_image)
@@ -159,6 +161,7 @@ def test_a_damaged_tile_is_one_line_and_a_slide_without_resolution_gets_a_notice
     out = tmp_path / "out"
     result = runner.invoke(app, ["predict", str(folder), "--out", str(out), "--text", "x"])
     assert result.exit_code == 1 and "Traceback" not in result.output, result.output
-    assert "a_damaged.tif: cannot read the region of tile" in result.output or "a_damaged.tif: cannot read its thumbnail" in result.output, result.output
+    assert ("a_damaged.tif: cannot read the region of tile" in result.output
+            or "a_damaged.tif: cannot read its thumbnail" in result.output), result.output
     assert (out / "b_untagged.geojson").is_file() and not (out / "a_damaged.geojson").exists()
     assert "no usable resolution tags (first: b_untagged.tif)" in result.output

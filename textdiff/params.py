@@ -178,11 +178,13 @@ class PretrainParams:
         _non_negative("pretrain.steps", self.steps)
         _non_negative("pretrain.stain_jitter", self.stain_jitter)
         if self.stain_jitter > 1:
-            raise ValueError(f"pretrain.stain_jitter is a fraction of the stain amount; {self.stain_jitter} is more than 1")
+            raise ValueError(f"pretrain.stain_jitter is a fraction of the stain amount; {self.stain_jitter} is more "
+                             "than 1")
         _positive("pretrain.shard_mb", self.shard_mb)
         _non_negative("pretrain.scale_jitter", self.scale_jitter)
         if self.scale_jitter > 2:
-            raise ValueError(f"pretrain.scale_jitter is in octaves (1 = zoom 0.5x..2x); {self.scale_jitter} is more than 2")
+            raise ValueError(f"pretrain.scale_jitter is in octaves (1 = zoom 0.5x..2x); {self.scale_jitter} is more "
+                             "than 2")
         _non_negative("pretrain.max_minutes", self.max_minutes)
         _positive("pretrain.log_every", self.log_every)
         _positive("pretrain.batch_size", self.batch_size)
@@ -230,7 +232,8 @@ class ExtractParams:
         _non_negative("extract.stain_views", self.stain_views)
         _positive("extract.stain_sigma", self.stain_sigma)
         if self.stain_sigma > 1:
-            raise ValueError(f"extract.stain_sigma is a fraction of the stain amount; {self.stain_sigma} is more than 1")
+            raise ValueError(f"extract.stain_sigma is a fraction of the stain amount; {self.stain_sigma} is more than "
+                             "1")
         _positive("extract.nproc", self.nproc)
         _non_negative("extract.rotations", self.rotations)
         _one_of("extract.dtype", self.dtype, DTYPES)

@@ -56,7 +56,8 @@ def view_pixels(split: CachedSplit, index: int, view: int) -> np.ndarray:
     return apply_shift(image, StainShift.from_array(np.asarray(split.group["stain_shifts"][index, k])))
 
 
-def pixel_batch(split: CachedSplit, items: list[tuple[int, int, int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def pixel_batch(split: CachedSplit, items: list[tuple[int, int, int]], device: torch.device
+                ) -> tuple[torch.Tensor, torch.Tensor]:
     images, masks = [], []
     for index, view, op in items:
         x = images_to_model_range(view_pixels(split, index, view)[None])[0]
@@ -91,7 +92,8 @@ def save_baseline(out_dir: Path, kind: str, spec: CacheSpec, train: dict, state:
     """models/classifier/ for a baseline: model.json says which (`kind`), model.pt holds U-Net weights."""
     card = {"kind": kind, "cache_spec": spec.to_json(), "train": train,
             "unet": config.to_json() if config is not None else None,
-            **({k: getattr(result, k) for k in ("best_epoch", "best_step", "best_val_dice", "best_val_iou", "train_ids")}
+            **({k: getattr(result, k) 
+                for k in ("best_epoch", "best_step", "best_val_dice", "best_val_iou", "train_ids")}
                if result is not None else {})}
     save_model_dir(out_dir, card, state)
 

@@ -25,7 +25,8 @@ def native_size(splits: dict[str, list[Sample]], tile: int) -> int:
             shapes.setdefault(s.image.shape[:2], s.image_path)
     if len(shapes) != 1:
         (a, pa), (b, pb) = list(shapes.items())[:2]
-        raise TextDiffError(f"{pb}: data.mode=tiles needs one image size, but it is {b[1]}x{b[0]} and {pa} is {a[1]}x{a[0]}")
+        raise TextDiffError(f"{pb}: data.mode=tiles needs one image size, but it is {b[1]}x{b[0]} and {pa} is "
+                            f"{a[1]}x{a[0]}")
     (h, w), path = next(iter(shapes.items()))
     if h != w:
         raise TextDiffError(f"{path}: data.mode=tiles needs square images, got {w}x{h}")
@@ -48,10 +49,11 @@ def normalise_stains(splits: dict[str, list[Sample]], method: str) -> dict:
         reference = fit_reference(method, [s.image for s in splits["train"]])
     except (ValueError, np.linalg.LinAlgError) as err:
         folder = splits["train"][0].image_path.parent if splits["train"] else "train"
-        raise TextDiffError(f"{folder}: data.stain={method} cannot fit a stain reference on these images ({err})") from None
+        raise TextDiffError(f"{folder}: data.stain={method} cannot fit a stain reference on these images "
+                            f"({err})") from None
     total = sum(len(samples) for samples in splits.values())
     with tqdm(total=total, desc=f"{method} stain normalisation", unit="image", leave=False) as bar:
-        for split, samples in splits.items():
+        for samples in splits.values():
             for k, sample in enumerate(samples):
                 samples[k] = dataclasses.replace(sample, image=normalize(sample.image, reference))
                 bar.update(1)

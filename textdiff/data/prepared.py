@@ -81,7 +81,8 @@ def _split_arrays(samples: list[Sample], size: int, root: Path | None) -> dict[s
         if s.image.shape != (size, size, 3) or s.image.dtype != np.uint8:
             raise ValueError(f"{s.id}: image is {s.image.shape} {s.image.dtype}, expected ({size}, {size}, 3) uint8")
         if s.mask.shape != (size, size) or s.mask.dtype != np.uint8 or s.mask.max(initial=0) > 1:
-            raise ValueError(f"{s.id}: mask is {s.mask.shape} {s.mask.dtype}, expected ({size}, {size}) uint8 in {{0,1}}")
+            raise ValueError(f"{s.id}: mask is {s.mask.shape} {s.mask.dtype}, expected ({size}, {size}) uint8 in "
+                             f"{{0,1}}")
     ids = [s.id for s in samples]
     if ids != sorted(ids) or len(set(ids)) != len(ids):
         raise ValueError("samples must be sorted by id with unique ids")
@@ -193,7 +194,8 @@ def load_prepared(out_dir: str | Path, split: str) -> PreparedSplit:
             paths = [str(x) for x in npz["image_paths"]] if "image_paths" in npz.files else []
             native = npz["native_masks"] if "native_masks" in npz.files else None
     except Exception as err:
-        raise TextDiffError(f"{path}: unreadable prepared split ({describe(err)}); run `textdiff prepare` again") from None
+        raise TextDiffError(f"{path}: unreadable prepared split ({describe(err)}); run `textdiff prepare` "
+                            "again") from None
     size = int(manifest["image_size"])
     n = len(ids)
     if (

@@ -129,7 +129,8 @@ def _load(source: str, name: str):
         return tok, model
     except Exception as err:  # noqa: BLE001 - transformers raises many types here
         if is_local:
-            raise TextDiffError(f"{source}: cannot load text encoder ({type(err).__name__}: {_first_line(err)})") from None
+            raise TextDiffError(f"{source}: cannot load text encoder ({type(err).__name__}: "
+                                f"{_first_line(err)})") from None
     if os.environ.get("HF_HUB_OFFLINE") == "1" or not _hub_reachable():
         raise TextDiffError(_unreachable(name))
     try:

@@ -136,7 +136,8 @@ def score_test(cache: FeatureCache, preds: list[np.ndarray], gts: list[np.ndarra
     summary = summarize(per_image)
     metrics = {
         "dice": summary["dice"], "iou": summary["iou"], "dice_pixel": dice_pixel(preds, gts),
-        "aji": summary["aji"], "aji_plus": summary["aji_plus"], "pq": summary["pq"], "dq": summary["dq"], "sq": summary["sq"],
+        "aji": summary["aji"], "aji_plus": summary["aji_plus"],
+        "pq": summary["pq"], "dq": summary["dq"], "sq": summary["sq"],
         "dice_release": summary["dice_release"], "iou_release": summary["iou_release"],
         **{k: summary[k] for k in (*(f"{m}_native" for m in NATIVE_KEYS), "bf1_native") if k in summary},
         "num_images": len(per_image),

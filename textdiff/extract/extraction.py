@@ -79,7 +79,8 @@ def _load_prepared_for(params: Params, prepared_dir: Path) -> dict[str, Prepared
     made_with = read_manifest(prepared_dir).get("data_params", {})
     prepared_mode, prepared_protocol = made_with.get("mode", "resize"), made_with.get("protocol", "project")
     if made_with.get("stain", "none") != params.data.stain:
-        raise TextDiffError(f"{prepared_dir}: prepared with data.stain={made_with.get('stain', 'none')}, but params ask "
+        raise TextDiffError(f"{prepared_dir}: prepared with data.stain={made_with.get('stain', 'none')}, "
+                            f"but params ask "
                             f"for data.stain={params.data.stain}; run `textdiff prepare`")
     for data in prepared.values():
         if (prepared_mode != params.data.mode or prepared_protocol != params.data.protocol

@@ -34,7 +34,8 @@ class BackgroundWriter:
                       if threaded and workers > 1 else None)
         self._jobs: queue.Queue[Callable[[], None] | None] = queue.Queue(maxsize=depth)
         self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="textdiff-cache-writer", daemon=True) if threaded else None
+        self._thread = (threading.Thread(target=self._run, name="textdiff-cache-writer", daemon=True)
+                        if threaded else None)
         if self._thread is not None:
             self._thread.start()
 

@@ -28,9 +28,10 @@ Fusion variants (`fusion=`):
 
 Normalisation in the decoder: BatchNorm with `track_running_stats=False`, i.e. batch statistics at
 training *and* at inference, taken per image (`ImageBatchNorm2d`). TextDiff trains with batch size
-1, so each BN normalises over one image's pixels; with running averages instead, inference on MoNuSeg's mix of organs and stains
-used statistics of other images and collapsed (measured here on the same cache and weights after
-8 epochs: val Dice 0.20 with running stats vs 0.71 with per-image statistics). Inference is
+1, so each BN normalises over one image's pixels; with running averages instead, inference on
+MoNuSeg's mix of organs and stains used statistics of other images and collapsed (measured on the
+same cache and weights after 8 epochs: val Dice 0.20 with running stats vs 0.71 with per-image
+statistics). Inference is
 therefore always one image per forward pass, which makes a prediction independent of its batch.
 
 Contrastive heads (extension 2): a global image embedding (per-scale mean over pixels of the fused

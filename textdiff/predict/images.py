@@ -96,7 +96,8 @@ class Segmenter:
             return None, None, None
         if text not in self._text_cache:
             emb = self.encoder.encode([text])
-            self._text_cache[text] = tuple(torch.from_numpy(a).to(self.device) for a in (emb.tokens, emb.mask, emb.pooled))
+            self._text_cache[text] = tuple(torch.from_numpy(a).to(self.device)
+                                           for a in (emb.tokens, emb.mask, emb.pooled))
         return self._text_cache[text]
 
     def factor(self, mpp: float | None = None) -> float | None:

@@ -66,11 +66,13 @@ def open_slide(path: Path):
     try:
         import openslide
     except ImportError:
-        raise TextDiffError(f"{path}: reading slides needs OpenSlide (pip install openslide-python openslide-bin)") from None
+        raise TextDiffError(f"{path}: reading slides needs OpenSlide (pip install openslide-python "
+                            "openslide-bin)") from None
     try:
         return openslide.OpenSlide(str(path))
     except Exception as err:  # noqa: BLE001 - OpenSlideError / UnsupportedFormat / OSError
-        raise TextDiffError(f"{path}: not a readable slide ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else 'unsupported or corrupt'})") from None
+        raise TextDiffError(f"{path}: not a readable slide ({type(err).__name__}: "
+                            f"{str(err).splitlines()[0] if str(err) else 'unsupported or corrupt'})") from None
 
 
 def slide_mpp(slide) -> float | None:
@@ -180,7 +182,8 @@ def nuclei_of(prob: np.ndarray, region: tuple[int, int, int, int], core: tuple[i
         if polygon[0] != polygon[-1]:
             polygon.append(polygon[0])
         out.append({"centroid_y": round(gy / factor, 1), "centroid_x": round(gx / factor, 1),
-                    "area_px": round(float(r.area) / factor**2, 1), "area_um2": round(float(r.area) * working_mpp**2, 2),
+                    "area_px": round(float(r.area) / factor**2, 1),
+                    "area_um2": round(float(r.area) * working_mpp**2, 2),
                     "eccentricity": round(float(r.eccentricity), 4), "polygon": polygon})
     return out
 
@@ -295,7 +298,8 @@ def segment_slide(path: Path, segment: Callable[[np.ndarray], np.ndarray], out: 
             if has:
                 region = plan.region_box(ty, tx)
                 core_box = plan.core_box(ty, tx)
-                pixels_in = _reading(path, f"the region of tile ({ty}, {tx})", lambda: read_region(slide, plan, region))
+                pixels_in = _reading(path, f"the region of tile ({ty}, {tx})",
+                                     lambda region=region: read_region(slide, plan, region))
                 prob = segment(pixels_in)
                 cy0, cx0, cy1, cx1 = core_box
                 core_prob = prob[cy0 - region[0] : cy1 - region[0], cx0 - region[1] : cx1 - region[1]]

@@ -136,7 +136,8 @@ def resume_state(state: PretrainState, path: Path, sampler: CropSampler, max_ste
         state.step = int(blob["step"])
         state.losses = [float(v) for v in blob.get("losses", [])]
     except Exception as err:  # noqa: BLE001 - a torn or foreign file: say which
-        raise TextDiffError(f"{path}: cannot resume pretraining from this checkpoint ({type(err).__name__}); delete it to start over") from None
+        raise TextDiffError(f"{path}: cannot resume pretraining from this checkpoint ({type(err).__name__}); delete "
+                            "it to start over") from None
     return "resumed"
 
 
@@ -421,11 +422,14 @@ def _resume(state: PretrainState, state_path: Path, sampler: CropSampler, steps:
     if outcome == "resumed":
         print(f"pretrain: resuming at step {state.step} from {state_path}")
     elif outcome == "past":
-        print(f"pretrain: {state_path} is past pretrain.steps={steps}; starting over (it is overwritten at the first checkpoint)")
+        print(f"pretrain: {state_path} is past pretrain.steps={steps}; starting over (it is overwritten at the first "
+              "checkpoint)")
     elif outcome == "device":
-        print(f"pretrain: {state_path} was made on another kind of device (its random stream cannot be continued here); starting over")
+        print(f"pretrain: {state_path} was made on another kind of device (its random stream cannot be continued "
+              "here); starting over")
     else:
-        print(f"pretrain: {state_path} was made with another config, hyper-parameters, schedule or images; starting over")
+        print(f"pretrain: {state_path} was made with another config, hyper-parameters, schedule or images; starting "
+              "over")
 
 
 def _summary(state: PretrainState, device: torch.device, previous: Path, batch_size: int) -> dict:
@@ -463,7 +467,8 @@ def export_teacher(state: PretrainState, params: Params, diffusion: Diffusion, d
     p, out = params.pretrain, Path(params.pretrain.out)
     summary = _summary(state, device, out / "summary.json", p.batch_size)
     try:
-        written = save_checkpoint(state.ema, out / TEACHER_FILE, dtype=p.export_dtype, shard_mb=p.shard_mb, extra_metadata={
+        written = save_checkpoint(state.ema, out / TEACHER_FILE, dtype=p.export_dtype,
+                                  shard_mb=p.shard_mb, extra_metadata={
             "steps": state.step, "ema_decay": p.ema_decay, "trained_on": list(PRETRAIN_SPLITS),
             "images_sha256": data_sha, "schedule": params.teacher.schedule,
             "diffusion_steps": params.teacher.diffusion_steps, "provenance": provenance()})
@@ -515,7 +520,8 @@ def run_pretraining(params: Params, params_path: Path, prepared_dir: Path = PREP
             with atomic_file(state_path) as tmp:
                 torch.save(s.state_dict(sampler, identity), tmp)
         except OSError as err:
-            raise TextDiffError(f"{state_path}: cannot write the pretraining checkpoint ({err.strerror or err})") from None
+            raise TextDiffError(f"{state_path}: cannot write the pretraining checkpoint "
+                                f"({err.strerror or err})") from None
 
     with _loss_log(state.step) as log:
         pretrain(state, diffusion, sampler, p.steps, p.batch_size, p.lr, p.warmup, p.ema_decay, p.grad_clip,
@@ -526,7 +532,8 @@ def run_pretraining(params: Params, params_path: Path, prepared_dir: Path = PREP
     rate = (f", {state.trained_steps} this run at {summary['samples_per_second']} samples/s on {summary['device']}"
             if state.trained_steps else ", already trained")
     if state.stopped_by == "max_minutes" and state.trained_steps:
-        rate += f"; stopped by pretrain.max_minutes={p.max_minutes:g} before pretrain.steps={p.steps} (a re-run resumes)"
+        rate += (f"; stopped by pretrain.max_minutes={p.max_minutes:g} before pretrain.steps={p.steps} "
+                 "(a re-run resumes)")
     return f"pretrain: {state.step} steps{rate}; EMA teacher -> {out / summary['checkpoint']}"
 
 

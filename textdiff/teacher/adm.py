@@ -453,9 +453,9 @@ def qkv_attention(qkv: torch.Tensor, num_heads: int, legacy: bool) -> torch.Tens
     Why `F.scaled_dot_product_attention` rather than two einsums: the einsum form
     materialises the [B*H, T, T] logits and weights (for half inputs also a float32 copy of
     the logits for the softmax). TextDiff runs the 64x64-trained teacher on 256x256 images,
-    where it attends over 64x64 = 4096 tokens: 64 MiB per head and block in float32. The flash / memory-efficient kernels (GPU, and
-    PyTorch's CPU flash kernel) never build that matrix, and on CPU the fused kernel is also
-    several times faster (benchmarks/attention.py measures it).
+    where it attends over 64x64 = 4096 tokens: 64 MiB per head and block in float32. The flash /
+    memory-efficient kernels (GPU, and PyTorch's CPU flash kernel) never build that matrix, and on
+    CPU the fused kernel is also several times faster (benchmarks/attention.py measures it).
 
     Why the one transpose-copy of ``qkv`` to [B, T, 3*H*C]: every fused kernel requires the
     head dimension to have stride 1. Plain transposed views of the channel-major projection
@@ -642,7 +642,8 @@ class UNetModel(nn.Module):
             h = block(torch.cat([h, skips.pop()], dim=1), emb)
         return self.out(h.type(x.dtype))
 
-    def _encode(self, x: torch.Tensor, timesteps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    def _encode(self, x: torch.Tensor, timesteps: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
         """The encoder and middle block: (h, the timestep embedding, the skips for the decoder)."""
         emb = self.time_embed(timestep_embedding(timesteps.to(x.device), self.model_channels))
         skips = []

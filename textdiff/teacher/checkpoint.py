@@ -11,8 +11,9 @@ sidecar ``<stem>.json`` holding ``{"config": {...}, ...extra}`` that `load_teach
 when no config is given. A checkpoint larger than a size limit is written in Hugging Face's
 sharded convention instead: ``<stem>-00001-of-0000N.safetensors`` (each with the config in its
 header) + ``<stem>.safetensors.index.json`` (``{"metadata": {"total_size"}, "weight_map":
-{key: shard}}``), which every loader here accepts in place of a single file. Both are written atomically (temp file + os.replace) so an
-interrupted run never leaves a truncated checkpoint that a later stage would trust.
+{key: shard}}``), which every loader here accepts in place of a single file. Both are written
+atomically (temp file + os.replace) so an interrupted run never leaves a truncated checkpoint that
+a later stage would trust.
 """
 
 from __future__ import annotations
@@ -101,7 +102,8 @@ def read_index(path: str | Path) -> dict[str, str]:
         raise TextDiffError(f"{path}: not a valid checkpoint index ({_short(err)})") from None
     weight_map = data.get("weight_map") if isinstance(data, dict) else None
     if not isinstance(weight_map, dict) or not weight_map or not all(
-            isinstance(k, str) and isinstance(v, str) and "/" not in v and "\\" not in v for k, v in weight_map.items()):
+            isinstance(k, str) and isinstance(v, str) and "/" not in v and "\\" not in v
+            for k, v in weight_map.items()):
         raise TextDiffError(f"{path}: expected a 'weight_map' of parameter names to shard files in this folder")
     return weight_map
 
@@ -166,7 +168,8 @@ def _load_sharded(index: Path) -> dict[str, torch.Tensor]:
         wanted = [k for k, v in weight_map.items() if v == shard.name]
         missing = [k for k in wanted if k not in tensors]
         if missing:
-            raise TextDiffError(f"{shard}: lacks {len(missing)} tensors that {index.name} puts there ({missing[0]}, ...)")
+            raise TextDiffError(f"{shard}: lacks {len(missing)} tensors that {index.name} puts there ({missing[0]}, "
+                                "...)")
         state.update({k: tensors[k] for k in wanted})
     return state
 

@@ -196,11 +196,13 @@ class Diffusion:
 
     def predict_x0_from_eps(self, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         n = x_t.ndim
-        return _extract(self.sqrt_recip_alphas_cumprod, t, n) * x_t - _extract(self.sqrt_recipm1_alphas_cumprod, t, n) * eps
+        return (_extract(self.sqrt_recip_alphas_cumprod, t, n) * x_t
+                - _extract(self.sqrt_recipm1_alphas_cumprod, t, n) * eps)
 
     def predict_eps_from_x0(self, x_t: torch.Tensor, t: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
         n = x_t.ndim
-        return (_extract(self.sqrt_recip_alphas_cumprod, t, n) * x_t - x0) / _extract(self.sqrt_recipm1_alphas_cumprod, t, n)
+        return ((_extract(self.sqrt_recip_alphas_cumprod, t, n) * x_t - x0)
+                / _extract(self.sqrt_recipm1_alphas_cumprod, t, n))
 
     # -- reverse process ------------------------------------------------------------------------
 

@@ -202,7 +202,8 @@ def fit(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler, sch
         record = EpochRecord(rnd, float(np.mean(losses)), val_dice, val_iou, time.perf_counter() - started,
                              optimizer.param_groups[0]["lr"], done)
         if val_dice > result.best_val_dice:
-            result.best_epoch, result.best_step, result.best_val_dice, result.best_val_iou = rnd, done, val_dice, val_iou
+            result.best_epoch, result.best_step = rnd, done
+            result.best_val_dice, result.best_val_iou = val_dice, val_iou
             result.state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
         if progress:
             print(f"{schedule.unit} {rnd:3d}  step {done:5d}  loss {record.train_loss:.4f}  val dice {val_dice:.4f}  "
