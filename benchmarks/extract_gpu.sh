@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 14's one-GPU measurement, as run on a lent H100 (README "One GPU, used well").
+# The one-GPU extraction measurement (docs/scale-out.md, "One GPU, used well").
 #   bash benchmarks/extract_gpu.sh [OUT_DIR]      # needs data/prepared (textdiff prepare) and a CUDA torch
 # Three runs of the paper's 256 ADM (random weights), bf16 autocast, batch 16, 128 images (the train
 # split's images again and again): all timesteps in one forward (the CUDA default), one forward per

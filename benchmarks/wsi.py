@@ -8,7 +8,7 @@ in its middle, streaming the tiles (the slide never exists in memory), then runs
 on it with models/classifier in a child process and reports the child's wall time, the megapixels/s
 it prints (working resolution, tissue tiles) and its peak resident memory (`ru_maxrss`).
 `--figure docs/wsi_example.png` also draws the slide's overlay beside a level-0 close-up with the
-GeoJSON polygons outlined (the README's picture).
+GeoJSON polygons outlined (the picture in docs/predict.md).
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """The `release` switches reproduce the released TextDiff code, checked against references written
-here from its description (not from its code): README "Reproducing the paper"."""
+here from its description (not from its code): docs/reproducing-the-paper.md."""
 
 from __future__ import annotations
 
@@ -49,7 +49,7 @@ def _attention(x, ctx, attn):
 
 
 def _reference(model: PixelClassifier, feats, tokens):
-    """The released classifier as written out in the README, on the model's own weights."""
+    """The released classifier as docs/reproducing-the-paper.md writes it out, on the model's own weights."""
     block = model.blocks[0]
     maps = []
     for idx, f in enumerate(feats):

@@ -1,7 +1,7 @@
 """params.yaml: one section per stage, validated before any work.
 
 The dataclasses below are the one home of every default: params.yaml spells out exactly these
-values (a test holds the two equal), and the README's parameter table is checked against them.
+values (a test holds the two equal), and the parameter table of docs/parameters.md is checked against them.
 
 DVC hands every stage the same file (and `dvc exp run -S key=value` edits it), so a typo such as
 `train.fusoin` or a negative epoch count must stop the stage with one line naming the key, not run
@@ -213,7 +213,7 @@ class ExtractParams:
     batch_size: int = 4
     device: str = "auto"
     # Processes: > 1 runs the stage under `torchrun --standalone` on this machine (gloo on CPUs, one
-    # GPU per process); for several machines launch torchrun yourself (README: "Many GPUs, many nodes").
+    # GPU per process); for several machines launch torchrun yourself (docs/scale-out.md).
     nproc: int = 1
     # Stain-augmented copies per image (after the dihedral and rotated views): the image with its
     # H, E and DAB amounts scaled and shifted by a seeded draw of +-stain_sigma (Tellez et al. 2019).

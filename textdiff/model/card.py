@@ -100,7 +100,7 @@ class ModelCard:
     teacher_path: str | None  # where the teacher was at training time (checked by sha256 on use)
     provenance: dict = field(default_factory=dict)
     source_mpp: float = 0.0  # data.mpp of the training images (0: a model from before it was recorded)
-    working_mpp: float = 0.0  # µm per pixel the classifier works at (textdiff.magnification.working_mpp)
+    working_mpp: float = 0.0  # µm per pixel the classifier works at (textdiff.data.magnification.working_mpp)
 
     def to_json(self) -> dict[str, Any]:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}

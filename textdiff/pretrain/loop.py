@@ -498,7 +498,7 @@ def run_pretraining(params: Params, params_path: Path, prepared_dir: Path = PREP
         skip(params, out, reason)
         return f"pretrain: skipped, {reason}"
     if not p.config:
-        raise TextDiffError(f"{params_path}: pretrain.config is empty (the ADM to train); see README")
+        raise TextDiffError(f"{params_path}: pretrain.config is empty (the ADM to train); see docs/parameters.md")
     config = normalize_config(p.config)
     device = resolve_device(p.device)
     diffusion = Diffusion(params.teacher.schedule, params.teacher.diffusion_steps)

@@ -1,6 +1,6 @@
 """The ablation table: DVC experiments' params and test metrics -> markdown.
 
-Rows follow the seed README's layout (variation, description, Dice, IoU, AJI), plus the Dice
+Rows follow the paper's ablation layout (variation, description, Dice, IoU, AJI), plus the Dice
 against the released code's dilated ground truth (the paper's scoring); a row's variation is named
 from its params, so the table stays right whatever the experiments were called.
 """

@@ -10,7 +10,7 @@ Why these defaults
 blocks go 1024@8² ... 256@256² (see `block_shapes`). Blocks 6, 8, 12, 16 give
 512@32², 512@64², 256@128² and 256@256², a 32²→256² span: coarse blocks carry semantics,
 fine ones boundaries, as found by Baranchuk et al. (DDPM-Seg) for label-efficient
-segmentation. The seed README words this as "4, 6, 8, 12" but describes the same 32²→256²
+segmentation. The project's brief words this as "4, 6, 8, 12" but describes the same 32²→256²
 span; the indices here are the ones that produce it with upstream's block numbering.
 ``steps=(50, 150, 250)``: small-to-moderate noise; the image content is still readable, and
 DDPM-Seg found these timesteps the most informative.
