@@ -13,6 +13,7 @@ from textdiff.evaluation.metrics import (
     aji_plus,
     dice_pixel,
     image_metrics,
+    instance_scores,
     iou_dice_textdiff,
     pq,
     summarize,
@@ -281,3 +282,121 @@ def test_aji_plus_never_below_aji_and_equal_without_shared_predictions():
     pred[1:4, 0:4] = 1
     pred[0:3, 10:14] = 1
     assert aji_plus(pred, gt) == pytest.approx(aji(pred, gt))
+
+
+# -- label maps (a per-nucleus ground truth): touching nuclei are separate instances
+
+
+def _touching_pair() -> np.ndarray:
+    gt = _canvas()
+    gt[0:10, 0:10] = 1
+    gt[0:10, 10:20] = 2  # two 100-px nuclei that touch: one blob to the binary metrics
+    return gt
+
+
+def test_label_maps_merge_of_touching_nuclei():
+    gt = _touching_pair()
+    merged = (gt > 0).astype(np.uint16)  # one label over both
+    s = instance_scores(merged, gt)
+    assert s["aji_instance"] == pytest.approx(200 / 400)  # the 200-px blob is in both unions
+    assert s["aji_plus_instance"] == pytest.approx(100 / 300)
+    assert s["pq_instance"] == 0.0 and s["dq_instance"] == 0.0  # IoU 100/200 is not > 0.5
+    # the binary metrics cannot see the difference: one component each side
+    assert aji(merged, gt) == 1.0
+
+
+def test_label_maps_split_miss_false_positive_and_perfect():
+    gt = _touching_pair()
+    assert instance_scores(gt, gt) == {k: 1.0 for k in
+                                       ("aji_instance", "aji_plus_instance", "pq_instance", "dq_instance",
+                                        "sq_instance")}
+    relabelled = np.where(gt == 1, 70, np.where(gt == 2, 3, 0)).astype(np.int32)  # ids need not be 1..n
+    assert instance_scores(relabelled, gt)["aji_instance"] == 1.0
+    split = gt.copy()
+    split[0:10, 5:10] = 5  # nucleus 1 cut in halves of 50 px
+    s = instance_scores(split, gt)
+    # AJI: GT 1 takes the first half (50 / 100), GT 2 matches exactly (100 / 100), the other half +50
+    assert s["aji_instance"] == pytest.approx(150 / 250)
+    dq, sq = 1 / (1 + 0.5 * 2 + 0.5 * 1), 1.0  # TP 1 (GT 2), FP 2 halves, FN 1
+    assert s["dq_instance"] == pytest.approx(dq) and s["pq_instance"] == pytest.approx(dq * sq)
+    missed_and_fp = np.zeros_like(gt)
+    missed_and_fp[0:10, 10:20] = 1  # GT 2 found, GT 1 missed
+    missed_and_fp[10:12, 22:24] = 2  # 4 px of nothing
+    s = instance_scores(missed_and_fp, gt)
+    assert s["aji_instance"] == pytest.approx(100 / (100 + 100 + 4))
+    assert s["pq_instance"] == pytest.approx(1 / (1 + 0.5 + 0.5))
+
+
+def test_label_maps_empty_sides():
+    gt = _touching_pair()
+    empty = np.zeros_like(gt)
+    assert instance_scores(empty, empty)["aji_instance"] == 1.0
+    assert instance_scores(empty, empty)["pq_instance"] == 1.0
+    for a, b in ((empty, gt), (gt, empty)):
+        assert all(v == 0.0 for v in instance_scores(a, b).values())
+
+
+def _hovernet_reference(pred, gt):
+    """The published formulas written out per instance pair, as HoVer-Net's get_fast_aji and
+    get_fast_pq (stats_utils.py) compute them: AJI with each GT's max-IoU partner, PQ at IoU > 0.5."""
+    g_ids = [i for i in np.unique(gt) if i]
+    p_ids = [j for j in np.unique(pred) if j]
+    gs = [gt == i for i in g_ids]
+    ps = [pred == j for j in p_ids]
+    inter = np.array([[(g & p).sum() for p in ps] for g in gs], float).reshape(len(gs), len(ps))
+    union = np.array([[(g | p).sum() for p in ps] for g in gs], float).reshape(len(gs), len(ps))
+    num = den = 0.0
+    used = set()
+    for i, g in enumerate(gs):
+        if len(ps) and inter[i].max() > 0:
+            j = int(np.argmax(inter[i] / union[i]))
+            num, den = num + inter[i, j], den + union[i, j]
+            used.add(j)
+        else:
+            den += g.sum()
+    den += sum(p.sum() for j, p in enumerate(ps) if j not in used)
+    iou = inter / np.maximum(union, 1)
+    tp_iou = iou[iou > 0.5]
+    tp = tp_iou.size
+    dq = tp / (tp + 0.5 * (len(ps) - tp) + 0.5 * (len(gs) - tp)) if (gs or ps) else 1.0
+    return num / den if den else 1.0, dq * (tp_iou.mean() if tp else 0.0)
+
+
+def test_label_maps_match_the_published_formulas_on_random_maps():
+    from skimage.segmentation import watershed
+
+    rng = np.random.default_rng(3)
+    for _ in range(12):
+        maps = []
+        for _ in range(2):
+            fg = rng.random((40, 40)) > 0.45
+            markers = np.zeros((40, 40), np.int32)
+            pts = rng.integers(0, 40, size=(8, 2))
+            markers[pts[:, 0], pts[:, 1]] = rng.permutation(np.arange(1, 9)) * 7  # sparse ids
+            maps.append(watershed(np.zeros((40, 40)), markers, mask=fg))
+        pred, gt = maps
+        want_aji, want_pq = _hovernet_reference(pred, gt)
+        s = instance_scores(pred, gt)
+        assert s["aji_instance"] == pytest.approx(want_aji, abs=1e-12)
+        assert s["pq_instance"] == pytest.approx(want_pq, abs=1e-12)
+
+
+def test_label_maps_equal_binary_scores_on_connected_components():
+    rng = np.random.default_rng(5)
+    pred, gt = rng.random((30, 30)) > 0.6, rng.random((30, 30)) > 0.6
+    s = instance_scores(label(pred, connectivity=2), label(gt, connectivity=2))
+    assert s["aji_instance"] == pytest.approx(aji(pred, gt))
+    assert s["aji_plus_instance"] == pytest.approx(aji_plus(pred, gt))
+    assert (s["dq_instance"], s["sq_instance"], s["pq_instance"]) == pytest.approx(pq(pred, gt))
+
+
+def test_label_maps_refuse_what_is_not_a_label_map():
+    gt = _touching_pair()
+    with pytest.raises(TextDiffError, match="integer labels"):
+        instance_scores(gt.astype(np.float32), gt)
+    with pytest.raises(TextDiffError, match="negative"):
+        instance_scores(gt.astype(np.int32) - 1, gt)
+    with pytest.raises(TextDiffError, match="differs"):
+        instance_scores(gt[:, :10], gt)
+    with pytest.raises(TextDiffError, match="2-D"):
+        instance_scores(gt[None], gt[None])

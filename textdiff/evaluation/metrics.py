@@ -4,9 +4,11 @@ Two families:
 
 - Semantic: `iou_dice_textdiff` reproduces the numbers TextDiff reports (per image, then averaged),
   `PixelDice` / `dice_pixel` pool every pixel of every image into one Dice.
-- Instance (for nuclei): instances are the connected components of each binary mask, found with
-  8-connectivity (skimage `connectivity=2`), so two diagonally touching blobs are one instance; the
-  GT masks we get are binary, so this is the only instance notion available for them too.
+- Instance (for nuclei), two ways. On binary masks (`aji`, `pq`, ...), instances are the connected
+  components of each mask, found with 8-connectivity (skimage `connectivity=2`), so two diagonally
+  touching blobs are one instance: the paper's binary ground truth allows nothing better. On label
+  maps (`instance_scores`: a predicted map against a per-nucleus ground truth), the labels are the
+  instances, so a merge of two touching nuclei costs what it should.
   `aji` (Kumar et al. 2017), `aji_plus` (Graham et al. 2019) and `pq` (Kirillov et al. 2019) are
   computed from one contingency matrix
   of (GT label, pred label) pixel counts, built with a single `np.bincount` -- fast for 1000x1000
@@ -96,32 +98,48 @@ def dice_pixel(preds: Iterable[np.ndarray], gts: Iterable[np.ndarray]) -> float:
 
 # ------------------------------------------------------------------ instance
 
+INSTANCE_KEYS = ("aji_instance", "aji_plus_instance", "pq_instance", "dq_instance", "sq_instance")
+
+
+def _check_labels(labels: np.ndarray, name: str) -> np.ndarray:
+    labels = np.asarray(labels)
+    if labels.ndim != 2:
+        raise TextDiffError(f"{name} must be a 2-D label map, got shape {labels.shape}")
+    if labels.dtype.kind not in "ui" and labels.dtype != bool:
+        raise TextDiffError(f"{name} must hold integer labels, got {labels.dtype}")
+    if labels.size and labels.min() < 0:
+        raise TextDiffError(f"{name} has negative labels (min {labels.min()})")
+    return labels
+
+
+def _label_overlaps(pred_labels: np.ndarray, gt_labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(intersection [G, P], gt areas [G], pred areas [P]) of two label maps, 0 = background.
+
+    Labels need not be consecutive: both maps are renumbered 1..n first (`np.unique`), so a map with
+    ids 3 and 70 has two instances, not 70. One `np.bincount` over (gt, pred) pairs builds the table.
+    """
+    p, g = _check_labels(pred_labels, "pred"), _check_labels(gt_labels, "gt")
+    if p.shape != g.shape:
+        raise TextDiffError(f"pred shape {p.shape} differs from gt shape {g.shape}")
+    g_ids, g_inv = np.unique(g.ravel(), return_inverse=True)
+    p_ids, p_inv = np.unique(p.ravel(), return_inverse=True)
+    # After renumbering, index 0 is the background only when the map has background pixels.
+    g_inv = g_inv + (0 if g_ids.size and g_ids[0] == 0 else 1)
+    p_inv = p_inv + (0 if p_ids.size and p_ids[0] == 0 else 1)
+    n_g, n_p = int(np.count_nonzero(g_ids)), int(np.count_nonzero(p_ids))
+    pair = g_inv.astype(np.int64) * (n_p + 1) + p_inv
+    table = np.bincount(pair, minlength=(n_g + 1) * (n_p + 1)).reshape(n_g + 1, n_p + 1)
+    return table[1:, 1:], table[1:, :].sum(axis=1), table[:, 1:].sum(axis=0)
+
 
 def _instance_overlaps(pred: np.ndarray, gt: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Label both masks and return (intersection [G, P], gt areas [G], pred areas [P])."""
+    """The overlap table of two binary masks' connected components (8-connectivity)."""
     p, g = _pair(pred, gt)
-    gl, n_g = _cc_label(g, connectivity=2, return_num=True)
-    pl, n_p = _cc_label(p, connectivity=2, return_num=True)
-    pair = gl.ravel().astype(np.int64) * (n_p + 1) + pl.ravel()
-    table = np.bincount(pair, minlength=(n_g + 1) * (n_p + 1)).reshape(n_g + 1, n_p + 1)
-    inter = table[1:, 1:]
-    gt_area = table[1:, :].sum(axis=1)
-    pred_area = table[:, 1:].sum(axis=0)
-    return inter, gt_area, pred_area
+    return _label_overlaps(_cc_label(p, connectivity=2), _cc_label(g, connectivity=2))
 
 
-def _aji_overlaps(pred: np.ndarray, gt: np.ndarray) -> float | tuple[np.ndarray, ...]:
-    """What AJI and AJI+ share: (intersection, gt areas, pred areas, pairwise union), or the score
-    itself when a side has no instance (1.0 both empty, 0.0 one empty)."""
-    inter, gt_area, pred_area = _instance_overlaps(pred, gt)
-    n_g, n_p = inter.shape
-    if n_g == 0 or n_p == 0:
-        return 1.0 if n_g == n_p else 0.0
-    return inter, gt_area, pred_area, gt_area[:, None] + pred_area[None, :] - inter
-
-
-def aji(pred: np.ndarray, gt: np.ndarray) -> float:
-    """Aggregated Jaccard Index (Kumar et al. 2017) of two binary masks.
+def _aji_from(inter: np.ndarray, gt_area: np.ndarray, pred_area: np.ndarray) -> float:
+    """Aggregated Jaccard Index (Kumar et al. 2017) from an overlap table.
 
     Each GT instance takes the prediction with the highest IoU (ties: lowest label): the
     intersection goes to the numerator, the union to the denominator, and that prediction is marked
@@ -129,11 +147,10 @@ def aji(pred: np.ndarray, gt: np.ndarray) -> float:
     unused prediction adds its area to the denominator. (As in the original definition a prediction
     may serve several GT instances; its area is then counted in each union.)
     """
-    overlaps = _aji_overlaps(pred, gt)
-    if isinstance(overlaps, float):
-        return overlaps
-    inter, gt_area, pred_area, union = overlaps
     n_g, n_p = inter.shape
+    if n_g == 0 or n_p == 0:
+        return 1.0 if n_g == n_p else 0.0
+    union = gt_area[:, None] + pred_area[None, :] - inter
     iou = inter / union
     best = iou.argmax(axis=1)
     rows = np.arange(n_g)
@@ -146,39 +163,33 @@ def aji(pred: np.ndarray, gt: np.ndarray) -> float:
     return float(numerator / denominator)
 
 
-def aji_plus(pred: np.ndarray, gt: np.ndarray) -> float:
+def _aji_plus_from(inter: np.ndarray, gt_area: np.ndarray, pred_area: np.ndarray) -> float:
     """AJI+ (Graham et al. 2019, HoVer-Net): AJI with a one-to-one pairing of maximal total IoU
     (Hungarian, `scipy.optimize.linear_sum_assignment`) instead of each GT instance's best match,
     so one prediction merging two nuclei is not counted in two unions (AJI's over-penalisation).
     Pairs without overlap are not pairs; every unpaired instance adds its area to the union."""
     from scipy.optimize import linear_sum_assignment
 
-    overlaps = _aji_overlaps(pred, gt)
-    if isinstance(overlaps, float):
-        return overlaps
-    inter, gt_area, pred_area, union = overlaps
     n_g, n_p = inter.shape
-    iou = inter / union
-    rows, cols = linear_sum_assignment(-iou)
+    if n_g == 0 or n_p == 0:
+        return 1.0 if n_g == n_p else 0.0
+    union = gt_area[:, None] + pred_area[None, :] - inter
+    rows, cols = linear_sum_assignment(-(inter / union))
     keep = inter[rows, cols] > 0
     rows, cols = rows[keep], cols[keep]
-    numerator = inter[rows, cols].sum()
     paired_g, paired_p = np.zeros(n_g, bool), np.zeros(n_p, bool)
     paired_g[rows], paired_p[cols] = True, True
     denominator = union[rows, cols].sum() + gt_area[~paired_g].sum() + pred_area[~paired_p].sum()
-    return float(numerator / denominator)
+    return float(inter[rows, cols].sum() / denominator)
 
 
-def pq(pred: np.ndarray, gt: np.ndarray, iou_thresh: float = 0.5) -> tuple[float, float, float]:
-    """Panoptic quality (Kirillov et al. 2019) of two binary masks: returns (dq, sq, pq).
-
-    A (GT, pred) pair with IoU > iou_thresh is a true positive; with iou_thresh >= 0.5 each
-    instance is in at most one such pair. DQ = TP / (TP + FP/2 + FN/2), SQ = mean IoU of the TPs
-    (0 without TPs), PQ = DQ * SQ.
-    """
+def _pq_from(inter: np.ndarray, gt_area: np.ndarray, pred_area: np.ndarray,
+             iou_thresh: float = 0.5) -> tuple[float, float, float]:
+    """(dq, sq, pq), Kirillov et al. 2019: a (GT, pred) pair with IoU > iou_thresh is a true
+    positive; with iou_thresh >= 0.5 each instance is in at most one such pair.
+    DQ = TP / (TP + FP/2 + FN/2), SQ = mean IoU of the TPs (0 without TPs), PQ = DQ * SQ."""
     if not 0.5 <= iou_thresh < 1.0:
         raise TextDiffError(f"iou_thresh must be in [0.5, 1) so matches are unique, got {iou_thresh}")
-    inter, gt_area, pred_area = _instance_overlaps(pred, gt)
     n_g, n_p = inter.shape
     if n_g == 0 and n_p == 0:
         return 1.0, 1.0, 1.0
@@ -186,11 +197,36 @@ def pq(pred: np.ndarray, gt: np.ndarray, iou_thresh: float = 0.5) -> tuple[float
     iou = inter / np.maximum(union, 1)
     matched_iou = iou[iou > iou_thresh]
     tp = matched_iou.size
-    fp = n_p - tp
-    fn = n_g - tp
-    dq = tp / (tp + 0.5 * fp + 0.5 * fn)
+    dq = tp / (tp + 0.5 * (n_p - tp) + 0.5 * (n_g - tp))
     sq = float(matched_iou.mean()) if tp else 0.0
     return float(dq), sq, float(dq * sq)
+
+
+def aji(pred: np.ndarray, gt: np.ndarray) -> float:
+    """AJI of two binary masks, their connected components as instances (see `_aji_from`)."""
+    return _aji_from(*_instance_overlaps(pred, gt))
+
+
+def aji_plus(pred: np.ndarray, gt: np.ndarray) -> float:
+    """AJI+ of two binary masks' connected components (see `_aji_plus_from`)."""
+    return _aji_plus_from(*_instance_overlaps(pred, gt))
+
+
+def pq(pred: np.ndarray, gt: np.ndarray, iou_thresh: float = 0.5) -> tuple[float, float, float]:
+    """Panoptic quality of two binary masks' connected components: (dq, sq, pq), see `_pq_from`."""
+    if not 0.5 <= iou_thresh < 1.0:
+        raise TextDiffError(f"iou_thresh must be in [0.5, 1) so matches are unique, got {iou_thresh}")
+    return _pq_from(*_instance_overlaps(pred, gt), iou_thresh=iou_thresh)
+
+
+def instance_scores(pred_labels: np.ndarray, gt_labels: np.ndarray) -> dict[str, float]:
+    """AJI, AJI+, PQ, DQ, SQ of a predicted label map against a per-nucleus ground truth (0 =
+    background, any other value one nucleus), keyed as `INSTANCE_KEYS`. Unlike the binary-mask
+    scores above, touching nuclei are separate here whenever the labels say so."""
+    overlaps = _label_overlaps(pred_labels, gt_labels)
+    dq, sq, pq_ = _pq_from(*overlaps)
+    return {"aji_instance": _aji_from(*overlaps), "aji_plus_instance": _aji_plus_from(*overlaps),
+            "pq_instance": pq_, "dq_instance": dq, "sq_instance": sq}
 
 
 # ------------------------------------------------------------------ boundary
