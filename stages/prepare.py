@@ -20,9 +20,16 @@ def run(params_path: Path, out_dir: Path = PREPARED_DIR) -> None:
     params = load_params(params_path)
     params.refuse(method_problem(params.data.stain))
     started = time.perf_counter()
-    splits = prepare_dataset(params.data, resolve_data_root(params.data.root), out_dir)
+    instances = resolve_data_root(params.data.instances) if params.data.instances else None
+    if instances is not None and not instances.is_dir():
+        print(f"note: no instance ground truth at {instances} (data.instances): instance targets and metrics are off")
+        instances = None
+    splits = prepare_dataset(params.data, resolve_data_root(params.data.root), out_dir, instances)
     for split, samples in splits.items():
         h, w = samples[0].image.shape[:2]
-        print(f"{split:>5}: {len(samples):3d} images, {w}x{h}")
+        nuclei = (f", {sum(int(s.instances.max()) for s in samples)} nuclei"
+                  + (f" ({sum(s.approximate for s in samples)} approximate maps)" if any(s.approximate for s in samples)
+                     else "") if samples[0].instances is not None else "")
+        print(f"{split:>5}: {len(samples):3d} images, {w}x{h}{nuclei}")
     size_mib = sum(p.stat().st_size for p in Path(out_dir).iterdir() if p.is_file()) / 2**20
     print(f"wrote {out_dir} ({size_mib:.1f} MiB) in {time.perf_counter() - started:.1f} s")

@@ -14,6 +14,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 # The LViT layout (kept here rather than imported, so the fixtures describe the format independently).
 FOLDERS = {"train": "Train_Folder", "val": "Val_Folder", "test": "Test_Folder"}
 WORKBOOKS = {"train": "Train_text.xlsx", "val": "Val_text.xlsx", "test": "Test_text.xlsx"}
+INSTANCE_FOLDERS = {"train": "Train", "val": "Val", "test": "Test"}  # the MoNuSeg-instances layout
 REPORTS = (
     "The nuclei are evenly distributed.",
     "The nuclei density in the upper right is high.",
@@ -75,18 +76,31 @@ def xlsx_writer() -> Callable[..., Path]:
 
 def _synthetic_pair(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]:
     """A pinkish H&E-like RGB image and a 0/255 mask of a few discs (both classes present)."""
+    image, mask, _ = _synthetic_triple(rng, size)
+    return image, mask
+
+
+def _synthetic_triple(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`_synthetic_pair` and its per-nucleus uint16 labels (one id per disc; a later disc covers an
+    earlier one where they overlap; the centre pixel its own nucleus when no disc holds it)."""
     yy, xx = np.mgrid[:size, :size]
     mask = np.zeros((size, size), bool)
-    for _ in range(3):
+    labels = np.zeros((size, size), np.uint16)
+    for k in range(3):
         cy, cx = rng.integers(4, size - 4, 2)
         r = rng.integers(3, max(4, size // 6))
-        mask |= (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
+        disc = (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
+        mask |= disc
+        labels[disc] = k + 1
     mask[0, 0] = False  # never all foreground
+    labels[0, 0] = 0
+    if not mask[size // 2, size // 2]:
+        labels[size // 2, size // 2] = 4
     mask[size // 2, size // 2] = True  # never all background
     image = np.empty((size, size, 3), np.uint8)
     noise = rng.integers(0, 30, (size, size, 3))
     image[:] = np.where(mask[..., None], [90, 40, 140], [230, 170, 200]) + noise - 15
-    return image, mask.astype(np.uint8) * 255
+    return image, mask.astype(np.uint8) * 255, labels
 
 
 @pytest.fixture
@@ -96,7 +110,9 @@ def tiny_monuseg(tmp_path: Path) -> Callable[..., Path]:
     `tiny_monuseg(name="MoNuSeg", counts={"train": 3, "val": 2, "test": 2}, size=40, seed=0)`
     writes `<tmp_path>/<name>/{Train,Val,Test}_Folder/` with img/ (.png; .tif for test, like the
     real data), labelcol/ (0/255 .png) and `<Split>_text.xlsx` (`Image` = mask file name,
-    `Description`). Ids are `img_<split>_<k>`. Tests then break single files on purpose.
+    `Description`), and beside it `<name>-instances/{Train,Val,Test}/<id>.png` (uint16 per-nucleus
+    labels, the data.instances layout). Ids are `img_<split>_<k>`. Tests then break single files on
+    purpose.
     """
 
     def make(name: str = "MoNuSeg", counts: dict[str, int] | None = None, size: int = 40, seed: int = 0) -> Path:
@@ -110,10 +126,13 @@ def tiny_monuseg(tmp_path: Path) -> Callable[..., Path]:
             rows = []
             for k in range(n):
                 stem = f"img_{split}_{k}"
-                image, mask = _synthetic_pair(rng, size)
+                image, mask, labels = _synthetic_triple(rng, size)
                 suffix = ".tif" if split == "test" else ".png"
                 Image.fromarray(image, "RGB").save(folder / "img" / f"{stem}{suffix}")
                 Image.fromarray(mask, "L").save(folder / "labelcol" / f"{stem}.png")
+                instances = tmp_path / f"{name}-instances" / INSTANCE_FOLDERS[split]
+                instances.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(labels).save(instances / f"{stem}.png")
                 rows.append((f"{stem}.png", REPORTS[k % len(REPORTS)]))
             write_workbook(folder / WORKBOOKS[split], rows)
         return root
@@ -152,7 +171,7 @@ class TinyProject:
         self.base = {
             # Raw colours: the pipeline-mechanics tests compare against the prepared pixels; the stain
             # tests switch data.stain on themselves (macenko, the default, included).
-            "data": {"root": str(data_root), "image_size": 32, "stain": "none"},
+            "data": {"root": str(data_root), "instances": f"{data_root}-instances", "image_size": 32, "stain": "none"},
             "teacher": {"checkpoint": str(teacher), "steps": [10, 100], "blocks": [0, 3]},
             "text": {"max_length": 8},
             "extract": {"views": 1, "batch_size": 2},

@@ -381,7 +381,7 @@ def test_write_prepared_refuses_unresized_samples(tiny_monuseg, tmp_path):
     splits = {"train": read_split(root, "train")}
     with pytest.raises(ValueError):
         write_prepared(tmp_path / "p", splits, {"image_size": 16, "source_root": str(root)})
-    assert not (tmp_path / "p").exists() and os.listdir(tmp_path) == [root.name]
+    assert not (tmp_path / "p").exists() and sorted(os.listdir(tmp_path)) == [root.name, f"{root.name}-instances"]
 
 
 def test_load_prepared_errors(tiny_monuseg, tmp_path):

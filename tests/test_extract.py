@@ -151,6 +151,8 @@ def test_an_image_without_nuclei_is_cached_and_lost_chunks_of_any_array_are_caug
 
     mask = tiny_project.data_root / "Train_Folder" / "labelcol" / "img_train_1.png"
     Image.fromarray(np.zeros(np.asarray(Image.open(mask)).shape, np.uint8)).save(mask)  # no nuclei
+    labels = Path(f"{tiny_project.data_root}-instances") / "Train" / "img_train_1.png"
+    Image.fromarray(np.zeros(np.asarray(Image.open(labels)).shape, np.uint16)).save(labels)  # nor instances
     prepare.run(tiny_project.params_path)
     result = _extract()
     assert result.exit_code == 0, result.output

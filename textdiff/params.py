@@ -69,6 +69,9 @@ class DataParams:
     """Where the LViT-layout dataset lives and how it is sized for the teacher."""
 
     root: str = "../shared/data/MoNuSeg"
+    # Per-nucleus ground truth of the same images, `{Train,Val,Test}/<id>.png` uint16 (see
+    # textdiff/data/instances.py); "" or a folder that does not exist: binary targets and metrics only.
+    instances: str = "../shared/data/MoNuSeg-instances"
     image_size: int = 256
     mode: str = "resize"
     tile: int = 256

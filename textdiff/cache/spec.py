@@ -56,6 +56,9 @@ class CacheSpec:
     # The teacher's compute dtype under torch.autocast (adm only). Written into the fingerprint only
     # when not float32, so every cache made before the field existed keeps its bytes and equality.
     autocast: str = "float32"
+    # Per-nucleus ground truth rides along (data.instances): a `distance` target per view and the
+    # source images' label maps. Written into the fingerprint only when true, like autocast.
+    instances: bool = False
     version: int = SPEC_VERSION
 
     def __post_init__(self) -> None:
@@ -100,6 +103,8 @@ class CacheSpec:
         out["steps"], out["blocks"] = list(self.steps), list(self.blocks)
         if out["autocast"] == "float32":
             del out["autocast"]
+        if not out["instances"]:
+            del out["instances"]
         return out
 
     @classmethod
@@ -166,4 +171,8 @@ def array_shapes(spec: CacheSpec, layout: SplitLayout) -> dict[str, tuple[tuple[
     if spec.full_size:  # the source masks, for scoring at native resolution (tiles, and resize when known)
         full = spec.full_size
         out["full_masks"] = ((m, full, full), (1, full, full), np.uint8)
+    if spec.instances:  # the instance target per view, the source label maps and which are approximate
+        out["distance"] = ((n, v, size, size), (1, v, size, size), np.float16)
+        out["full_instances"] = ((m, spec.full_size, spec.full_size), (1, spec.full_size, spec.full_size), np.uint16)
+        out["approximate"] = ((m,), (max(m, 1),), np.uint8)
     return out

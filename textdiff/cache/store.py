@@ -18,6 +18,10 @@ Layout (zarr v3), one group per split holding N images:
     tile_origin    [N, 2] int32                the window's (y, x) in it
     full_masks     [M, S, S] uint8             the source images' full-size masks, for native scoring
     attrs          image_ids, image_texts
+  with per-nucleus ground truth (data.instances; resize mode keeps full_masks too):
+    distance       [N, views, H, W] float16    the instance target (`instances.nucleus_distance`) per view
+    full_instances [M, S, S] uint16            the source images' label maps, for instance scoring
+    approximate    [M] uint8                   1 where that map is an approximation (never scored)
 and root attrs: `fingerprint` (the `CacheSpec`: everything the features depend on), `format` (this
 layout's version) and `provenance` (library versions).
 
@@ -45,6 +49,7 @@ from textdiff.cache.spec import FORMAT_VERSION, CacheSpec, SplitLayout, TileLayo
 from textdiff.errors import TextDiffError
 
 _CHUNK_KEYS = {"name": "default", "configuration": {"separator": "/"}}
+PER_IMAGE_ARRAYS = ("masks", "images", "distance")  # beside the feature blocks: written with each image
 
 
 def to_storage(x: torch.Tensor, dtype: str) -> np.ndarray:
@@ -211,7 +216,7 @@ def _split_problems(path: Path, group: zarr.Group, split: str, spec: CacheSpec |
         if name == "complete":  # a 0 flag is the fill value: no chunk, by design
             continue
         array = group[name]
-        per_image = name.startswith("block_") or name in ("masks", "images")
+        per_image = name.startswith("block_") or name in PER_IMAGE_ARRAYS
         if not per_image and not text_complete:
             continue  # written with the text; already reported above
         for coords in _chunk_grid(array, done if per_image else None):
@@ -296,6 +301,22 @@ class CachedSplit:
 
     def full_mask(self, image_index: int) -> np.ndarray:
         return self._read("full_masks", image_index)
+
+    @property
+    def has_instances(self) -> bool:
+        return self.spec.instances
+
+    def distance(self, index: int, view: int | None = None) -> torch.Tensor:
+        """The instance target of item `index` ([views, H, W], or [H, W] for one view), float16."""
+        return torch.from_numpy(np.ascontiguousarray(self._read("distance", index if view is None else (index, view))))
+
+    def full_instances(self, image_index: int) -> np.ndarray:
+        """The per-nucleus labels of source image `image_index` at its own size (uint16)."""
+        return self._read("full_instances", image_index)
+
+    def approximate(self) -> np.ndarray:
+        """[M] bool: which source images' label maps are approximations (never scored as truth)."""
+        return self._read("approximate", slice(None)).astype(bool)
 
     def release_mask(self, image_index: int) -> np.ndarray:
         """The released code's (dilated) ground truth of source image `image_index`."""

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from textdiff.data.images import IMAGE_SUFFIXES, image_files, read_image, read_mask
+from textdiff.data.instances import approximate_ids, checked_instance_map, instance_path
 from textdiff.data.reports import read_reports, report_for_image
 from textdiff.errors import TextDiffError
 
@@ -40,6 +41,8 @@ class Sample:
     mask_sha256: str = ""
     release_mask: np.ndarray | None = None  # the released code's ground truth at the working size
     native_mask: np.ndarray | None = None  # the source mask, kept when the sample is resized (native scoring)
+    instances: np.ndarray | None = None  # (H0, W0) uint16 per-nucleus labels at the source size (data.instances)
+    approximate: bool = False  # its instance map is an approximation: a training target, never scored
 
 
 
@@ -79,11 +82,13 @@ def list_images(root: str | Path, split: str) -> list[Path]:
 
 
 
-def read_split(root: str | Path, split: str, *, progress: bool = False) -> list[Sample]:
-    """Every image of one split with its mask and report, validated eagerly, sorted by id.
+def read_split(root: str | Path, split: str, *, progress: bool = False,
+               instances: Path | None = None) -> list[Sample]:
+    """Every image of one split with its mask and report, validated eagerly, sorted by id; with
+    `instances` (a MoNuSeg-instances folder) also each image's per-nucleus label map.
 
     Any problem (missing/corrupt file, size mismatch, non-binary mask, missing or empty report, bad
-    workbook) raises one `TextDiffError` line naming the file or image.
+    workbook, a missing or disagreeing instance map) raises one `TextDiffError` line naming the file.
     """
     image_paths = list_images(root, split)
     folder = image_paths[0].parent.parent
@@ -98,7 +103,11 @@ def read_split(root: str | Path, split: str, *, progress: bool = False) -> list[
         if not mask_path.is_file():
             raise TextDiffError(f"{image_path}: no mask (expected {mask_path})")
         report_for_image(reports, workbook, image_path)
+        if instances is not None and not instance_path(instances, split, sample_id).is_file():
+            raise TextDiffError(f"{instance_path(instances, split, sample_id)}: no instance map for image "
+                                f"{sample_id} (every image under data.instances needs one)")
         plan.append((sample_id, image_path, mask_path))
+    approx = approximate_ids(instances) if instances is not None else set()
 
     items: Iterable = plan
     if progress:
@@ -114,20 +123,23 @@ def read_split(root: str | Path, split: str, *, progress: bool = False) -> list[
                 f"{mask_path}: mask is {mask.shape[1]}x{mask.shape[0]} but its image "
                 f"{image_path.name} is {image.shape[1]}x{image.shape[0]} (width x height)"
             )
+        labels = (checked_instance_map(instance_path(instances, split, sample_id), mask)
+                  if instances is not None else None)
         samples.append(
-            Sample(sample_id, image, mask, reports[sample_id], image_path, mask_path, image_sha, mask_sha)
+            Sample(sample_id, image, mask, reports[sample_id], image_path, mask_path, image_sha, mask_sha,
+                   instances=labels, approximate=sample_id in approx)
         )
     return samples
 
 
 def read_splits(
-    root: str | Path, splits: Iterable[str] = SPLITS, *, progress: bool = False
+    root: str | Path, splits: Iterable[str] = SPLITS, *, progress: bool = False, instances: Path | None = None
 ) -> dict[str, list[Sample]]:
     """`read_split` for several splits, checking that no image id is in two splits (a leak)."""
     out: dict[str, list[Sample]] = {}
     seen: dict[str, str] = {}
     for split in splits:
-        out[split] = read_split(root, split, progress=progress)
+        out[split] = read_split(root, split, progress=progress, instances=instances)
         for sample in out[split]:
             if sample.id in seen:
                 raise TextDiffError(

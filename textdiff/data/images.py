@@ -30,7 +30,8 @@ def image_files(folder: Path, suffixes: tuple[str, ...] = IMAGE_SUFFIXES) -> lis
 
 
 
-def _read_bytes(path: Path, what: str) -> bytes:
+def read_file_bytes(path: Path, what: str) -> bytes:
+    """The bytes of one file, refused in one line when unreadable or empty."""
     try:
         data = path.read_bytes()
     except OSError as err:
@@ -100,7 +101,7 @@ def read_image(path: str | Path) -> tuple[np.ndarray, str]:
     """One image file as (H, W, 3) uint8 RGB, and the sha256 of its bytes. Grayscale and palette
     images are converted to RGB, an alpha channel is dropped; 16-bit or float images are refused."""
     path = Path(path)
-    data = _read_bytes(path, "image")
+    data = read_file_bytes(path, "image")
     im = _decode(path, data, "image")
     if im.mode not in _RGB_MODES:
         raise TextDiffError(
@@ -118,7 +119,7 @@ def read_mask(path: str | Path) -> tuple[np.ndarray, str]:
     """One mask file as (H, W) uint8 in {0, 1}, and the sha256 of its bytes. Values must be a subset
     of {0, 255} or of {0, 1}; a colour mask is accepted only when its channels agree."""
     path = Path(path)
-    data = _read_bytes(path, "mask")
+    data = read_file_bytes(path, "mask")
     im = _decode(path, data, "mask")
     if im.mode in ("P", "PA"):
         im = im.convert("RGB")  # palette indices mean nothing; the colours do

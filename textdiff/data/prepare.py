@@ -60,17 +60,20 @@ def normalise_stains(splits: dict[str, list[Sample]], method: str) -> dict:
     return reference
 
 
-def prepare_dataset(params: DataParams, root: Path, out_dir: Path) -> dict[str, list[Sample]]:
+def prepare_dataset(params: DataParams, root: Path, out_dir: Path,
+                    instances: Path | None = None) -> dict[str, list[Sample]]:
     """Read and validate every split under `root`, bring it to the working size, write `out_dir`.
 
     `resize` (the paper's protocol) resizes every image to `data.image_size` (`data.protocol`:
     ours, or the released code's BGR/bilinear images and dilated masks); `tiles` keeps the native
     resolution (extract cuts windows), which needs one square size. Every split also keeps the
-    release ground truth at `data.image_size`, so any run is scored both ways. Returns what was written.
+    release ground truth at `data.image_size`, so any run is scored both ways. With `instances` (the
+    resolved `data.instances` folder) every image also carries its per-nucleus labels at the source
+    size. Returns what was written.
     """
     from textdiff.params import section_dict
 
-    splits = read_splits(root, SPLITS, progress=True)
+    splits = read_splits(root, SPLITS, progress=True, instances=instances)
     reference = normalise_stains(splits, params.stain)
     if params.mode == "tiles":  # native resolution; the release ground truth at data.image_size
         size = native_size(splits, params.tile)
@@ -82,5 +85,8 @@ def prepare_dataset(params: DataParams, root: Path, out_dir: Path) -> dict[str, 
                   for split, samples in splits.items()}
     meta = {"image_size": size, "source_root": str(Path(root).resolve()), "data_params": section_dict(params),
             "stain": reference}
+    if instances is not None:
+        approximate = sorted(s.id for samples in splits.values() for s in samples if s.approximate)
+        meta["instances"] = {"root": str(Path(instances).resolve()), "approximate": approximate}
     write_prepared(out_dir, splits, meta)
     return splits

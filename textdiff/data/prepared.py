@@ -1,7 +1,9 @@
 """The prepared-split format in data/prepared/, written atomically:
 
     data/prepared/<split>.npz    images [N,S,S,3] uint8, masks [N,S,S] uint8 {0,1}, ids, texts,
-                                 image_paths (relative to the source root), all sorted by id
+                                 image_paths (relative to the source root), all sorted by id;
+                                 with data.instances also instances [N,F,F] uint16 (per-nucleus
+                                 labels at the source size) and approximate [N] bool
     data/prepared/manifest.json  image size, absolute source root, per split the count, ids and a
                                  sha256 of every source image and mask, the package version
 
@@ -44,6 +46,8 @@ class PreparedSplit:
     image_paths: list[str] = field(default_factory=list)  # relative to the manifest's source_root
     release_masks: np.ndarray | None = None  # (N, s, s) the released code's ground truth, s = data.image_size
     native_masks: np.ndarray | None = None  # (N, F, F) the source masks, when resized from one square size
+    instances: np.ndarray | None = None  # (N, F, F) uint16 per-nucleus labels at the source size (data.instances)
+    approximate: np.ndarray | None = None  # (N,) bool: that image's instance map is approximate (never scored)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -100,6 +104,11 @@ def _split_arrays(samples: list[Sample], size: int, root: Path | None) -> dict[s
         (h, w), = native
         if h == w:  # one square source size: what native-resolution scoring needs
             arrays["native_masks"] = np.stack([s.native_mask for s in samples]).astype(np.uint8)
+    if samples and all(s.instances is not None for s in samples):
+        shapes = {s.instances.shape for s in samples}
+        if len(shapes) == 1 and next(iter(shapes))[0] == next(iter(shapes))[1]:
+            arrays["instances"] = np.stack([s.instances for s in samples]).astype(np.uint16)
+            arrays["approximate"] = np.array([s.approximate for s in samples], dtype=bool)
     return arrays
 
 
@@ -193,6 +202,8 @@ def load_prepared(out_dir: str | Path, split: str) -> PreparedSplit:
             ids, texts = [str(x) for x in npz["ids"]], [str(x) for x in npz["texts"]]
             paths = [str(x) for x in npz["image_paths"]] if "image_paths" in npz.files else []
             native = npz["native_masks"] if "native_masks" in npz.files else None
+            instances = npz["instances"] if "instances" in npz.files else None
+            approximate = npz["approximate"] if "approximate" in npz.files else None
     except Exception as err:
         raise TextDiffError(f"{path}: unreadable prepared split ({describe(err)}); run `textdiff prepare` "
                             "again") from None
@@ -205,6 +216,8 @@ def load_prepared(out_dir: str | Path, split: str) -> PreparedSplit:
         or len(release_masks) != n
         or len(texts) != n
         or (native is not None and len(native) != n)
+        or (instances is not None and (len(instances) != n or approximate is None or len(approximate) != n))
     ):
         raise TextDiffError(f"{path}: does not match {out_dir / MANIFEST}; run `textdiff prepare` again")
-    return PreparedSplit(split, images, masks, ids, texts, size, paths, release_masks, native)
+    return PreparedSplit(split, images, masks, ids, texts, size, paths, release_masks, native, instances,
+                         approximate)

@@ -74,4 +74,6 @@ def resize_sample(sample: Sample, size: int, protocol: str = "project") -> Sampl
         mask_path=sample.mask_path,
         image_sha256=sample.image_sha256,
         mask_sha256=sample.mask_sha256,
+        instances=sample.instances,
+        approximate=sample.approximate,
     )

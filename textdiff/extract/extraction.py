@@ -24,6 +24,7 @@ from tqdm import tqdm
 from textdiff.cache.spec import CacheSpec, SplitLayout
 from textdiff.cache.store import keeping_empty_chunks, open_for_writing, to_storage, verify
 from textdiff.data.dataset import SPLITS
+from textdiff.data.instances import distance_target, nucleus_distance
 from textdiff.data.prepared import PreparedSplit, load_prepared, read_manifest
 from textdiff.data.stain import StainShift, apply_shift, draw_shift
 from textdiff.data.tiles import cut_tiles
@@ -59,6 +60,9 @@ class SplitInputs:
     report_texts: list[str]  # one per source image (tiles: repeated per window via layout.tiles)
     release_masks: np.ndarray  # per source image: the released code's ground truth
     full_masks: np.ndarray | None = None  # tiles mode: the source images' masks
+    distance: np.ndarray | None = None  # [N, S, S] float32 the instance target per item (data.instances)
+    full_instances: np.ndarray | None = None  # [M, F, F] uint16 the source images' label maps
+    approximate: np.ndarray | None = None  # [M] bool
 
 
 @dataclass
@@ -94,15 +98,26 @@ def _load_prepared_for(params: Params, prepared_dir: Path) -> dict[str, Prepared
     return prepared
 
 
-def _split_inputs(params: Params, data: PreparedSplit) -> SplitInputs:
+def _split_inputs(params: Params, data: PreparedSplit, instances: bool) -> SplitInputs:
+    labels = {"full_instances": data.instances, "approximate": data.approximate} if instances else {}
     if params.data.mode != "tiles":
         layout = SplitLayout(ids=list(data.ids), texts=list(data.texts))
         native = data.native_masks if data.native_masks is not None and len(data.native_masks) else None
-        return SplitInputs(layout, data.images, data.masks, list(data.texts), data.release_masks, full_masks=native)
+        distance = (np.stack([distance_target(x, data.image_size) for x in data.instances]) if instances and len(data)
+                    else np.zeros((len(data), data.image_size, data.image_size), np.float32) if instances else None)
+        return SplitInputs(layout, data.images, data.masks, list(data.texts), data.release_masks, full_masks=native,
+                           distance=distance, **labels)
     windows = cut_tiles(data.images, data.masks, list(data.ids), list(data.texts), params.data.tile, params.data.stride)
     layout = SplitLayout(ids=windows.ids, texts=windows.texts, tiles=windows.layout)
+    distance = None
+    if instances:  # the native target, cut into the same windows
+        full = [nucleus_distance(x) for x in data.instances]
+        tile = params.data.tile
+        distance = np.zeros((layout.n, tile, tile), np.float32)
+        for w, (k, (y, x)) in enumerate(zip(windows.layout.image_index, windows.layout.origins)):
+            distance[w] = full[k][y : y + tile, x : x + tile]
     return SplitInputs(layout, windows.images, windows.masks, list(data.texts), data.release_masks,
-                       full_masks=data.masks)
+                       full_masks=data.masks, distance=distance, **labels)
 
 
 def plan_cache(params: Params, prepared_dir: Path = PREPARED_DIR) -> CachePlan:
@@ -110,13 +125,17 @@ def plan_cache(params: Params, prepared_dir: Path = PREPARED_DIR) -> CachePlan:
     prepared = _load_prepared_for(params, prepared_dir)
     tiled = params.data.mode == "tiles"
     encoder_id, hidden = text_hidden_size(params.text.encoder)
+    # Instance targets ride along only when every split has label maps of one square size.
+    shapes = {d.instances.shape[1:] if d.instances is not None else None for d in prepared.values()}
+    instances = len(shapes) == 1 and None not in shapes
     common = dict(
         image_size=params.data.tile if tiled else params.data.image_size,
         views=params.extract.views, rotations=params.extract.rotations, dtype=params.extract.dtype,
         text_encoder=encoder_id,
         text_hidden_size=hidden, text_max_length=params.text.max_length,
         data={split: sha256_split(list(d.ids), list(d.texts), d.images, d.masks, d.release_masks,
-                                  *([d.native_masks] if d.native_masks is not None else []))
+                                  *([d.native_masks] if d.native_masks is not None else []),
+                                  *([d.instances, d.approximate] if instances else []))
               for split, d in prepared.items()},
         protocol=params.data.protocol,
         stain=dict(read_manifest(prepared_dir).get("stain") or {}),
@@ -130,6 +149,9 @@ def plan_cache(params: Params, prepared_dir: Path = PREPARED_DIR) -> CachePlan:
         native = {d.native_masks.shape[1:] if d.native_masks is not None else None for d in prepared.values()}
         if len(native) == 1 and None not in native:
             common.update(full_size=int(native.pop()[0]))
+    if instances and common.get("full_size", 0) == next(iter(shapes))[0]:
+        common.update(instances=True)
+    instances = bool(common.get("instances", False))
     if params.teacher.kind == "rgb":
         teacher, spec = None, CacheSpec(teacher_kind="rgb", steps=(0,), blocks=(0,), **common)
     else:
@@ -140,7 +162,7 @@ def plan_cache(params: Params, prepared_dir: Path = PREPARED_DIR) -> CachePlan:
             noise_seed=params.teacher.noise_seed, schedule=params.teacher.schedule,
             diffusion_steps=params.teacher.diffusion_steps, autocast=params.extract.autocast, **common,
         )
-    return CachePlan(spec, {split: _split_inputs(params, d) for split, d in prepared.items()}, teacher)
+    return CachePlan(spec, {split: _split_inputs(params, d, instances) for split, d in prepared.items()}, teacher)
 
 
 def write_text(group: zarr.Group, tokens: np.ndarray, mask: np.ndarray, pooled: np.ndarray,
@@ -158,6 +180,9 @@ def write_text(group: zarr.Group, tokens: np.ndarray, mask: np.ndarray, pooled: 
         group["tile_origin"][:] = np.asarray(tiles.origins, np.int32).reshape(-1, 2)
     if inputs is not None and inputs.full_masks is not None and "full_masks" in group:
         group["full_masks"][:] = inputs.full_masks
+    if inputs is not None and inputs.full_instances is not None and "full_instances" in group:
+        group["full_instances"][:] = inputs.full_instances
+        group["approximate"][:] = np.asarray(inputs.approximate, np.uint8)
     group.attrs["text_complete"] = True
 
 
@@ -181,33 +206,46 @@ def stain_shifts(spec: CacheSpec, split: str, n: int) -> np.ndarray:
     return out
 
 
+def _label_views(maps: np.ndarray, angles: np.ndarray, layout: ViewLayout) -> torch.Tensor:
+    """Per-pixel targets [B, H, W] (a mask, the instance target) in every view [B, V, H, W]: turned
+    and flipped with the dihedral views, rotated with the rotated copies, as they are in a stain copy."""
+    m = torch.from_numpy(np.ascontiguousarray(maps))
+    views = []
+    for view in range(layout.total):
+        kind, k = layout.kind(view)
+        if kind == "dihedral":
+            views.append(apply_view(m, k))
+        elif kind == "rotation":
+            views.append(torch.from_numpy(np.stack([rotate_like_release(mk, float(a))
+                                                    for mk, a in zip(maps, angles[:, k])])))
+        else:
+            views.append(m)
+    return torch.stack(views, dim=1)
+
+
 def _views_of(images: np.ndarray, masks: np.ndarray, angles: np.ndarray, shifts: np.ndarray | None,
               layout: ViewLayout) -> tuple[torch.Tensor, torch.Tensor]:
     """Model-range images [B, V, 3, H, W] and masks [B, V, H, W] of every view of the layout, in its
     order: the dihedral views, the rotated copies (`angles` [B, R]), the stain copies (`shifts`
     [B, K, 2, 3]; a stain copy's mask is the image's own)."""
     x = images_to_model_range(images)
-    m = torch.from_numpy(np.ascontiguousarray(masks))
-    x_views, m_views = [], []
+    x_views = []
     for view in range(layout.total):
         kind, k = layout.kind(view)
         if kind == "dihedral":
             x_views.append(apply_view(x, k))
-            m_views.append(apply_view(m, k))
         elif kind == "rotation":
             rotated = np.stack([rotate_like_release(im, float(a)) for im, a in zip(images, angles[:, k])])
             x_views.append(images_to_model_range(rotated))
-            m_views.append(torch.from_numpy(np.stack([rotate_like_release(mk, float(a))
-                                                      for mk, a in zip(masks, angles[:, k])])))
         else:
             stained = np.stack([apply_shift(im, StainShift.from_array(s)) for im, s in zip(images, shifts[:, k])])
             x_views.append(images_to_model_range(stained))
-            m_views.append(m)
-    return torch.stack(x_views, dim=1), torch.stack(m_views, dim=1)
+    return torch.stack(x_views, dim=1), _label_views(masks, angles, layout)
 
 
 def _write_batch(arrays: dict[str, ImageChunkWriter], complete: zarr.Array, spec: CacheSpec, index: np.ndarray,
-                 pending: PendingFeatures, m_views: torch.Tensor, images: np.ndarray, writer: BackgroundWriter) -> None:
+                 pending: PendingFeatures, m_views: torch.Tensor, images: np.ndarray, writer: BackgroundWriter,
+                 d_views: torch.Tensor | None = None) -> None:
     """One batch's images into their chunks (at once where the writer has workers; zarr's bytes,
     written without zarr's per-chunk overhead, see chunk_files), then the images' completion flags,
     each only after all the batch's arrays are on disk."""
@@ -225,6 +263,8 @@ def _write_batch(arrays: dict[str, ImageChunkWriter], complete: zarr.Array, spec
                 writes.append(partial(put, arrays[f"block_{b}"], int(i), f[j]))
             writes.append(partial(put, arrays["masks"], int(i), m_views[j].numpy()))
             writes.append(partial(put, arrays["images"], int(i), images[i]))
+            if d_views is not None:
+                writes.append(partial(put, arrays["distance"], int(i), d_views[j].numpy().astype(np.float16)))
         writer.write_all(writes)
         for i in index:
             complete[int(i)] = 1  # last: image i now counts
@@ -234,7 +274,7 @@ def _write_batch(arrays: dict[str, ImageChunkWriter], complete: zarr.Array, spec
 
 def extract_split(group: zarr.Group, spec: CacheSpec, images: np.ndarray, masks: np.ndarray,
                   featurizer: Featurizer, batch_size: int, device: torch.device, desc: str = "",
-                  ranks: Ranks = Ranks()) -> dict:
+                  ranks: Ranks = Ranks(), distance: np.ndarray | None = None) -> dict:
     """Fill every unflagged image of one split; returns counts and timing for the summary.
 
     Under torchrun the unflagged images are cut into the batches one process would run and the
@@ -251,7 +291,8 @@ def extract_split(group: zarr.Group, spec: CacheSpec, images: np.ndarray, masks:
     label = desc if ranks.world == 1 else f"{desc} (rank {ranks.rank}/{ranks.world})"
     submit = getattr(featurizer, "submit", None)  # the teacher's: the host copy overlaps the next batch
     started = time.perf_counter()
-    arrays = {name: ImageChunkWriter(group[name]) for name in [*(f"block_{b}" for b in spec.blocks), "masks", "images"]}
+    names = [*(f"block_{b}" for b in spec.blocks), "masks", "images", *(["distance"] if spec.instances else [])]
+    arrays = {name: ImageChunkWriter(group[name]) for name in names}
     complete = group["complete"]
     workers = min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
     with (tqdm(total=mine, unit="img", desc=label, dynamic_ncols=True, disable=mine == 0 or not ranks.main) as bar,
@@ -259,9 +300,12 @@ def extract_split(group: zarr.Group, spec: CacheSpec, images: np.ndarray, masks:
         for index in batches:
             x_views, m_views = _views_of(images[index], masks[index], angles[index],
                                          shifts[index] if shifts is not None else None, spec.view_layout)
+            d_views = (_label_views(distance[index], angles[index], spec.view_layout)
+                       if spec.instances and distance is not None else None)
             x = x_views.flatten(0, 1).to(device)
             pending = submit(x) if submit is not None else PendingFeatures(featurizer(x))
-            writer.submit(partial(_write_batch, arrays, complete, spec, index, pending, m_views, images, writer))
+            writer.submit(partial(_write_batch, arrays, complete, spec, index, pending, m_views, images, writer,
+                                  d_views))
             bar.update(len(index))
     seconds = time.perf_counter() - started
     return {"done": mine, "skipped": int(group["complete"].shape[0] - len(todo)), "seconds": seconds}
@@ -288,7 +332,8 @@ def extract_cache(params: Params, cache_path: Path = CACHE_PATH, rebuild: bool =
             root = zarr.open_group(str(cache_path), mode="r+", zarr_format=3)
             for split, inputs in plan.splits.items():
                 stats = extract_split(root[split], plan.spec, inputs.images, inputs.masks, featurizer,
-                                      params.extract.batch_size, device, desc=f"extract {split}", ranks=ranks)
+                                      params.extract.batch_size, device, desc=f"extract {split}", ranks=ranks,
+                                      distance=inputs.distance)
                 rate = stats["done"] / stats["seconds"] if stats["done"] and stats["seconds"] > 0 else 0.0
                 if ranks.main:
                     print(f"{split}: {stats['done']} extracted"
