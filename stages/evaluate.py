@@ -16,9 +16,17 @@ from textdiff.cache.store import FeatureCache
 from textdiff.errors import TextDiffError
 from textdiff.evaluation.panels import panel, panel_caption, save_png
 from textdiff.evaluation.scoring import evaluate_baseline, evaluate_test, summary_rows
-from textdiff.model.card import TEXTDIFF, load_trained, read_model_dir
+from textdiff.model.card import TEXTDIFF, load_trained, nuclei_rule, read_model_dir
 from textdiff.params import load_params
-from textdiff.paths import CACHE_PATH, CLASSIFIER_DIR, METRICS_DIR, PANEL_DIR, PREDICTIONS_H5, SUMMARY_CSV
+from textdiff.paths import (
+    CACHE_PATH,
+    CLASSIFIER_DIR,
+    INSTANCES_H5,
+    METRICS_DIR,
+    PANEL_DIR,
+    PREDICTIONS_H5,
+    SUMMARY_CSV,
+)
 from textdiff.runtime.device import resolve_device
 
 
@@ -26,18 +34,21 @@ def run(params_path: Path, cache_path: Path = CACHE_PATH, model_dir: Path = CLAS
     params = load_params(params_path)
     device = resolve_device(params.evaluate.device)
     cache = FeatureCache(cache_path)
-    kind = read_model_dir(model_dir).kind
+    files = read_model_dir(model_dir)
+    kind, rule = files.kind, nuclei_rule(files)
     try:
         if kind == TEXTDIFF:
             model, card = load_trained(model_dir, device)
-            result = evaluate_test(model, card, cache, device, params.evaluate.panels)
+            result = evaluate_test(model, card, cache, device, params.evaluate.panels, rule)
             attrs = {"fusion": card.classifier.fusion, "best_epoch": card.best_epoch, "params": json.dumps(card.train)}
         else:
             kind, baseline, spec = load_baseline(model_dir, device)
-            result = evaluate_baseline(kind, baseline, spec, cache, device, params.evaluate.panels)
+            result = evaluate_baseline(kind, baseline, spec, cache, device, params.evaluate.panels, rule,
+                                       params.data.mpp)
             attrs = {"baseline": kind}
     except TextDiffError as err:
         raise TextDiffError(f"{model_dir}/model.json: {err}") from None
+    attrs["nuclei_rule"] = json.dumps(rule.to_json())
     attrs["cache_fingerprint"] = json.dumps(cache.spec.to_json())
     with atomic_file(PREDICTIONS_H5) as tmp:
         with h5py.File(tmp, "w") as h5:
@@ -45,10 +56,20 @@ def run(params_path: Path, cache_path: Path = CACHE_PATH, model_dir: Path = CLAS
             for image_id, prob in zip(result.ids, result.probs):
                 ds = h5.create_dataset(image_id, data=prob.astype(np.float32), compression="gzip")
                 ds.attrs["description"] = "foreground probability (softmax class 1), test view 0"
+    with atomic_file(INSTANCES_H5) as tmp:
+        with h5py.File(tmp, "w") as h5:
+            h5.attrs.update(attrs)
+            for image_id, labels in zip(result.ids, result.nuclei or []):
+                dtype = np.uint16 if labels.max(initial=0) <= np.iinfo(np.uint16).max else np.uint32
+                ds = h5.create_dataset(image_id, data=labels.astype(dtype), compression="gzip")
+                ds.attrs["description"] = "separated nuclei at the source size: 0 = background, 1..n one nucleus"
     with atomic_dir(PANEL_DIR) as tmp:
         for k, image in enumerate(result.images):
+            nuclei = result.nuclei[k] if result.nuclei else None
+            truth = result.truths[k] if result.truths else None
             save_png(tmp / f"{result.ids[k]}.png",
-                     panel(image, result.gts[k], result.preds[k], panel_caption(result.ids[k], result.per_image[k])))
+                     panel(image, result.gts[k], result.preds[k], panel_caption(result.ids[k], result.per_image[k]),
+                           gt_labels=truth, pred_labels=nuclei))
     with atomic_file(SUMMARY_CSV) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=["id", "metric", "value"])
         writer.writeheader()
@@ -59,4 +80,8 @@ def run(params_path: Path, cache_path: Path = CACHE_PATH, model_dir: Path = CLAS
     print(f"test ({m['num_images']} images): dice {m['dice']:.4f}  iou {m['iou']:.4f}  "
           f"dice_pixel {m['dice_pixel']:.4f}  aji {m['aji']:.4f}  pq {m['pq']:.4f}  "
           f"| release scoring: dice {m['dice_release']:.4f}  iou {m['iou_release']:.4f}")
+    if "aji_instance" in m:
+        print(f"nuclei ({m['num_instance_images']} images, native size, {m['nuclei']} found / {m['nuclei_true']} "
+              f"true): aji {m['aji_instance']:.4f}  aji+ {m['aji_plus_instance']:.4f}  pq {m['pq_instance']:.4f}  "
+              f"dq {m['dq_instance']:.4f}  sq {m['sq_instance']:.4f}")
     return m

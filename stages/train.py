@@ -13,17 +13,19 @@ from pathlib import Path
 import torch
 
 from textdiff.atomic import write_json
-from textdiff.baselines.unet import save_baseline
+from textdiff.baselines.unet import build_unet, save_baseline
 from textdiff.cache.store import FeatureCache
 from textdiff.data.magnification import working_mpp
-from textdiff.model.card import ModelCard, save_trained
+from textdiff.model.card import TEXTDIFF, ModelCard, load_classifier, save_trained
 from textdiff.model.classifier import train_params_problem
+from textdiff.model.nuclei import RuleChoice
 from textdiff.params import Params, load_params, section_dict
 from textdiff.paths import CACHE_PATH, CLASSIFIER_DIR, METRICS_DIR, TRAIN_LIVE_DIR
 from textdiff.runtime.device import provenance, resolve_device
 from textdiff.runtime.distributed import Ranks, close_ranks, init_ranks
 from textdiff.runtime.launch import relaunch_under_torchrun
-from textdiff.train.training import EpochRecord, schedule_for, train_classifier, train_unet
+from textdiff.train.nuclei_rule import choose_nuclei_rule
+from textdiff.train.training import EpochRecord, check_target, schedule_for, train_classifier, train_unet
 
 
 def run(params_path: Path, cache_path: Path = CACHE_PATH, out_dir: Path = CLASSIFIER_DIR) -> None:
@@ -38,6 +40,27 @@ def run(params_path: Path, cache_path: Path = CACHE_PATH, out_dir: Path = CLASSI
         _train(params, ranks, device, cache_path, out_dir)
     finally:
         close_ranks(ranks)
+
+
+def _nuclei_rule(kind: str, model, cache: FeatureCache, device: torch.device, mpp: float) -> RuleChoice | None:
+    started = time.perf_counter()
+    choice = choose_nuclei_rule(kind, model, cache, device, mpp)
+    if choice is None:
+        print("nuclei: no per-nucleus ground truth on val; the default nucleus rule is recorded")
+    else:
+        r = choice.rule
+        print(f"nuclei: rule chosen on val (mean AJI {choice.score:.4f} over {len(choice.tried)} tries, "
+              f"{time.perf_counter() - started:.0f}s): seeds {r.seeds}, marker {r.marker}, "
+              f"min area {r.min_area_um2} um2")
+    return choice
+
+
+def _rule_fields(choice: RuleChoice | None) -> dict:
+    return {"nuclei": choice.rule.to_json(), "val_aji_instance": choice.score} if choice else {}
+
+
+def _rule_metrics(choice: RuleChoice | None) -> dict:
+    return {"val_aji_instance": round(choice.score, 6)} if choice else {}
 
 
 def _train(params: Params, ranks: Ranks, device: torch.device, cache_path: Path, out_dir: Path) -> None:
@@ -58,10 +81,14 @@ def _train(params: Params, ranks: Ranks, device: torch.device, cache_path: Path,
             if not ranks.main:
                 shutil.rmtree(live_dir, ignore_errors=True)
                 return
-            save_baseline(out_dir, "classic", cache.spec, section_dict(params.train))
-            write_json(METRICS_DIR / "train.json", {"baseline": "classic", "num_train": 0, "seconds": 0.0})
+            choice = _nuclei_rule("classic", None, cache, device, params.data.mpp)
+            save_baseline(out_dir, "classic", cache.spec, section_dict(params.train), **_rule_fields(choice))
+            write_json(METRICS_DIR / "train.json", {"baseline": "classic", "num_train": 0, "seconds": 0.0,
+                                                    **_rule_metrics(choice)})
             print(f"baseline.kind=classic: hematoxylin + Otsu, no training; {out_dir}/model.json written")
             return
+        if params.baseline.kind == "none":
+            check_target(params.train.target, cache.spec)  # before any work
         if params.baseline.kind == "unet":
             result = train_unet(cache, params.train, params.baseline, device, on_epoch=log, ranks=ranks)
         else:
@@ -73,15 +100,21 @@ def _train(params: Params, ranks: Ranks, device: torch.device, cache_path: Path,
         return
 
     if params.baseline.kind == "unet":
-        save_baseline(out_dir, "unet", cache.spec, section_dict(params.train), result.state, result.config, result)
+        model = build_unet(result.config)
+        model.load_state_dict(result.state)
+        choice = _nuclei_rule("unet", model.to(device).eval(), cache, device, params.data.mpp)
+        save_baseline(out_dir, "unet", cache.spec, section_dict(params.train), result.state, result.config, result,
+                      **_rule_fields(choice))
     else:
+        choice = _nuclei_rule(TEXTDIFF, load_classifier(result.state, result.config, device), cache, device,
+                              params.data.mpp)
         card = ModelCard(classifier=result.config, spec=cache.spec, train=section_dict(params.train),
                          best_epoch=result.best_epoch, best_val_dice=result.best_val_dice,
                          best_val_iou=result.best_val_iou, train_ids=result.train_ids, cache=str(cache_path),
                          teacher_path=cache.provenance.get("teacher_path"), provenance=provenance(),
                          source_mpp=params.data.mpp,
                          working_mpp=working_mpp(params.data.mpp, cache.spec.mode, cache.spec.image_size,
-                                                 cache.spec.full_size))
+                                                 cache.spec.full_size), **_rule_fields(choice))
         save_trained(out_dir, result.state, card)
     peak_rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     write_json(METRICS_DIR / "train.json", {
@@ -96,6 +129,7 @@ def _train(params: Params, ranks: Ranks, device: torch.device, cache_path: Path,
         "seconds_per_epoch": round(seconds / schedule.rounds, 2),  # per validation round with train.steps
         "peak_rss_mib": round(peak_rss_mib, 1),  # rank 0's
         "processes": ranks.world,
+        **_rule_metrics(choice),
     })
     print(f"best val dice {result.best_val_dice:.4f} at {schedule.unit} {result.best_epoch} (step {result.best_step}); "
           f"{out_dir}/model.pt written ({seconds:.0f}s, peak RSS {peak_rss_mib:.0f} MiB)")

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from stages.cli import app
 from textdiff.cache.store import FeatureCache
-from textdiff.evaluation.metrics import iou_dice_textdiff
+from textdiff.evaluation.metrics import instance_scores, iou_dice_textdiff
 from textdiff.train.training import labeled_subset
 
 runner = CliRunner()
@@ -56,6 +56,22 @@ def test_train_then_evaluate(extracted, monkeypatch):
             dice, iou = iou_dice_textdiff((prob > 0.5).astype(np.uint8), test.mask(k, 0).numpy())
             assert dice == pytest.approx(row["dice"]) and iou == pytest.approx(row["iou"])
     assert sorted(p.name for p in Path("metrics/panels").iterdir()) == ["img_test_0.png", "img_test_1.png"]
+
+    # separated nuclei: scored against the per-nucleus truth at the source size, and stored so that
+    # scoring metrics/instances.h5 independently gives the same numbers
+    assert meta["classifier"]["distance_head"] and meta["nuclei"]["seeds"] in ("distance", "edt")
+    assert 0 <= train_metrics["val_aji_instance"] <= 1
+    for key in ("aji_instance", "aji_plus_instance", "pq_instance", "dq_instance", "sq_instance"):
+        assert metrics[key] == pytest.approx(np.mean([r[key] for r in per_image])), key
+    with h5py.File("metrics/instances.h5") as h5:
+        assert sorted(h5) == ["img_test_0", "img_test_1"]
+        for k, row in enumerate(per_image):
+            labels = h5[row["id"]][:]
+            assert labels.shape == (40, 40) and labels.dtype.kind == "u"
+            again = instance_scores(labels, test.full_instances(k))
+            assert again["aji_instance"] == pytest.approx(row["aji_instance"])
+            assert again["pq_instance"] == pytest.approx(row["pq_instance"])
+            assert row["nuclei"] == len(np.unique(labels)) - 1
 
 
 @pytest.mark.parametrize("fusion", ["none", "concat", "hierarchical"])

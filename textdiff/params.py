@@ -34,6 +34,7 @@ DEVICES = ("auto", "cpu", "cuda")
 # The in-domain teacher `textdiff pretrain` trains (and the shipped one was trained with): a
 # compact ADM sized for a CPU, on 64x64 crops.
 AUGMENTATIONS = ("none", "dihedral", "release")
+TARGETS = ("binary", "distance")  # train.target: what the classifier learns beside the mask
 
 COMPACT_ADM = {
     "image_size": 64,
@@ -272,12 +273,19 @@ class TrainParams:
     classifier: str = "project"  # or release: the released pixel classifier and loss, exactly
     padding_mask: bool = True  # pixels ignore the report's padding tokens (the release attends to them)
     decoder_norm: str = "image"  # image: BatchNorm on each image's own statistics; running: the release's
+    # binary: the mask alone (nuclei separated by a watershed of the mask's distance transform);
+    # distance: also each nucleus' normalised distance to its border, whose peaks seed the watershed
+    # (needs data.instances). Both give the same foreground mask and binary metrics.
+    target: str = "distance"
+    distance_weight: float = 1.0  # the distance head's mean squared error, beside CE + Dice
     # Processes: > 1 runs the stage under `torchrun --standalone` (DistributedDataParallel; gloo on
     # CPUs, one GPU per process); train.batch_size must split evenly over them.
     nproc: int = 1
 
     def check(self) -> None:
         _one_of("train.augment", self.augment, AUGMENTATIONS)
+        _one_of("train.target", self.target, TARGETS)
+        _non_negative("train.distance_weight", self.distance_weight)
         _non_negative("train.contrastive_weight", self.contrastive_weight)
         _positive("train.epochs", self.epochs)
         _non_negative("train.steps", self.steps)

@@ -88,9 +88,12 @@ BASELINE_KINDS = ("classic", "unet")
 
 
 def save_baseline(out_dir: Path, kind: str, spec: CacheSpec, train: dict, state: dict | None = None,
-                  config: UNetConfig | None = None, result=None) -> None:
-    """models/classifier/ for a baseline: model.json says which (`kind`), model.pt holds U-Net weights."""
-    card = {"kind": kind, "cache_spec": spec.to_json(), "train": train,
+                  config: UNetConfig | None = None, result=None, nuclei: dict | None = None,
+                  val_aji_instance: float = 0.0) -> None:
+    """models/classifier/ for a baseline: model.json says which (`kind`), model.pt holds U-Net weights,
+    `nuclei` the rule that separates its nuclei (chosen on val)."""
+    card = {"kind": kind, "cache_spec": spec.to_json(), "train": train, "nuclei": nuclei or {},
+            "val_aji_instance": val_aji_instance,
             "unet": config.to_json() if config is not None else None,
             **({k: getattr(result, k) 
                 for k in ("best_epoch", "best_step", "best_val_dice", "best_val_iou", "train_ids")}

@@ -20,6 +20,7 @@ class FeatureSample:
     tokens: torch.Tensor
     text_mask: torch.Tensor
     pooled: torch.Tensor
+    distance: torch.Tensor | None = None  # [views, H, W] float16, the instance target (caches with instances)
 
 
 PRELOAD_BYTES = 6 * 2**30  # keep a split in RAM below this: zarr decompression would dominate an epoch
@@ -43,18 +44,21 @@ class SampleStore:
         if self.cached is not None:
             full = self.get(position)
             return FeatureSample([f[view : view + 1] for f in full.features], full.mask[view : view + 1],
-                                 full.tokens, full.text_mask, full.pooled)
+                                 full.tokens, full.text_mask, full.pooled,
+                                 full.distance[view : view + 1] if full.distance is not None else None)
         i = self.indices[position]
         tokens, text_mask, pooled = self.split.text(i)
+        distance = self.split.distance(i, view)[None] if self.split.has_instances else None
         return FeatureSample([f[None] for f in self.split.features(i, view)], self.split.mask(i, view)[None],
-                             tokens, text_mask, pooled)
+                             tokens, text_mask, pooled, distance)
 
     def get(self, position: int) -> FeatureSample:
         i = self.indices[position]
         if self.cached is not None and i in self.cached:
             return self.cached[i]
         tokens, text_mask, pooled = self.split.text(i)
-        sample = FeatureSample(self.split.features(i), self.split.mask(i), tokens, text_mask, pooled)
+        distance = self.split.distance(i) if self.split.has_instances else None
+        sample = FeatureSample(self.split.features(i), self.split.mask(i), tokens, text_mask, pooled, distance)
         if self.cached is not None:
             self.cached[i] = sample
         return sample
@@ -71,3 +75,12 @@ def batch_of(samples: list[FeatureSample], views: list[int], jitter: list[int], 
     text_mask = torch.stack([s.text_mask for s in samples]).to(device)
     pooled = torch.stack([s.pooled for s in samples]).to(device)
     return feats, mask.long().to(device), tokens, text_mask, pooled
+
+
+def distance_batch(samples: list[FeatureSample], views: list[int], jitter: list[int],
+                   device: torch.device) -> torch.Tensor | None:
+    """The instance targets [B, H, W] float32 of the samples, viewed as `batch_of` views their masks
+    (None when the cache has none)."""
+    if any(s.distance is None for s in samples):
+        return None
+    return torch.stack([apply_view(s.distance[v], j) for s, v, j in zip(samples, views, jitter)]).float().to(device)

@@ -53,20 +53,21 @@ def gaussian_window(size: int, sigma_fraction: float = 0.125) -> torch.Tensor:
 
 def blend_tiles(probs: list[torch.Tensor | None], origins: list[tuple[int, int]], height: int, width: int,
                 tile: int | None = None) -> torch.Tensor:
-    """Gaussian-weighted mean of window predictions [tile, tile] placed at `origins` -> [H, W].
-    A window given as None (glass, not segmented) has no weight; pixels only such windows cover
-    get probability 0."""
+    """Gaussian-weighted mean of window predictions [..., tile, tile] placed at `origins` -> [..., H, W]
+    (leading dims, e.g. a probability and a distance map, are blended alike). A window given as
+    None (glass, not segmented) has no weight; pixels only such windows cover get probability 0."""
     if not probs:
         raise ValueError("blend_tiles needs at least one window")
     tile = tile or next(p.shape[-1] for p in probs if p is not None)
+    lead = next((tuple(p.shape[:-2]) for p in probs if p is not None), ())
     weight = gaussian_window(tile)
-    acc = torch.zeros(height, width)
+    acc = torch.zeros(*lead, height, width)
     norm = torch.zeros(height, width)
     covered = torch.zeros(height, width, dtype=torch.bool)
     for prob, (y, x) in zip(probs, origins):
         covered[y : y + tile, x : x + tile] = True
         if prob is not None:
-            acc[y : y + tile, x : x + tile] += weight * prob.float().cpu()
+            acc[..., y : y + tile, x : x + tile] += weight * prob.float().cpu()
             norm[y : y + tile, x : x + tile] += weight
     if not covered.all():
         raise ValueError("the windows do not cover the whole image")

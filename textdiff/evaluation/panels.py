@@ -21,6 +21,7 @@ FP_COLOUR = (230, 159, 0)  # orange
 FN_COLOUR = (0, 114, 178)  # blue
 TN_COLOUR = (0, 0, 0)
 PRED_CONTOUR = (255, 0, 255)  # predict's plain overlay (no ground truth)
+OUTLINE = (110, 110, 110)  # each nucleus' border on the white masks: a merge shows as one outline round two
 LEGEND = (("true positive", TP_COLOUR), ("false positive (extra)", FP_COLOUR), ("false negative (missed)", FN_COLOUR))
 COLUMNS = ("image", "ground truth", "prediction", "errors")
 _GAP, _HEADER, _LABELS, _FOOTER = 6, 30, 22, 28
@@ -40,15 +41,36 @@ def error_map(pred: np.ndarray, gt: np.ndarray) -> np.ndarray:
 
 
 def overlay(image: np.ndarray, pred: np.ndarray) -> np.ndarray:
-    """The image with predicted nucleus contours in magenta (when there is no ground truth)."""
+    """The image with predicted nucleus contours in magenta (when there is no ground truth); `pred`
+    a binary mask or a label map (then every separated nucleus has its own contour)."""
     out = np.array(image, dtype=np.uint8, copy=True)
-    out[find_boundaries(pred.astype(bool), mode="inner")] = PRED_CONTOUR
+    labels = pred if pred.dtype.kind in "iu" and pred.max(initial=0) > 1 else pred.astype(bool)
+    out[find_boundaries(labels, mode="inner")] = PRED_CONTOUR
+    return out
+
+
+def _outlined(tile: np.ndarray, labels: np.ndarray | None) -> np.ndarray:
+    """A mask tile with each labelled nucleus' border drawn on it (labels resized nearest to the tile)."""
+    if labels is None:
+        return tile
+    h, w = tile.shape[:2]
+    if labels.shape != (h, w):
+        rows = (np.arange(h) * labels.shape[0] // h).clip(0, labels.shape[0] - 1)
+        cols = (np.arange(w) * labels.shape[1] // w).clip(0, labels.shape[1] - 1)
+        labels = labels[rows][:, cols]
+    out = tile.copy()
+    out[find_boundaries(labels, mode="inner")] = OUTLINE
     return out
 
 
 def panel_caption(image_id: str, scores: dict) -> str:
-    """The panel's caption: which image, and how good the prediction is."""
-    return f"{image_id}   Dice {scores['dice']:.3f}   AJI {scores['aji']:.3f}"
+    """The panel's caption: which image, and how good the prediction is (by nuclei when it was
+    scored against a per-nucleus truth)."""
+    caption = f"{image_id}   Dice {scores['dice']:.3f}   AJI {scores['aji']:.3f}"
+    if "aji_instance" in scores:
+        caption += (f"   nuclei: AJI {scores['aji_instance']:.3f}  PQ {scores['pq_instance']:.3f}  "
+                    f"{scores['nuclei']} found / {scores['nuclei_true']} true")
+    return caption
 
 
 def _font(size: int) -> ImageFont.ImageFont:
@@ -66,14 +88,18 @@ def tile_origin(k: int, size: tuple[int, int]) -> tuple[int, int]:
     return _GAP + col * (w + _GAP), _HEADER + row * (_LABELS + h) + _LABELS
 
 
-def panel(image: np.ndarray, gt: np.ndarray, pred: np.ndarray, caption: str, scale: int | None = None) -> np.ndarray:
+def panel(image: np.ndarray, gt: np.ndarray, pred: np.ndarray, caption: str, scale: int | None = None,
+          gt_labels: np.ndarray | None = None, pred_labels: np.ndarray | None = None) -> np.ndarray:
     """image | ground truth over prediction | error map, upscaled by `scale`, captioned, with a
     legend. A 2x2 grid: at x2 a 256-px image makes a 1,042-px-wide panel that fits a screen.
-    `scale=None`: x2 up to 512 px (crisp pixels), x1 above (a page that still fits a screen)."""
+    `scale=None`: x2 up to 512 px (crisp pixels), x1 above (a page that still fits a screen).
+    With label maps (any size: drawn at the panel's), the truth and the prediction show each
+    nucleus' outline, so a merge or a split is visible."""
     if scale is None:
         scale = 2 if max(image.shape[:2]) <= 512 else 1
     tiles = [np.asarray(image, np.uint8), _mask_rgb(gt), _mask_rgb(pred), error_map(pred, gt)]
     tiles = [t.repeat(scale, axis=0).repeat(scale, axis=1) for t in tiles]
+    tiles[1], tiles[2] = _outlined(tiles[1], gt_labels), _outlined(tiles[2], pred_labels)
     h, w = tiles[0].shape[:2]
     canvas = Image.new("RGB", (2 * w + 3 * _GAP, _HEADER + 2 * (_LABELS + h) + _FOOTER + _GAP), (255, 255, 255))
     draw = ImageDraw.Draw(canvas)

@@ -28,10 +28,20 @@ from textdiff.cache.spec import CacheSpec
 from textdiff.cache.store import CachedSplit, FeatureCache
 from textdiff.data.tiles import blend_tiles, paste_tiles
 from textdiff.errors import TextDiffError
-from textdiff.evaluation.metrics import boundary_f1, dice_pixel, image_metrics, iou_dice_textdiff, summarize
+from textdiff.evaluation.instances import native_maps, scored_truths
+from textdiff.evaluation.metrics import (
+    INSTANCE_KEYS,
+    boundary_f1,
+    dice_pixel,
+    image_metrics,
+    instance_scores,
+    iou_dice_textdiff,
+    summarize,
+)
 from textdiff.model.card import ModelCard
 from textdiff.model.classifier import PixelClassifier
 from textdiff.model.inference import predict_split, resize_probability
+from textdiff.model.nuclei import NucleusRule, separate
 
 SUMMARY_METRICS = ("dice", "aji")  # the summary plot's columns, per test image
 
@@ -47,6 +57,8 @@ class Evaluation:
     images: list[np.ndarray]  # the first `panels` images, for the error panels (RGB)
     per_image: list[dict]
     metrics: dict[str, float]
+    nuclei: list[np.ndarray] | None = None  # per image the separated nuclei at the source size (int32 labels)
+    truths: list[np.ndarray | None] | None = None  # per image its per-nucleus truth (None: none, or approximate)
 
 
 def stitch_windows(split: CachedSplit, window_probs: list[np.ndarray], panels: int):
@@ -87,17 +99,19 @@ def native_scores(pred: np.ndarray, gt: np.ndarray) -> dict[str, float]:
 
 
 def evaluate_test(model: PixelClassifier, card: ModelCard, cache: FeatureCache, device: torch.device,
-                  panels: int) -> Evaluation:
+                  panels: int, rule: NucleusRule | None = None) -> Evaluation:
     """Metrics of the classifier on the test split of the cache it was trained on."""
     if card.spec != cache.spec:
         raise TextDiffError("the classifier was trained on another cache; re-run `textdiff train`")
     test = cache.split("test")
-    preds, gts, probs = predict_split(model, SampleStore(test), device, keep_probs=True)
-    return score_test(cache, preds, gts, probs, panels)
+    distances: list = []
+    preds, gts, probs = predict_split(model, SampleStore(test), device, keep_probs=True, distances=distances)
+    return score_test(cache, preds, gts, probs, panels, rule or NucleusRule(), distances, card.source_mpp)
 
 
 def evaluate_baseline(kind: str, model: torch.nn.Module | None, spec: CacheSpec, cache: FeatureCache,
-                      device: torch.device, panels: int) -> Evaluation:
+                      device: torch.device, panels: int, rule: NucleusRule | None = None,
+                      mpp: float = 0.0) -> Evaluation:
     """The same scoring for a baseline: the U-Net's probabilities, or the classic mask (as 0/1
     probabilities, so tiles are blended and thresholded like any model's)."""
     if spec != cache.spec:
@@ -110,41 +124,63 @@ def evaluate_baseline(kind: str, model: torch.nn.Module | None, spec: CacheSpec,
         preds = [hematoxylin_otsu(test.image(i), bgr=bgr) for i in range(len(test))]
         gts = [test.mask(i, 0).numpy().astype(np.uint8) for i in range(len(test))]
         probs = [p.astype(np.float32) for p in preds]
-    return score_test(cache, preds, gts, probs, panels)
+    return score_test(cache, preds, gts, probs, panels, rule or NucleusRule(), None, mpp)
 
 
 def score_test(cache: FeatureCache, preds: list[np.ndarray], gts: list[np.ndarray], probs: list[np.ndarray],
-               panels: int) -> Evaluation:
-    """Every metric of view-0 predictions of the test items (windows are stitched first)."""
+               panels: int, rule: NucleusRule | None = None, distances: list[np.ndarray | None] | None = None,
+               mpp: float = 0.0) -> Evaluation:
+    """Every metric of view-0 predictions of the test items (windows are stitched first); at the
+    source resolution also the nuclei the rule separates, scored against the per-nucleus truth."""
     test = cache.split("test")
+    window_probs = probs
     if cache.spec.tiled:  # score whole images at native resolution, not windows
         ids, probs, gts, images = stitch_windows(test, probs, panels)
         preds = [(p > 0.5).astype(np.uint8) for p in probs]
     else:
         ids, images = test.ids, [test.image(k) for k in range(min(panels, len(test)))]
     full = test.spec.full_size
-    per_image = []
+    native_probs = native_maps(test, window_probs) if full else None
+    has_head = distances is not None and len(distances) > 0 and all(d is not None for d in distances)
+    native_dist = native_maps(test, distances) if full and has_head else None
+    truths = scored_truths(test) if full else [None] * len(ids)
+    rule = rule or NucleusRule()
+    per_image, nuclei = [], []
     for k, (image_id, p, g) in enumerate(zip(ids, preds, gts)):
         dice_r, iou_r = iou_dice_textdiff(release_prediction(p, probs[k], test.spec.release_side), test.release_mask(k))
         row = {"id": image_id, **image_metrics(p, g), "dice_release": dice_r, "iou_release": iou_r}
         if cache.spec.tiled:  # already whole images at native resolution
             row.update(native_scores(p, g))
         elif full:
-            native = (resize_probability(probs[k], (full, full)) > 0.5).astype(np.uint8)
+            native = (native_probs[k] > 0.5).astype(np.uint8)
             row.update(native_scores(native, test.full_mask(k)))
+        if native_probs is not None and mpp > 0:
+            labels = separate(native_probs[k], native_dist[k] if native_dist is not None else None, rule, mpp)
+            nuclei.append(labels)
+            row["nuclei"] = int(labels.max())
+            if truths[k] is not None:
+                row.update(instance_scores(labels, truths[k]))
+                row["nuclei_true"] = int(len(np.unique(truths[k])) - (truths[k].min() == 0))
         per_image.append(row)
-    summary = summarize(per_image)
+    summary = summarize([{k: v for k, v in row.items() if k not in (*INSTANCE_KEYS, "nuclei", "nuclei_true")}
+                         for row in per_image])
+    scored = [row for row in per_image if "aji_instance" in row]
     metrics = {
         "dice": summary["dice"], "iou": summary["iou"], "dice_pixel": dice_pixel(preds, gts),
         "aji": summary["aji"], "aji_plus": summary["aji_plus"],
         "pq": summary["pq"], "dq": summary["dq"], "sq": summary["sq"],
         "dice_release": summary["dice_release"], "iou_release": summary["iou_release"],
         **{k: summary[k] for k in (*(f"{m}_native" for m in NATIVE_KEYS), "bf1_native") if k in summary},
+        **({k: float(np.mean([row[k] for row in scored])) for k in INSTANCE_KEYS} if scored else {}),
+        **({"nuclei": int(sum(row["nuclei"] for row in per_image if "nuclei" in row))} if nuclei else {}),
+        **({"nuclei_true": int(sum(row["nuclei_true"] for row in scored)), "num_instance_images": len(scored)}
+           if scored else {}),
         "num_images": len(per_image),
     }
     if cache.spec.protocol == "release":  # the release feeds BGR; people look at RGB
         images = [np.ascontiguousarray(image[..., ::-1]) for image in images]
-    return Evaluation(list(ids), probs, preds, gts, images, per_image, metrics)
+    return Evaluation(list(ids), probs, preds, gts, images, per_image, metrics, nuclei or None,
+                      truths if nuclei else None)
 
 
 def summary_rows(per_image: list[dict]) -> list[dict]:

@@ -22,6 +22,7 @@ from textdiff.atomic import atomic_dir
 from textdiff.cache.spec import CacheSpec
 from textdiff.errors import TextDiffError
 from textdiff.model.classifier import ClassifierConfig, PixelClassifier
+from textdiff.model.nuclei import NucleusRule
 from textdiff.teacher.checkpoint import torch_load_reason
 
 CARD_FILE = "model.json"
@@ -101,6 +102,8 @@ class ModelCard:
     provenance: dict = field(default_factory=dict)
     source_mpp: float = 0.0  # data.mpp of the training images (0: a model from before it was recorded)
     working_mpp: float = 0.0  # µm per pixel the classifier works at (textdiff.data.magnification.working_mpp)
+    nuclei: dict = field(default_factory=dict)  # the NucleusRule chosen on val ({}: the default rule)
+    val_aji_instance: float = 0.0  # its mean validation AJI (0: not measured)
 
     def to_json(self) -> dict[str, Any]:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -117,6 +120,13 @@ class ModelCard:
         return cls(**values)
 
 
+
+
+def nuclei_rule(files: ModelFiles) -> NucleusRule:
+    """How the model's maps become separated nuclei: the rule chosen on val, or the default one for
+    a model from before rules were recorded (or trained without per-nucleus ground truth)."""
+    raw = files.raw.get("nuclei") or {}
+    return NucleusRule.from_json(raw, source=str(files.card_path)) if raw else NucleusRule()
 
 
 def save_trained(out_dir: Path, state: dict[str, torch.Tensor], card: ModelCard) -> None:

@@ -253,6 +253,9 @@ class ClassifierConfig:
     padding_mask: whether pixels ignore the text's padding tokens (the release attends to them).
     decoder_norm: "image" (BatchNorm with each image's own statistics, also at inference) or
         "running" (BatchNorm's running averages at inference, as the release).
+    distance_head: a second output on the decoder's last hidden features, each nucleus' normalised
+        distance to its border (`train.target: distance`), whose peaks seed the watershed that
+        separates touching nuclei (`model.nuclei`). The mask logits are computed exactly as without it.
     """
 
     block_channels: tuple[int, ...]
@@ -268,6 +271,7 @@ class ClassifierConfig:
     variant: str = "project"
     padding_mask: bool = True
     decoder_norm: str = "image"
+    distance_head: bool = False
 
     def __post_init__(self) -> None:
         if self.fusion not in FUSIONS:
@@ -347,6 +351,9 @@ class PixelClassifier(nn.Module):
             nn.Conv2d(c2, config.num_classes, 3, 1, 1),
         )
 
+        # The instance target's head reads what the mask's last conv reads (the same fused features).
+        self.distance_head = nn.Conv2d(c2, 1, 3, 1, 1) if config.distance_head else None
+
         self.has_contrastive = fusion != "none" and config.variant == "project"
         if self.has_contrastive:
             self.image_head = nn.Linear(n * d_model, config.contrastive_dim)
@@ -406,7 +413,8 @@ class PixelClassifier(nn.Module):
         text_mask [B, L] (1/True = real token); text_pooled [B, text_dim].
 
         Returns {"logits": [B, num_classes, *out_size]} plus, unless fusion is "none",
-        {"image_embedding": [B, contrastive_dim], "text_embedding": [B, contrastive_dim]}.
+        {"image_embedding": [B, contrastive_dim], "text_embedding": [B, contrastive_dim]}, and with
+        the distance head {"distance_logits": [B, 1, *out_size]} (sigmoid: the instance target).
         """
         dtype = self.decoder[0].weight.dtype
         if len(features) != len(self.block_channels):
@@ -441,7 +449,11 @@ class PixelClassifier(nn.Module):
             fused.append(self._fuse(k, x, context, mask, pooled))
 
         up = [F.interpolate(m, size=self.out_size, mode="bilinear", align_corners=False) for m in fused]
-        out = {"logits": self.decoder(torch.cat(up, dim=1))}
+        if self.distance_head is None:
+            out = {"logits": self.decoder(torch.cat(up, dim=1))}
+        else:
+            hidden = self.decoder[:-1](torch.cat(up, dim=1))
+            out = {"logits": self.decoder[-1](hidden), "distance_logits": self.distance_head(hidden)}
         if self.has_contrastive:
             image_global = torch.cat([m.mean(dim=(2, 3)) for m in fused], dim=1)
             out["image_embedding"] = self.image_head(image_global)

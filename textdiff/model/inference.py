@@ -21,17 +21,28 @@ def resize_probability(prob: np.ndarray | torch.Tensor, size: tuple[int, int]) -
     return F.interpolate(t[None, None], size=size, mode="bilinear", align_corners=False)[0, 0].cpu().numpy()
 
 
+def distance_map(out: dict) -> np.ndarray | None:
+    """The predicted instance target [H, W] float32 of a one-image output, None without the head."""
+    if "distance_logits" not in out:
+        return None
+    return torch.sigmoid(out["distance_logits"].float())[0, 0].cpu().numpy()
+
+
 @torch.no_grad()
-def predict_split(model: PixelClassifier, data: SampleStore, device: torch.device,
-                  keep_probs: bool = False) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]]:
-    """Argmax masks, ground truths (and foreground probabilities) of view 0 of every image."""
+def predict_split(model: PixelClassifier, data: SampleStore, device: torch.device, keep_probs: bool = False,
+                  distances: list | None = None) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]]:
+    """Argmax masks, ground truths (and foreground probabilities) of view 0 of every image; a list
+    passed as `distances` receives each image's predicted distance map (None without the head)."""
     model.eval()
     preds, gts, probs = [], [], []
     for p in range(len(data)):
         feats, mask, tokens, text_mask, pooled = batch_of([data.get(p)], [0], [0], device)
-        logits = model(feats, tokens, text_mask, pooled)["logits"].float()
+        out = model(feats, tokens, text_mask, pooled)
+        logits = out["logits"].float()
         preds.append(logits.argmax(1)[0].cpu().numpy().astype(np.uint8))
         gts.append(mask[0].cpu().numpy().astype(np.uint8))
         if keep_probs:
             probs.append(torch.softmax(logits, 1)[0, 1].cpu().numpy())
+        if distances is not None:
+            distances.append(distance_map(out))
     return preds, gts, probs

@@ -69,12 +69,18 @@ def total_loss(
     dice_on: str = "probabilities",
     reduce_sums: Callable[[torch.Tensor], torch.Tensor] | None = None,
     mean_weight: float = 1.0,
+    distance: torch.Tensor | None = None,
+    distance_weight: float = 0.0,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """CE + dice_weight*Dice + contrastive_weight*contrastive, from a PixelClassifier output dict.
 
     Returns (loss, parts) where parts holds detached floats for logging: "ce", "dice",
     "contrastive" (only when contrastive_weight > 0) and "total". With contrastive_weight == 0 the
-    contrastive term is not computed at all. Under DistributedDataParallel `mean_weight` scales the
+    contrastive term is not computed at all. With `distance` (the instance target [B, H, W] in
+    [0, 1]) and `distance_weight` > 0, distance_weight * the mean squared error of
+    sigmoid(distance_logits) is added ("distance" in parts), every pixel weighing the same, so the
+    background is taught to stay at 0 and each nucleus to peak at its centre (DIST, Naylor et al.
+    2019, regress the same map). Under DistributedDataParallel `mean_weight` scales the
     per-image means (CE, contrastive) by this rank's share of the batch times the number of ranks,
     and `reduce_sums` makes the Dice the whole batch's (see `soft_dice_loss`).
     """
@@ -93,5 +99,14 @@ def total_loss(
         con = contrastive_loss(outputs["image_embedding"], outputs["text_embedding"])
         loss = loss + mean_weight * contrastive_weight * con
         parts["contrastive"] = con.item()
+    if distance_weight > 0:
+        if "distance_logits" not in outputs or distance is None:
+            raise TextDiffError("train.target=distance needs the distance head and the cache's instance targets")
+        predicted = torch.sigmoid(outputs["distance_logits"].float())[:, 0]
+        if predicted.shape != distance.shape:
+            raise TextDiffError(f"distance target has shape {tuple(distance.shape)}, expected {tuple(predicted.shape)}")
+        mse = F.mse_loss(predicted, distance.float())
+        loss = loss + mean_weight * distance_weight * mse
+        parts["distance"] = mse.item()
     parts["total"] = loss.item()
     return loss, parts

@@ -32,9 +32,10 @@ from textdiff.data.tiles import blend_tiles, tile_grid
 from textdiff.encoders.image import Featurizer, build_featurizer, images_to_model_range
 from textdiff.encoders.text import TextEncoder
 from textdiff.errors import TextDiffError
-from textdiff.model.card import ModelCard, load_trained
+from textdiff.model.card import ModelCard, load_trained, nuclei_rule, read_model_dir
 from textdiff.model.classifier import PixelClassifier
 from textdiff.model.inference import resize_probability
+from textdiff.model.nuclei import NucleusRule
 from textdiff.predict.slides import SLIDE_SUFFIXES
 from textdiff.teacher import checkpoint_sha256
 
@@ -87,6 +88,7 @@ class Segmenter:
     working_mpp: float = 0.0  # µm/px the classifier works at (0: unknown, an older model: whole-image resize)
     source_mpp: float = 0.0  # the training images' µm/px: assumed for an input whose own is not known
     whole: bool = False  # resize every image to the training size (the paper's protocol), whatever its size
+    rule: NucleusRule = field(default_factory=NucleusRule)  # how nuclei are separated (model.json, chosen on val)
 
     def __post_init__(self) -> None:
         self._text_cache: dict[str, tuple] = {}
@@ -109,10 +111,15 @@ class Segmenter:
             return None if self.mode == "resize" else 1.0
         return float(mpp or self.source_mpp) / self.working_mpp
 
-    @torch.no_grad()
     def probabilities(self, image: np.ndarray, text: str = "", mpp: float | None = None) -> np.ndarray:
         """Foreground probability [H, W] float32 for an RGB uint8 image [H, W, 3] of any size, at
         `mpp` micrometres per pixel (None: the training source's)."""
+        return self.maps(image, text, mpp)[0]
+
+    @torch.no_grad()
+    def maps(self, image: np.ndarray, text: str = "", mpp: float | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+        """(foreground probability, predicted nucleus distance or None without the head), both
+        [H, W] float32 at the image's own size: what `model.nuclei.separate` reads."""
         h, w = image.shape[:2]
         if self.stain:  # as prepare did to every training image, at the source resolution
             image = normalize(image, self.stain)
@@ -124,7 +131,10 @@ class Segmenter:
                 return None
             feats = self.extractor(x.to(self.device))
             out = self.classifier([feats[b].to(self.device) for b in self.blocks], tokens, mask, pooled)
-            return torch.softmax(out["logits"].float(), dim=1)[0, 1]
+            prob = torch.softmax(out["logits"].float(), dim=1)[0, 1]
+            if "distance_logits" not in out:
+                return prob
+            return torch.stack([prob, torch.sigmoid(out["distance_logits"].float())[0, 0]])
 
         factor = self.factor(mpp)
         if factor is None:
@@ -134,18 +144,23 @@ class Segmenter:
             tile = self.tile if self.mode == "tiles" else self.image_size
             stride = self.stride if self.mode == "tiles" else max(1, (3 * self.image_size) // 4)
         x = images_to_model_range(to_working_size(image, size, self.protocol)[None])[0]
-        prob = sliding_window(x, tile, stride, predict_tile)
-        return np.clip(resize_probability(prob, (h, w)), 0, 1).astype(np.float32)
+        blended = sliding_window(x, tile, stride, predict_tile)
+        if blended.dim() == 2:
+            return np.clip(resize_probability(blended, (h, w)), 0, 1).astype(np.float32), None
+        prob, distance = (np.clip(resize_probability(m, (h, w)), 0, 1).astype(np.float32) for m in blended)
+        return prob, distance
 
 
-def nucleus_table(image_id: str, mask: np.ndarray) -> list[dict]:
-    """One row per connected component (8-connectivity) of a binary mask: what a pathologist counts."""
-    from skimage.measure import label, regionprops
+def nucleus_table(image_id: str, nuclei: np.ndarray, mpp: float = 0.0) -> list[dict]:
+    """One row per separated nucleus of a label map (`model.nuclei.separate`): what a pathologist
+    counts and measures; `area_um2` when the image's micrometres per pixel are known."""
+    from skimage.measure import regionprops
 
     rows = []
-    for region in regionprops(label(mask.astype(bool), connectivity=2)):
+    for region in regionprops(np.asarray(nuclei, np.int32)):
         cy, cx = region.centroid
         rows.append({"image": image_id, "label": int(region.label), "area": int(region.area),
+                     "area_um2": round(float(region.area) * mpp**2, 2) if mpp > 0 else "",
                      "centroid_y": round(float(cy), 2), "centroid_x": round(float(cx), 2),
                      "eccentricity": round(float(region.eccentricity), 4)})
     return rows
@@ -212,5 +227,6 @@ def build_segmenter(model_dir: Path, device: torch.device, teacher_override: Pat
                           classifier=classifier, encoder=encoder, image_size=spec.image_size, mode=spec.mode,
                           tile=spec.tile or spec.image_size, stride=spec.stride or spec.image_size, scale=scale,
                           device=device, protocol=spec.protocol, stain=dict(spec.stain),
-                          working_mpp=card.working_mpp, source_mpp=card.source_mpp, whole=whole)
+                          working_mpp=card.working_mpp, source_mpp=card.source_mpp, whole=whole,
+                          rule=nuclei_rule(read_model_dir(model_dir)))
     return segmenter, card

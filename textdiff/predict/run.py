@@ -3,8 +3,10 @@
 Everything the model needs is read from its `model.json` (teacher checkpoint and config, steps,
 blocks, text encoder, image size), so a user only names images. A bad image is reported in one
 line and skipped; the others are still segmented; the caller's exit code says whether any failed.
-Images are written by `segment_image`, slides by `segment_slide_input` (textdiff.predict.slides does
-the tiling); `predictions.h5` and `nuclei.csv` are swapped in whole at the end.
+Images are written by `segment_image` (`<id>_mask.png`, `<id>_instances.png`: uint16 labels of the
+separated nuclei, and a picture), slides by `segment_slide_input` (textdiff.predict.slides does the
+tiling); `predictions.h5` and `nuclei.csv` (one row per separated nucleus) are swapped in whole at
+the end. Nuclei are separated by the rule in model.json (`model.nuclei`), as evaluate separates them.
 """
 
 from __future__ import annotations
@@ -27,12 +29,13 @@ from textdiff.errors import TextDiffError
 from textdiff.evaluation.metrics import image_metrics
 from textdiff.evaluation.panels import overlay, panel, panel_caption, save_png
 from textdiff.hashing import sha256_file
+from textdiff.model.nuclei import MAX_LABELS, separate
 from textdiff.paths import CLASSIFIER_DIR
 from textdiff.predict.images import Segmenter, build_segmenter, collect_images, megapixels, nucleus_table
 from textdiff.predict.slides import SlideResult, is_slide, segment_slide
 from textdiff.runtime.device import resolve_device
 
-NUCLEI_COLUMNS = ["image", "label", "area", "centroid_y", "centroid_x", "eccentricity"]
+NUCLEI_COLUMNS = ["image", "label", "area", "area_um2", "centroid_y", "centroid_x", "eccentricity"]
 
 
 class _NothingSegmented(Exception):
@@ -58,27 +61,34 @@ def ground_truth(path: Path, masks: Path | None, shape: tuple[int, ...]) -> np.n
 
 def segment_image(segmenter: Segmenter, path: Path, sentence: str, out: Path, h5: h5py.File,
                 masks: Path | None = None, mpp: float | None = None) -> tuple[list[dict], float, bool]:
-    """Mask, picture and probability map of one image; returns its nuclei rows, megapixels, and
-    whether it was scored against a ground truth.
+    """Mask, separated nuclei, picture and probability map of one image; returns its nuclei rows,
+    megapixels, and whether it was scored against a ground truth.
 
     With a ground-truth mask the picture is the evaluation panel (image | truth | prediction |
-    errors, scored); without one, the image with the predicted contours."""
+    errors, scored); without one, the image with each predicted nucleus' contour."""
     image, _ = read_image(path)
     gt = ground_truth(path, masks, image.shape)
-    prob = segmenter.probabilities(image, sentence, mpp)
+    prob, distance = segmenter.maps(image, sentence, mpp)
+    image_mpp = mpp or segmenter.source_mpp
+    nuclei = separate(prob, distance, segmenter.rule, image_mpp)
+    if nuclei.max(initial=0) > MAX_LABELS:
+        raise TextDiffError(f"{path}: {int(nuclei.max())} nuclei do not fit a 16-bit label image (at most "
+                            f"{MAX_LABELS}); segment it as a slide (a .svs/.ndpi/pyramidal TIFF) or cut it into crops")
     mask = (prob > 0.5).astype(np.uint8)
     save_png(out / f"{path.stem}_mask.png", mask * 255)
+    save_png(out / f"{path.stem}_instances.png", nuclei.astype(np.uint16))
     scored = ""
     if gt is None:
-        save_png(out / f"{path.stem}_overlay.png", overlay(image, pred=mask))
+        save_png(out / f"{path.stem}_overlay.png", overlay(image, pred=nuclei))
     else:
         m = image_metrics(mask, gt)
         scored = f"; Dice {m['dice']:.3f}, AJI {m['aji']:.3f} against {masks}"
-        save_png(out / f"{path.stem}_panel.png", panel(image, gt, mask, panel_caption(path.stem, m)))
+        save_png(out / f"{path.stem}_panel.png",
+                 panel(image, gt, mask, panel_caption(path.stem, m), pred_labels=nuclei))
     ds = h5.create_dataset(path.stem, data=prob, compression="gzip")
     ds.attrs.update({"source": str(path.resolve()), "text": sentence, "description": "foreground (nucleus) probability",
-                     "mpp": mpp or segmenter.source_mpp})
-    rows = nucleus_table(path.stem, mask)
+                     "mpp": image_mpp})
+    rows = nucleus_table(path.stem, nuclei, image_mpp)
     tqdm.write(f"{path.stem}: {len(rows)} nuclei, {100 * mask.mean():.1f}% covered "
                f"({image.shape[1]}x{image.shape[0]}){scored}")
     return rows, megapixels(image.shape), gt is not None
@@ -88,9 +98,9 @@ def segment_slide_input(segmenter: Segmenter, path: Path, sentence: str, out: Pa
                         model_identity: dict) -> SlideResult:
     """One whole slide, tile by tile at the model's working resolution (resumable: the identity of
     the model and the text decide whether a stopped run's tiles are reused); its summary line."""
-    result = segment_slide(path, lambda rgb: segmenter.probabilities(rgb, sentence, segmenter.working_mpp),
+    result = segment_slide(path, lambda rgb: segmenter.maps(rgb, sentence, segmenter.working_mpp),
                            out, segmenter.working_mpp, mpp, segmenter.source_mpp,
-                           identity={"model": model_identity, "text": sentence})
+                           identity={"model": model_identity, "text": sentence}, rule=segmenter.rule)
     tqdm.write(f"{path.stem}: {result.nuclei} nuclei in {result.tissue_tiles} of {result.tiles} tiles with tissue "
                f"({result.megapixels / max(result.seconds, 1e-9):.3g} megapixels/s at {segmenter.working_mpp:.3g} "
                f"µm/px) -> {', '.join(p.name for p in result.outputs)}")

@@ -43,6 +43,7 @@ from textdiff.atomic import atomic_file
 from textdiff.data.resize import to_working_size
 from textdiff.data.stain import tissue_pixels
 from textdiff.errors import TextDiffError
+from textdiff.model.nuclei import NucleusRule, separate
 
 SLIDE_SUFFIXES = (".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide", ".tif", ".tiff")
 THUMBNAIL = 2048  # longest side of the tissue-detection thumbnail
@@ -158,15 +159,18 @@ def read_region(slide, plan: SlidePlan, box: tuple[int, int, int, int]) -> np.nd
 
 
 def nuclei_of(prob: np.ndarray, region: tuple[int, int, int, int], core: tuple[int, int, int, int],
-              factor: float, working_mpp: float, size0: tuple[int, int] = (2**31, 2**31)) -> list[dict]:
-    """Nuclei whose centroid lies in the core: polygon (traced between pixel centres and edges,
-    kept inside the slide's `size0` = (width, height)) and centroid in level-0 pixels, areas."""
-    from skimage.measure import find_contours, label, regionprops
+              factor: float, working_mpp: float, size0: tuple[int, int] = (2**31, 2**31),
+              distance: np.ndarray | None = None, rule: NucleusRule | None = None) -> list[dict]:
+    """Separated nuclei (`model.nuclei.separate` on the whole region, margin included, so a nucleus
+    on the core's border is separated with all of it) whose centroid lies in the core: each is
+    counted by exactly one tile. Polygon (traced between pixel centres and edges, kept inside the
+    slide's `size0` = (width, height)) and centroid in level-0 pixels, areas."""
+    from skimage.measure import find_contours, regionprops
 
     ry0, rx0 = region[0], region[1]
     cy0, cx0, cy1, cx1 = core
     out = []
-    labels = label(prob > 0.5, connectivity=2)
+    labels = separate(prob, distance, rule or NucleusRule(), working_mpp)
     for r in regionprops(labels):
         cy, cx = r.centroid
         gy, gx = cy + ry0, cx + rx0
@@ -250,12 +254,13 @@ class SlideResult:
     mpp_assumed: bool = False  # neither --mpp nor the slide said: the training images' µm/px was used
 
 
-def segment_slide(path: Path, segment: Callable[[np.ndarray], np.ndarray], out: Path, working_mpp: float,
+def segment_slide(path: Path, segment: Callable[[np.ndarray], np.ndarray | tuple], out: Path, working_mpp: float,
                   mpp: float | None, source_mpp: float, identity: dict, core: int | None = None,
                   margin: int | None = None, progress: bool = True,
-                  on_tile: Callable[[int], None] | None = None) -> SlideResult:
+                  on_tile: Callable[[int], None] | None = None, rule: NucleusRule | None = None) -> SlideResult:
     """Segment one slide into `out` (see the module docstring). `segment(rgb at working resolution)
-    -> probabilities` is the model; `mpp` overrides the slide's own (else the training source's)."""
+    -> probabilities, or (probabilities, distance or None)` is the model; `rule` separates its
+    nuclei; `mpp` overrides the slide's own (else the training source's)."""
     import time
 
     from tqdm import tqdm
@@ -273,6 +278,7 @@ def segment_slide(path: Path, segment: Callable[[np.ndarray], np.ndarray], out: 
         stem = Path(path).stem
         store = out / f"{stem}.zarr"
         ident = {**identity, "slide": str(Path(path).resolve()), "size": [width0, height0], "mpp": mpp0,
+                 "nuclei": (rule or NucleusRule()).to_json(),
                  "working_mpp": working_mpp, "core": core, "margin": margin,
                  "mtime": os.path.getmtime(path), "bytes": os.path.getsize(path)}
         root = _open_store(store, plan, ident)
@@ -300,11 +306,12 @@ def segment_slide(path: Path, segment: Callable[[np.ndarray], np.ndarray], out: 
                 core_box = plan.core_box(ty, tx)
                 pixels_in = _reading(path, f"the region of tile ({ty}, {tx})",
                                      lambda region=region: read_region(slide, plan, region))
-                prob = segment(pixels_in)
+                maps = segment(pixels_in)
+                prob, distance = maps if isinstance(maps, tuple) else (maps, None)
                 cy0, cx0, cy1, cx1 = core_box
                 core_prob = prob[cy0 - region[0] : cy1 - region[0], cx0 - region[1] : cx1 - region[1]]
                 root["probability/0"][cy0:cy1, cx0:cx1] = np.rint(np.clip(core_prob, 0, 1) * 255).astype(np.uint8)
-                rows = nuclei_of(prob, region, core_box, plan.factor, working_mpp, (width0, height0))
+                rows = nuclei_of(prob, region, core_box, plan.factor, working_mpp, (width0, height0), distance, rule)
                 with atomic_file(_tile_file(store, ty, tx)) as tmp:
                     tmp.write_text(json.dumps(rows))
                 pixels += (region[2] - region[0]) * (region[3] - region[1]) / 1e6

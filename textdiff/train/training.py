@@ -18,7 +18,7 @@ import torch
 from tqdm import tqdm
 
 from textdiff.baselines.unet import UNetConfig, build_unet, pixel_batch, predict_pixels
-from textdiff.cache.samples import SampleStore, batch_of
+from textdiff.cache.samples import SampleStore, batch_of, distance_batch
 from textdiff.cache.spec import CacheSpec
 from textdiff.cache.store import FeatureCache
 from textdiff.data.views import NUM_VIEWS, ViewLayout
@@ -77,8 +77,16 @@ def classifier_config(cache: FeatureCache, params: TrainParams) -> ClassifierCon
         block_channels=tuple(cache.block_channels()), num_steps=len(spec.steps), text_dim=spec.text_hidden_size,
         d_model=params.d_model or spec.text_hidden_size, heads=params.heads, fusion=params.fusion,
         out_size=(spec.image_size, spec.image_size), variant=params.classifier, padding_mask=params.padding_mask,
-        decoder_norm=params.decoder_norm,
+        decoder_norm=params.decoder_norm, distance_head=params.target == "distance",
     )
+
+
+def check_target(target: str, spec: CacheSpec) -> None:
+    """train.target=distance learns from per-nucleus ground truth: refuse a cache without it."""
+    if target == "distance" and not spec.instances:
+        raise TextDiffError("train.target=distance needs per-nucleus ground truth, which this cache does not hold: "
+                            "point data.instances at a folder of instance maps and run prepare and extract, or "
+                            "set train.target: binary")
 
 
 def evaluate_dice(model: PixelClassifier, data: SampleStore, device: torch.device) -> tuple[float, float]:
@@ -233,7 +241,8 @@ def check_distributed(params: TrainParams, ranks: Ranks, running_norm: bool = Fa
                             "under torchrun use decoder_norm: image (per-image statistics)")
 
 
-Forward = Callable[[torch.nn.Module, Batch], tuple[dict, torch.Tensor]]
+# (outputs with "logits", mask, instance target or None)
+Forward = Callable[[torch.nn.Module, Batch], tuple[dict, torch.Tensor, torch.Tensor | None]]
 
 
 def train_model(spec: CacheSpec, params: TrainParams, device: torch.device, build: Callable[[], torch.nn.Module],
@@ -246,7 +255,8 @@ def train_model(spec: CacheSpec, params: TrainParams, device: torch.device, buil
     the U-Net baseline differ only in `build`, `lr`, `forward` and `validate`): seeded init, Adam
     with the milestone schedule, this rank's part of every batch, CE + Dice (+ contrastive), and
     `fit`'s validation and selection. `forward(model, items)` turns this rank's (position, view, op)
-    items into (outputs with "logits", mask).
+    items into (outputs with "logits", mask, instance target or None); with `train.target: distance`
+    the distance head's error joins the loss.
 
     Under torchrun every rank draws the same global batches and takes its own part of each; DDP
     averages the gradients and the batch Dice's sums are all-reduced, so N processes train what one
@@ -263,9 +273,10 @@ def train_model(spec: CacheSpec, params: TrainParams, device: torch.device, buil
 
     def step(batch: Batch) -> float:
         share = local_share(batch, ranks)
-        out, mask = forward(parallel, share.items)
+        out, mask, distance = forward(parallel, share.items)
+        weight = params.distance_weight if params.target == "distance" and "distance_logits" in out else 0.0
         loss, parts = total_loss(out, mask, params.dice_weight, contrastive_weight, dice_on=dice_on,
-                                 **distributed_loss(share, ranks))
+                                 distance=distance, distance_weight=weight, **distributed_loss(share, ranks))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -286,15 +297,18 @@ def train_classifier(cache: FeatureCache, params: TrainParams, device: torch.dev
                      ranks: Ranks = Ranks()) -> TrainingResult:
     """The pixel classifier on the cached features, for the schedule (`train.epochs`, or
     `train.steps`); the best validation Dice's weights are kept."""
+    check_target(params.target, cache.spec)
     train_split, val_split = cache.split("train"), cache.split("val")
     indices = labeled_subset(len(train_split), params.num_labeled, params.seed)
     train_data, val_data = SampleStore(train_split, indices), SampleStore(val_split)
     config = classifier_config(cache, params)
 
-    def forward(model: torch.nn.Module, items: Batch) -> tuple[dict, torch.Tensor]:
+    def forward(model: torch.nn.Module, items: Batch) -> tuple[dict, torch.Tensor, torch.Tensor | None]:
         chunk = [train_data.get_view(p, v) for p, v, _ in items]
-        feats, mask, tokens, text_mask, pooled = batch_of(chunk, [0] * len(chunk), [j for _, _, j in items], device)
-        return model(feats, tokens, text_mask, pooled), mask
+        views, ops = [0] * len(chunk), [j for _, _, j in items]
+        feats, mask, tokens, text_mask, pooled = batch_of(chunk, views, ops, device)
+        distance = distance_batch(chunk, views, ops, device) if config.distance_head else None
+        return model(feats, tokens, text_mask, pooled), mask, distance
 
     result = TrainingResult(state={}, config=config, best_epoch=0, best_val_dice=-1.0, best_val_iou=0.0,
                             train_ids=[train_split.ids[i] for i in indices])
@@ -312,9 +326,9 @@ def train_unet(cache: FeatureCache, params: TrainParams, baseline: BaselineParam
     indices = labeled_subset(len(train_split), params.num_labeled, params.seed)
     config = UNetConfig(tuple(baseline.channels), baseline.res_units)
 
-    def forward(model: torch.nn.Module, items: Batch) -> tuple[dict, torch.Tensor]:
+    def forward(model: torch.nn.Module, items: Batch) -> tuple[dict, torch.Tensor, None]:
         x, mask = pixel_batch(train_split, [(indices[p], v, j) for p, v, j in items], device)
-        return {"logits": model(x)}, mask
+        return {"logits": model(x)}, mask, None
 
     def validate(model: torch.nn.Module) -> tuple[float, float]:
         preds, gts, _ = predict_pixels(model, val_split, device)

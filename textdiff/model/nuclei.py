@@ -1,0 +1,152 @@
+"""From a model's maps to separated nuclei: the one post-processing that evaluate, `textdiff
+predict` and whole slides share (as HoVer-Net keeps one post-processing module for both).
+
+A binary mask merges touching nuclei. The separation here is a marker-controlled watershed
+(scikit-image) inside the foreground `prob > foreground`:
+
+- `seeds: distance` (a model trained with `train.target: distance`): markers are the connected
+  regions where the predicted nucleus distance exceeds `marker` (0..1), flooded over the inverted
+  distance map, so two touching nuclei with two peaks stay two.
+- `seeds: edt` (any model, the binary ones and the baselines too): the foreground's own Euclidean
+  distance transform, markers its h-maxima of height `marker` micrometres (a plain watershed).
+
+Foreground that no marker reaches keeps its own label (a nucleus is never dropped for lack of a
+seed); then nuclei smaller than `min_area_um2` are removed. Sizes are in micrometres, so one rule
+holds at any magnification the image is given at (`mpp`: micrometres per pixel of the maps).
+The knobs are chosen on validation images (`choose_rule`), never on test, and stored in model.json.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from textdiff.errors import TextDiffError
+
+SEEDS = ("distance", "edt")
+# The searched knobs (coordinate search: the marker first at no size limit, then the size limit).
+MARKERS = {"distance": (0.2, 0.3, 0.4, 0.5, 0.6, 0.7), "edt": (0.25, 0.5, 0.75, 1.0, 1.5)}
+MIN_AREAS_UM2 = (0.0, 4.0, 8.0, 16.0, 24.0)
+MAX_LABELS = 65535  # what a uint16 label image (`<id>_instances.png`) holds
+
+
+@dataclass(frozen=True)
+class NucleusRule:
+    """How a probability (and distance) map becomes labelled nuclei; stored in model.json."""
+
+    seeds: str = "edt"
+    marker: float = 0.5  # distance: threshold on the predicted map; edt: h-maxima height in micrometres
+    min_area_um2: float = 0.0
+    foreground: float = 0.5  # the mask's own threshold: the nuclei cover exactly the binary mask (minus small ones)
+
+    def __post_init__(self) -> None:
+        if self.seeds not in SEEDS:
+            raise TextDiffError(f"unknown nucleus seeds {self.seeds!r}; valid: {', '.join(SEEDS)}")
+        if self.marker <= 0 or self.min_area_um2 < 0 or not 0 < self.foreground < 1:
+            raise TextDiffError(f"invalid nucleus rule {self}")
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, raw: object, source: str = "model.json") -> NucleusRule:
+        if not isinstance(raw, dict):
+            raise TextDiffError(f"{source}: the nucleus rule is not a mapping")
+        unknown = sorted(set(raw) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise TextDiffError(f"{source}: unknown nucleus rule key '{unknown[0]}'")
+        try:
+            return cls(**raw)
+        except TypeError as err:
+            raise TextDiffError(f"{source}: invalid nucleus rule ({err})") from None
+
+
+def _markers(prob: np.ndarray, distance: np.ndarray | None, rule: NucleusRule, mpp: float):
+    """(foreground, landscape to flood, markers) of one image."""
+    from scipy import ndimage
+    from skimage.morphology import h_maxima
+
+    fg = prob > rule.foreground
+    if rule.seeds == "distance":
+        if distance is None:
+            raise TextDiffError("the nucleus rule seeds from the distance head, but the model has none")
+        if distance.shape != prob.shape:
+            raise TextDiffError(f"distance map {distance.shape} and probability map {prob.shape} differ in size")
+        height = np.where(fg, distance, 0.0).astype(np.float32)
+        markers, _ = ndimage.label(height > rule.marker)
+        return fg, height, markers
+    height = (ndimage.distance_transform_edt(fg) * mpp).astype(np.float32)
+    peaks = h_maxima(height, rule.marker) if fg.any() else np.zeros(fg.shape, np.uint8)
+    markers, _ = ndimage.label(peaks & fg)
+    return fg, height, markers
+
+
+def separate(prob: np.ndarray, distance: np.ndarray | None, rule: NucleusRule, mpp: float) -> np.ndarray:
+    """Labelled nuclei (int32, 0 = background, 1..n) of one image's foreground probability map
+    (and predicted distance map, same size), `mpp` micrometres per pixel of the maps."""
+    from skimage.measure import label
+    from skimage.segmentation import watershed
+
+    if mpp <= 0:
+        raise TextDiffError(f"separating nuclei needs the maps' micrometres per pixel, got {mpp}")
+    prob = np.asarray(prob, np.float32)
+    fg, height, markers = _markers(prob, None if distance is None else np.asarray(distance, np.float32), rule, mpp)
+    labels = watershed(-height, markers, mask=fg) if markers.max() > 0 else np.zeros(fg.shape, np.int32)
+    orphans = label(fg & (labels == 0), connectivity=1)
+    labels = np.where(orphans > 0, orphans + labels.max(), labels)
+    return _drop_small(labels.astype(np.int32), rule.min_area_um2 / mpp**2)
+
+
+def _drop_small(labels: np.ndarray, min_pixels: float) -> np.ndarray:
+    from skimage.segmentation import relabel_sequential
+
+    if min_pixels > 0 and labels.max() > 0:
+        areas = np.bincount(labels.ravel())
+        small = areas < min_pixels
+        small[0] = False
+        labels = np.where(small[labels], 0, labels)
+    return relabel_sequential(labels)[0].astype(np.int32)
+
+
+@dataclass(frozen=True)
+class RuleChoice:
+    rule: NucleusRule
+    score: float  # mean validation AJI of the chosen rule
+    tried: list[tuple[NucleusRule, float]]
+
+
+def choose_rule(probs: Sequence[np.ndarray], distances: Sequence[np.ndarray | None], truths: Sequence[np.ndarray],
+                mpp: float, score: Callable[[np.ndarray, np.ndarray], float] | None = None) -> RuleChoice:
+    """The rule of highest mean `score` (default AJI against the per-nucleus truth) over validation
+    images: each seed kind the maps allow, its markers at no size limit, then the size limits at
+    the best marker. `distances` holds None for a model without the distance head."""
+    from textdiff.evaluation.metrics import instance_scores
+
+    if not probs:
+        raise TextDiffError("choosing the nucleus rule needs at least one validation image with true instances")
+    score = score or (lambda pred, gt: instance_scores(pred, gt)["aji_instance"])
+    kinds = ["distance", "edt"] if all(d is not None for d in distances) else ["edt"]
+    tried: list[tuple[NucleusRule, float]] = []
+
+    def mean_score(rule: NucleusRule, cache: dict) -> float:
+        key = (rule.seeds, rule.marker)
+        if key not in cache:
+            cache[key] = [separate(p, d, dataclasses.replace(rule, min_area_um2=0.0), mpp)
+                          for p, d in zip(probs, distances)]
+        value = float(np.mean([score(_drop_small(lab, rule.min_area_um2 / mpp**2), t)
+                               for lab, t in zip(cache[key], truths)]))
+        tried.append((rule, value))
+        return value
+
+    separated: dict = {}
+
+    def scored(rule: NucleusRule) -> float:
+        return mean_score(rule, separated)
+
+    best = max((NucleusRule(kind, m) for kind in kinds for m in MARKERS[kind]), key=scored)
+    best = max((dataclasses.replace(best, min_area_um2=a) for a in MIN_AREAS_UM2), key=scored)
+    value = next(v for r, v in reversed(tried) if r == best)
+    return RuleChoice(best, value, tried)
