@@ -65,6 +65,8 @@ def _rule_metrics(choice: RuleChoice | None) -> dict:
 
 def _train(params: Params, ranks: Ranks, device: torch.device, cache_path: Path, out_dir: Path) -> None:
     cache = FeatureCache(cache_path)
+    if params.baseline.kind == "none":
+        check_target(params.train.target, cache.spec)  # before any work
     from dvclive import Live
 
     started = time.perf_counter()
@@ -87,8 +89,6 @@ def _train(params: Params, ranks: Ranks, device: torch.device, cache_path: Path,
                                                     **_rule_metrics(choice)})
             print(f"baseline.kind=classic: hematoxylin + Otsu, no training; {out_dir}/model.json written")
             return
-        if params.baseline.kind == "none":
-            check_target(params.train.target, cache.spec)  # before any work
         if params.baseline.kind == "unet":
             result = train_unet(cache, params.train, params.baseline, device, on_epoch=log, ranks=ranks)
         else:

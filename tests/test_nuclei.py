@@ -34,10 +34,14 @@ def test_edt_watershed_splits_two_touching_discs_that_a_mask_merges():
 def test_distance_seeds_split_where_the_head_has_two_peaks():
     labels = _two_touching_discs()
     prob = (labels > 0).astype(np.float32)
-    out = separate(prob, nucleus_distance(labels), NucleusRule("distance", 0.5), mpp=0.25)
+    out = separate(prob, nucleus_distance(labels), NucleusRule("distance", 0.05), mpp=0.25)
     assert out.max() == 2 and instance_scores(out, labels)["aji_instance"] > 0.9
-    # a flat head (no peaks above the marker): the blob is kept whole, never dropped
-    flat = separate(prob, np.full(prob.shape, 0.1, np.float32), NucleusRule("distance", 0.5), mpp=0.25)
+    # a saddle higher than a threshold would allow still separates: the peaks count, not the level
+    lifted = np.where(labels > 0, 0.5 + 0.5 * nucleus_distance(labels), 0).astype(np.float32)
+    assert separate(prob, lifted, NucleusRule("distance", 0.05), mpp=0.25).max() == 2
+    # peaks lower than the marker: one nucleus, and a flat head keeps the blob whole, never dropped
+    assert separate(prob, 0.02 * nucleus_distance(labels), NucleusRule("distance", 0.05), mpp=0.25).max() == 1
+    flat = separate(prob, np.full(prob.shape, 0.1, np.float32), NucleusRule("distance", 0.05), mpp=0.25)
     assert flat.max() == 1 and np.array_equal(flat > 0, prob > 0.5)
 
 

@@ -103,3 +103,27 @@ def test_labeled_subsets_are_nested_and_seeded():
     assert set(a) <= set(b) and len(a) == 6 and len(b) == 12
     assert labeled_subset(24, 6, 40) == a and labeled_subset(24, 6, 41) != a
     assert labeled_subset(24, 0, 40) == list(range(24))
+
+
+def test_a_dataset_of_masks_alone_trains_binary_and_an_explicit_distance_target_is_refused(tiny_project, capsys):
+    """Without instance maps: prepare says so once, `auto` trains the binary target and evaluate
+    writes no instance metrics; `train.target: distance` is one line before any work."""
+    from stages import prepare
+
+    tiny_project.write_params(data={"instances": str(tiny_project.root / "no-such-folder")})
+    prepare.run(tiny_project.params_path)
+    assert "instance targets and metrics are off" in capsys.readouterr().out
+    assert runner.invoke(app, ["extract"]).exit_code == 0
+    tiny_project.write_params(data={"instances": str(tiny_project.root / "no-such-folder")},
+                              train={"target": "distance"})
+    refused = runner.invoke(app, ["train"])
+    assert refused.exit_code == 1 and "Traceback" not in refused.output
+    assert "train.target=distance needs per-nucleus ground truth" in refused.output.replace("\n", " ")
+    assert not Path("models/classifier").exists()
+    tiny_project.write_params(data={"instances": str(tiny_project.root / "no-such-folder")},
+                              train={"epochs": 1, "target": "auto"})
+    assert runner.invoke(app, ["train"]).exit_code == 0
+    assert not json.loads(Path("models/classifier/model.json").read_text())["classifier"]["distance_head"]
+    assert runner.invoke(app, ["evaluate"]).exit_code == 0
+    metrics = json.loads(Path("metrics/test.json").read_text())
+    assert "aji_instance" not in metrics and metrics["nuclei"] > 0  # separated, just not scored

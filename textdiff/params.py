@@ -34,7 +34,7 @@ DEVICES = ("auto", "cpu", "cuda")
 # The in-domain teacher `textdiff pretrain` trains (and the shipped one was trained with): a
 # compact ADM sized for a CPU, on 64x64 crops.
 AUGMENTATIONS = ("none", "dihedral", "release")
-TARGETS = ("binary", "distance")  # train.target: what the classifier learns beside the mask
+TARGETS = ("auto", "binary", "distance")  # train.target: what the classifier learns beside the mask
 
 COMPACT_ADM = {
     "image_size": 64,
@@ -275,8 +275,8 @@ class TrainParams:
     decoder_norm: str = "image"  # image: BatchNorm on each image's own statistics; running: the release's
     # binary: the mask alone (nuclei separated by a watershed of the mask's distance transform);
     # distance: also each nucleus' normalised distance to its border, whose peaks seed the watershed
-    # (needs data.instances). Both give the same foreground mask and binary metrics.
-    target: str = "distance"
+    # (needs data.instances); auto: distance where the cache holds instances, else binary.
+    target: str = "auto"
     distance_weight: float = 1.0  # the distance head's mean squared error, beside CE + Dice
     # Processes: > 1 runs the stage under `torchrun --standalone` (DistributedDataParallel; gloo on
     # CPUs, one GPU per process); train.batch_size must split evenly over them.

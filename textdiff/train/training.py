@@ -77,8 +77,17 @@ def classifier_config(cache: FeatureCache, params: TrainParams) -> ClassifierCon
         block_channels=tuple(cache.block_channels()), num_steps=len(spec.steps), text_dim=spec.text_hidden_size,
         d_model=params.d_model or spec.text_hidden_size, heads=params.heads, fusion=params.fusion,
         out_size=(spec.image_size, spec.image_size), variant=params.classifier, padding_mask=params.padding_mask,
-        decoder_norm=params.decoder_norm, distance_head=params.target == "distance",
+        decoder_norm=params.decoder_norm, distance_head=resolved_target(params.target, spec) == "distance",
     )
+
+
+def resolved_target(target: str, spec: CacheSpec) -> str:
+    """train.target as trained: `auto` is `distance` where the cache holds per-nucleus ground
+    truth and `binary` where it does not (prepare said so once), so a dataset of masks alone still
+    trains with the default params."""
+    if target == "auto":
+        return "distance" if spec.instances else "binary"
+    return target
 
 
 def check_target(target: str, spec: CacheSpec) -> None:
@@ -274,7 +283,7 @@ def train_model(spec: CacheSpec, params: TrainParams, device: torch.device, buil
     def step(batch: Batch) -> float:
         share = local_share(batch, ranks)
         out, mask, distance = forward(parallel, share.items)
-        weight = params.distance_weight if params.target == "distance" and "distance_logits" in out else 0.0
+        weight = params.distance_weight if "distance_logits" in out else 0.0
         loss, parts = total_loss(out, mask, params.dice_weight, contrastive_weight, dice_on=dice_on,
                                  distance=distance, distance_weight=weight, **distributed_loss(share, ranks))
         optimizer.zero_grad(set_to_none=True)
