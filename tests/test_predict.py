@@ -273,3 +273,18 @@ def test_predict_bad_inputs_are_one_line_and_keep_earlier_results(trained, tmp_p
     result = predict(str(good), "--out", str(tmp_path / "p6"), "--text", "x", "--model", str(model))
     assert result.exit_code == 1 and "holds a Tensor" in result.output
     assert not (tmp_path / "p5" / "predictions.h5").exists() and not (tmp_path / "p6" / "predictions.h5").exists()
+
+
+def test_more_nuclei_than_a_label_image_holds_is_one_line(trained, tmp_path, monkeypatch):
+    """`<id>_instances.png` is uint16: an image whose nuclei do not fit is refused in one line that
+    points to slides, and none of its files is written (the run's other images are unaffected)."""
+    import textdiff.predict.run as run
+
+    good = trained.data_root / "Test_Folder" / "img" / "img_test_0.tif"
+    monkeypatch.setattr(run, "separate", lambda prob, *a: np.full(prob.shape, 70_000, np.int32))
+    out = tmp_path / "pred"
+    result = runner.invoke(app, ["predict", str(good), "--out", str(out), "--text", "Many nuclei."])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "70000 nuclei do not fit a 16-bit label image" in result.output.replace("\n", " ")
+    assert "as a slide" in result.output
+    assert not list(out.glob("img_test_0_*.png"))

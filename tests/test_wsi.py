@@ -165,3 +165,25 @@ def test_a_damaged_tile_is_one_line_and_a_slide_without_resolution_gets_a_notice
             or "a_damaged.tif: cannot read its thumbnail" in result.output), result.output
     assert (out / "b_untagged.geojson").is_file() and not (out / "a_damaged.geojson").exists()
     assert "no usable resolution tags (first: b_untagged.tif)" in result.output
+
+
+def test_touching_nuclei_are_separate_polygons_and_a_nucleus_on_a_core_border_is_counted_once():
+    """Slides: each tile separates its whole region (margin included) and keeps the nuclei whose
+    centroid lies in its core, so two touching nuclei are two polygons and a nucleus cut by the
+    border between two cores is counted by exactly one of them."""
+    from textdiff.model.nuclei import NucleusRule
+    from textdiff.predict.slides import nuclei_of
+
+    yy, xx = np.mgrid[:60, :120]
+    prob = np.zeros((60, 120), np.float32)
+    for cx in (20, 36):  # two discs overlapping by 2 px: one blob in the mask
+        prob[(yy - 30) ** 2 + (xx - cx) ** 2 <= 81] = 1
+    prob[(yy - 30) ** 2 + (xx - 60) ** 2 <= 81] = 1  # a third, centred on the cores' border (x = 60)
+    region = (0, 0, 60, 120)
+    rule = NucleusRule("edt", 0.5)
+    left = nuclei_of(prob, region, (0, 0, 60, 60), 1.0, 0.25, rule=rule)
+    right = nuclei_of(prob, region, (0, 60, 60, 120), 1.0, 0.25, rule=rule)
+    assert len(left) == 2 and len(right) == 1  # the touching pair split; the border nucleus once
+    assert right[0]["centroid_x"] == pytest.approx(60, abs=0.5)
+    for row in left + right:
+        assert row["polygon"][0] == row["polygon"][-1] and row["area_um2"] > 0
