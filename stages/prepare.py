@@ -27,9 +27,11 @@ def run(params_path: Path, out_dir: Path = PREPARED_DIR) -> None:
     splits = prepare_dataset(params.data, resolve_data_root(params.data.root), out_dir, instances)
     for split, samples in splits.items():
         h, w = samples[0].image.shape[:2]
-        nuclei = (f", {sum(int(s.instances.max()) for s in samples)} nuclei"
-                  + (f" ({sum(s.approximate for s in samples)} approximate maps)" if any(s.approximate for s in samples)
-                     else "") if samples[0].instances is not None else "")
+        nuclei = ""
+        if samples[0].instances is not None:
+            approximate = sum(s.approximate for s in samples)
+            nuclei = f", {sum(int(s.instances.max()) for s in samples)} nuclei"
+            nuclei += f" ({approximate} approximate maps)" if approximate else ""
         print(f"{split:>5}: {len(samples):3d} images, {w}x{h}{nuclei}")
     size_mib = sum(p.stat().st_size for p in Path(out_dir).iterdir() if p.is_file()) / 2**20
     print(f"wrote {out_dir} ({size_mib:.1f} MiB) in {time.perf_counter() - started:.1f} s")

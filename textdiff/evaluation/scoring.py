@@ -106,7 +106,7 @@ def evaluate_test(model: PixelClassifier, card: ModelCard, cache: FeatureCache, 
     test = cache.split("test")
     distances: list = []
     preds, gts, probs = predict_split(model, SampleStore(test), device, keep_probs=True, distances=distances)
-    return score_test(cache, preds, gts, probs, panels, rule or NucleusRule(), distances, card.source_mpp)
+    return score_test(cache, preds, gts, probs, panels, rule, distances, card.source_mpp)
 
 
 def evaluate_baseline(kind: str, model: torch.nn.Module | None, spec: CacheSpec, cache: FeatureCache,
@@ -124,7 +124,7 @@ def evaluate_baseline(kind: str, model: torch.nn.Module | None, spec: CacheSpec,
         preds = [hematoxylin_otsu(test.image(i), bgr=bgr) for i in range(len(test))]
         gts = [test.mask(i, 0).numpy().astype(np.uint8) for i in range(len(test))]
         probs = [p.astype(np.float32) for p in preds]
-    return score_test(cache, preds, gts, probs, panels, rule or NucleusRule(), None, mpp)
+    return score_test(cache, preds, gts, probs, panels, rule, None, mpp)
 
 
 def score_test(cache: FeatureCache, preds: list[np.ndarray], gts: list[np.ndarray], probs: list[np.ndarray],
@@ -133,15 +133,16 @@ def score_test(cache: FeatureCache, preds: list[np.ndarray], gts: list[np.ndarra
     """Every metric of view-0 predictions of the test items (windows are stitched first); at the
     source resolution also the nuclei the rule separates, scored against the per-nucleus truth."""
     test = cache.split("test")
-    window_probs = probs
+    window_probs = probs  # per cached item (windows in tiles mode)
     if cache.spec.tiled:  # score whole images at native resolution, not windows
         ids, probs, gts, images = stitch_windows(test, probs, panels)
         preds = [(p > 0.5).astype(np.uint8) for p in probs]
     else:
         ids, images = test.ids, [test.image(k) for k in range(min(panels, len(test)))]
     full = test.spec.full_size
-    native_probs = native_maps(test, window_probs) if full else None
-    has_head = distances is not None and len(distances) > 0 and all(d is not None for d in distances)
+    # At the source resolution (tiles: the stitched maps are that already).
+    native_probs = probs if cache.spec.tiled else native_maps(test, window_probs) if full else None
+    has_head = bool(distances) and all(d is not None for d in distances)
     native_dist = native_maps(test, distances) if full and has_head else None
     truths = scored_truths(test) if full else [None] * len(ids)
     rule = rule or NucleusRule()

@@ -103,8 +103,11 @@ def _split_inputs(params: Params, data: PreparedSplit, instances: bool) -> Split
     if params.data.mode != "tiles":
         layout = SplitLayout(ids=list(data.ids), texts=list(data.texts))
         native = data.native_masks if data.native_masks is not None and len(data.native_masks) else None
-        distance = (np.stack([distance_target(x, data.image_size) for x in data.instances]) if instances and len(data)
-                    else np.zeros((len(data), data.image_size, data.image_size), np.float32) if instances else None)
+        distance = None
+        if instances:  # the native target, area-averaged to the working size
+            distance = np.zeros((len(data), data.image_size, data.image_size), np.float32)
+            for k, label_map in enumerate(data.instances):
+                distance[k] = distance_target(label_map, data.image_size)
         return SplitInputs(layout, data.images, data.masks, list(data.texts), data.release_masks, full_masks=native,
                            distance=distance, **labels)
     windows = cut_tiles(data.images, data.masks, list(data.ids), list(data.texts), params.data.tile, params.data.stride)
