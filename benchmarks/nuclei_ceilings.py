@@ -14,12 +14,11 @@ Three rows per split (val, test), at the source resolution against the per-nucle
   (area down, bilinear up, as evaluate upsamples a prediction), each pixel given to its nearest true
   nucleus. The ceiling that the working resolution itself imposes on a perfect model.
 
-Prints mean AJI, PQ and binary Dice per row, the device and the time taken.
+Prints mean AJI, PQ and native Dice (evaluate's `dice_native`) per row, the device and the time taken.
 """
 
 from __future__ import annotations
 
-import argparse
 import platform
 import sys
 import time
@@ -31,12 +30,10 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.nuclei_rules import split_maps  # noqa: E402
-from textdiff.cache.store import FeatureCache  # noqa: E402
-from textdiff.evaluation.metrics import instance_scores  # noqa: E402
-from textdiff.model.card import load_trained, nuclei_rule, read_model_dir  # noqa: E402
+from benchmarks.nuclei_rules import open_model, split_maps  # noqa: E402
+from textdiff.evaluation.metrics import instance_scores, iou_dice_textdiff  # noqa: E402
+from textdiff.model.card import nuclei_rule, read_model_dir  # noqa: E402
 from textdiff.model.nuclei import separate  # noqa: E402
-from textdiff.paths import CACHE_PATH, CLASSIFIER_DIR  # noqa: E402
 
 
 def true_seeds(truth: np.ndarray) -> np.ndarray:
@@ -76,22 +73,11 @@ def truth_through(truth: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return np.where(back, truth[nearest[0], nearest[1]], 0)
 
 
-def dice(labels: np.ndarray, truth: np.ndarray) -> float:
-    p, g = labels > 0, truth > 0
-    total = p.sum() + g.sum()
-    return 1.0 if total == 0 else float(2 * (p & g).sum() / total)
-
-
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", type=Path, default=CLASSIFIER_DIR)
-    ap.add_argument("--cache", type=Path, default=CACHE_PATH)
-    args = ap.parse_args()
     started = time.perf_counter()
+    args, model, card, cache = open_model(__doc__)
     device = torch.device("cpu")
-    model, card = load_trained(args.model, device)
     rule = nuclei_rule(read_model_dir(args.model))
-    cache = FeatureCache(args.cache)
     mpp, size = card.source_mpp, tuple(card.classifier.out_size)
     rows = {
         "shipped rule": lambda p, d, t: separate(p, d, rule, mpp),
@@ -108,7 +94,7 @@ def main() -> None:
             labels = [make(p, dists[k] if dists else None, truths[k]) for k, p in enumerate(probs)]
             scores = [instance_scores(lab, t) for lab, t in zip(labels, truths)]
             aji, pq = (100 * np.mean([s[key] for s in scores]) for key in ("aji_instance", "pq_instance"))
-            d = 100 * np.mean([dice(lab, t) for lab, t in zip(labels, truths)])
+            d = 100 * np.mean([iou_dice_textdiff(lab > 0, t > 0)[0] for lab, t in zip(labels, truths)])
             print(f"| {split} ({len(probs)}) | {name} | {aji:.2f} | {pq:.2f} | {d:.2f} |", flush=True)
     print(f"\n{time.perf_counter() - started:.0f} s")
 

@@ -75,15 +75,20 @@ def split_maps(model, cache: FeatureCache, split: str, device: torch.device):
             [truths[k] for k in keep])
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def open_model(description: str | None):
+    """(args, model, card, cache) of a nuclei benchmark's `--model` / `--cache` command line, on the CPU."""
+    ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, default=CLASSIFIER_DIR)
     ap.add_argument("--cache", type=Path, default=CACHE_PATH)
     args = ap.parse_args()
+    model, card = load_trained(args.model, torch.device("cpu"))
+    return args, model, card, FeatureCache(args.cache)
+
+
+def main() -> None:
     started = time.perf_counter()
+    args, model, card, cache = open_model(__doc__)
     device = torch.device("cpu")
-    model, card = load_trained(args.model, device)
-    cache = FeatureCache(args.cache)
     mpp = card.source_mpp
     maps = {split: split_maps(model, cache, split, device) for split in ("val", "test")}
     has_head = maps["val"][1] is not None
