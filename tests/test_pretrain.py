@@ -208,7 +208,7 @@ def test_trim_dvclive_drops_rows_past_the_resumed_step(tmp_path):
 def test_stale_temporaries_of_a_killed_run_are_removed(tiny_project):
     _pretrain_params(tiny_project, steps=2, samples=0)
     Path("models/pretrain").mkdir(parents=True, exist_ok=True)
-    Path("models/pretrain/.state.pt.tmp-12345").write_bytes(b"torn")
+    Path("models/pretrain/.state.pt.tmp-999999999").write_bytes(b"torn")  # above any pid_max: no such process
     assert runner.invoke(app, ["pretrain"]).exit_code == 0
     assert not list(Path("models/pretrain").glob(".*.tmp-*"))
 
