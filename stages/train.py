@@ -31,7 +31,8 @@ from textdiff.train.training import EpochRecord, check_target, schedule_for, tra
 def run(params_path: Path, cache_path: Path = CACHE_PATH, out_dir: Path = CLASSIFIER_DIR) -> None:
     params = load_params(params_path)
     t = params.train
-    params.refuse(train_params_problem(t.fusion, t.classifier, t.decoder_norm, t.contrastive_weight))
+    params.refuse(train_params_problem(t.fusion, t.classifier, t.decoder_norm, t.contrastive_weight,
+                                        t.distance_decoder))
     if params.train.nproc > 1 and "WORLD_SIZE" not in os.environ:
         relaunch_under_torchrun(params.train.nproc, ["train", "--params", str(params_path)])
         return
@@ -49,7 +50,7 @@ def _nuclei_rule(kind: str, model, cache: FeatureCache, device: torch.device, mp
         print("nuclei: no per-nucleus ground truth on val; the default nucleus rule is recorded")
     else:
         r = choice.rule
-        print(f"nuclei: rule chosen on val (mean AJI {choice.score:.4f} over {len(choice.tried)} tries, "
+        print(f"nuclei: rule chosen on val (mean AJI {choice.score:.4f}, PQ {choice.pq:.4f}; {len(choice.tried)} tries, "
               f"{time.perf_counter() - started:.0f}s): seeds {r.seeds}, marker {r.marker}, "
               f"min area {r.min_area_um2} um2")
     return choice
@@ -60,7 +61,7 @@ def _rule_fields(choice: RuleChoice | None) -> dict:
 
 
 def _rule_metrics(choice: RuleChoice | None) -> dict:
-    return {"val_aji_instance": round(choice.score, 6)} if choice else {}
+    return {"val_aji_instance": round(choice.score, 6), "val_pq_instance": round(choice.pq, 6)} if choice else {}
 
 
 def _train(params: Params, ranks: Ranks, device: torch.device, cache_path: Path, out_dir: Path) -> None:

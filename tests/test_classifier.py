@@ -184,3 +184,21 @@ def test_inference_normalises_each_image_by_its_own_statistics():
         model.train()
         b = model(feats)["logits"]
     torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("distance_decoder", ["separate", "shared"])
+def test_the_distance_head_reads_the_mask_decoder_only_when_shared(distance_decoder):
+    model = make_model("cross_attention", distance_head=True, distance_decoder=distance_decoder)
+    feats, tokens, mask, pooled = make_inputs()
+    out = model(feats, tokens, mask, pooled)
+    assert out["distance_logits"].shape[:2] == (B, 1) and out["logits"].shape[:2] == (B, 2)
+    out["distance_logits"].sum().backward()
+    mask_decoder_grad = model.decoder[0].weight.grad
+    touched = mask_decoder_grad is not None and mask_decoder_grad.abs().sum() > 0
+    assert touched == (distance_decoder == "shared")
+    assert model.proj[0].weight.grad.abs().sum() > 0  # both learn from the fused features
+
+
+def test_an_unknown_distance_decoder_is_refused_in_one_line():
+    with pytest.raises(TextDiffError, match="unknown distance_decoder 'own'"):
+        make_model("cross_attention", distance_head=True, distance_decoder="own")

@@ -8,7 +8,7 @@ import pytest
 from textdiff.data.instances import nucleus_distance
 from textdiff.errors import TextDiffError
 from textdiff.evaluation.metrics import instance_scores
-from textdiff.model.nuclei import NucleusRule, choose_rule, separate
+from textdiff.model.nuclei import MIN_AREAS_UM2, NucleusRule, choose_rule, separate
 
 
 def _two_touching_discs(size=60):
@@ -59,8 +59,13 @@ def test_choose_rule_prefers_what_scores_best_on_validation():
     prob = (labels > 0).astype(np.float32)
     choice = choose_rule([prob], [nucleus_distance(labels)], [labels], mpp=0.25)
     assert choice.score > 0.9
-    assert {r.seeds for r, _ in choice.tried} == {"distance", "edt"}
-    assert choice.score == max(v for _, v in choice.tried)
+    assert {r.seeds for r, _, _ in choice.tried} == {"distance", "edt"}
+    markers = [t for t in choice.tried if t[0].min_area_um2 == 0.0][:-1]  # the last is the floor search's 0
+    floors = choice.tried[len(markers):]
+    assert len(floors) == len(MIN_AREAS_UM2) and {r.marker for r, _, _ in floors} == {choice.rule.marker}
+    assert max(a for _, a, _ in markers) == next(a for r, a, _ in markers if r.seeds == choice.rule.seeds
+                                                  and r.marker == choice.rule.marker)  # markers by AJI
+    assert choice.pq == max(q for _, _, q in floors)  # the size limit by PQ
     only_edt = choose_rule([prob], [None], [labels], mpp=0.25)
     assert only_edt.rule.seeds == "edt"
 
@@ -79,3 +84,14 @@ def test_bad_rules_and_inputs_are_refused():
     with pytest.raises(TextDiffError, match="micrometres per pixel"):
         separate(prob, None, NucleusRule(), mpp=0)
     assert separate(np.zeros((8, 8), np.float32), None, NucleusRule(), mpp=0.25).max() == 0
+
+
+def test_a_false_fragment_is_removed_by_the_size_limit_that_val_pq_chooses():
+    """A 3x3 px fragment costs AJI 9 pixels of union but PQ a whole false positive: the size limit
+    is PQ's choice, so the fragment goes."""
+    labels = _two_touching_discs()
+    prob = (labels > 0).astype(np.float32)
+    prob[2:5, 2:5] = 1  # 9 px = 0.56 um2 at 0.25 um/px, nothing there in the truth
+    choice = choose_rule([prob], [None], [labels], mpp=0.25)
+    assert choice.rule.min_area_um2 > 0.56
+    assert separate(prob, None, choice.rule, mpp=0.25).max() == 2

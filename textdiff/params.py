@@ -278,6 +278,9 @@ class TrainParams:
     # (needs data.instances); auto: distance where the cache holds instances, else binary.
     target: str = "auto"
     distance_weight: float = 1.0  # the distance head's mean squared error, beside CE + Dice
+    # separate: the distance head has a decoder of its own on the fused features; shared: it reads
+    # the mask decoder's last hidden layer (one conv; the choice before this switch existed).
+    distance_decoder: str = "separate"
     # Processes: > 1 runs the stage under `torchrun --standalone` (DistributedDataParallel; gloo on
     # CPUs, one GPU per process); train.batch_size must split evenly over them.
     nproc: int = 1

