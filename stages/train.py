@@ -50,7 +50,8 @@ def _nuclei_rule(kind: str, model, cache: FeatureCache, device: torch.device, mp
         print("nuclei: no per-nucleus ground truth on val; the default nucleus rule is recorded")
     else:
         r = choice.rule
-        print(f"nuclei: rule chosen on val (mean AJI {choice.score:.4f}, PQ {choice.pq:.4f}; {len(choice.tried)} tries, "
+        print(f"nuclei: rule chosen on val (mean AJI {choice.score:.4f}, PQ {choice.pq:.4f}; "
+              f"{len(choice.tried)} tries, "
               f"{time.perf_counter() - started:.0f}s): seeds {r.seeds}, marker {r.marker}, "
               f"min area {r.min_area_um2} um2")
     return choice
