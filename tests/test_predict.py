@@ -45,6 +45,16 @@ def test_stitching_a_pixelwise_model_is_exact():
     torch.testing.assert_close(tiled, whole, atol=1e-6, rtol=0)
     small = sliding_window(image[:, :20, :25], tile=32, stride=20, predict_tile=pixelwise)  # padded, cropped
     torch.testing.assert_close(small, whole[:20, :25], atol=1e-6, rtol=0)
+
+    def two_maps(x):  # a probability and a distance map, as a model with the distance head gives
+        return torch.stack([pixelwise(x), torch.sigmoid(x[0, 1])])
+
+    tiny = sliding_window(image[:, :5, :7], tile=32, stride=20, predict_tile=pixelwise)  # mirrored 6x, cropped
+    torch.testing.assert_close(tiny, whole[:5, :7], atol=1e-6, rtol=0)
+    both = sliding_window(image[:, :20, :25], tile=32, stride=20, predict_tile=two_maps)  # padded, cropped
+    assert both.shape == (2, 20, 25)
+    torch.testing.assert_close(both[0], whole[:20, :25], atol=1e-6, rtol=0)
+    torch.testing.assert_close(both[1], torch.sigmoid(image[1, :20, :25]), atol=1e-6, rtol=0)
     w = gaussian_window(32)
     assert w.max() == 1 and w.min() > 0 and w[16, 16] > w[0, 0]
 
@@ -288,3 +298,16 @@ def test_more_nuclei_than_a_label_image_holds_is_one_line(trained, tmp_path, mon
     assert "70000 nuclei do not fit a 16-bit label image" in result.output.replace("\n", " ")
     assert "as a slide" in result.output
     assert not list(out.glob("img_test_0_*.png"))
+
+
+def test_a_small_image_is_mirrored_out_to_the_window_not_smeared():
+    from textdiff.predict.images import mirror_pad
+
+    image = torch.arange(12.0).reshape(1, 3, 4)
+    padded = mirror_pad(image, 10)
+    assert padded.shape == (1, 10, 10)
+    torch.testing.assert_close(padded[:, :3, :4], image)
+    torch.testing.assert_close(padded[:, :3, 4:7], image[:, :, :3].flip(-1))  # reflection, border not repeated
+    rows = {tuple(padded[0, r].tolist()) for r in range(10)}
+    assert rows <= {tuple(padded[0, r].tolist()) for r in range(3)}  # every row is one of the image's
+    assert mirror_pad(image, 3) is image
