@@ -45,7 +45,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from robustness import DIRECTED  # noqa: E402
+from robustness import DIRECTED, summarize_rows  # noqa: E402
 
 from textdiff.baselines.classic import hematoxylin_otsu  # noqa: E402
 from textdiff.data.dataset import Sample, read_split  # noqa: E402
@@ -181,10 +181,9 @@ def anchor_mask(image: np.ndarray, mpp: float, working_mpp: float) -> np.ndarray
 
 
 def anchor_rule(val: list[Sample], mpp: float, working_mpp: float) -> NucleusRule:
-    probs = [anchor_mask(s.image, mpp, working_mpp).astype(np.float32) for s in val if s.instances is not None
-             and not s.approximate]
-    truths = [s.instances for s in val if s.instances is not None and not s.approximate]
-    return choose_rule(probs, [None] * len(probs), truths, mpp).rule
+    scored = [s for s in val if s.instances is not None and not s.approximate]  # true maps only
+    probs = [anchor_mask(s.image, mpp, working_mpp).astype(np.float32) for s in scored]
+    return choose_rule(probs, [None] * len(probs), [s.instances for s in scored], mpp).rule
 
 
 def main() -> None:
@@ -230,7 +229,9 @@ def main() -> None:
 
         methods.append((label, segment))
     if not args.no_anchor:
-        working = working or source_mpp * 4
+        if working <= 0:
+            raise SystemExit("error: the model records no working resolution (trained before data.mpp existed); "
+                             "the anchor works at the model's, retrain it or pass --no-anchor")
         val = read_split(root, "val", instances=instances)
         rule = anchor_rule(val, source_mpp, working)
         print(f"anchor: rule chosen on val: seeds {rule.seeds}, marker {rule.marker}, min area {rule.min_area_um2} um2")
@@ -276,16 +277,12 @@ METRICS = ("dice", "aji", "pq", "f1")
 
 
 def summarize(rows: list[dict]) -> list[dict]:
-    """Mean over images per method and condition, in first-seen order."""
-    keys = list(dict.fromkeys((r["method"], r["condition"]) for r in rows))
-    out = []
-    for method, cond in keys:
-        sel = [r for r in rows if r["method"] == method and r["condition"] == cond]
-        entry = {"method": method, "condition": cond, "images": len(sel)}
-        entry.update({m: float(np.mean([r[m] for r in sel])) for m in METRICS})
+    """robustness.summarize_rows over METRICS, plus the nuclei found and true per method and condition."""
+    out = summarize_rows(rows, METRICS)
+    for entry in out:
+        sel = [r for r in rows if r["method"] == entry["method"] and r["condition"] == entry["condition"]]
         entry["nuclei"] = int(sum(r["nuclei"] for r in sel))
         entry["nuclei_true"] = int(sum(r["nuclei_true"] for r in sel))
-        out.append(entry)
     return out
 
 

@@ -82,8 +82,9 @@ def measure(segment: Callable[[np.ndarray, str], np.ndarray], images: Sequence[n
     return rows
 
 
-def summarize_rows(rows: Sequence[dict]) -> list[dict]:
-    """Mean and standard deviation over images, per method and condition, in first-seen order."""
+def summarize_rows(rows: Sequence[dict], metrics: Sequence[str] = ("dice", "aji", "foreground_ratio")) -> list[dict]:
+    """Mean and standard deviation of each of `metrics` over images, per method and condition, in
+    first-seen order."""
     keys: list[tuple[str, str]] = []
     for r in rows:
         if (r["method"], r["condition"]) not in keys:
@@ -92,7 +93,7 @@ def summarize_rows(rows: Sequence[dict]) -> list[dict]:
     for method, cond in keys:
         sel = [r for r in rows if r["method"] == method and r["condition"] == cond]
         entry = {"method": method, "condition": cond, "images": len(sel)}
-        for metric in ("dice", "aji", "foreground_ratio"):
+        for metric in metrics:
             values = np.array([r[metric] for r in sel], float)
             entry[metric], entry[f"{metric}_std"] = float(np.nanmean(values)), float(np.nanstd(values))
         out.append(entry)
