@@ -32,7 +32,7 @@ def run(params_path: Path, cache_path: Path = CACHE_PATH, out_dir: Path = CLASSI
     params = load_params(params_path)
     t = params.train
     params.refuse(train_params_problem(t.fusion, t.classifier, t.decoder_norm, t.contrastive_weight,
-                                        t.distance_decoder))
+                                        t.distance_decoder, t.autocast))
     if params.train.nproc > 1 and "WORLD_SIZE" not in os.environ:
         relaunch_under_torchrun(params.train.nproc, ["train", "--params", str(params_path)])
         return

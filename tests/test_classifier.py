@@ -202,3 +202,30 @@ def test_the_distance_head_reads_the_mask_decoder_only_when_shared(distance_deco
 def test_an_unknown_distance_decoder_is_refused_in_one_line():
     with pytest.raises(TextDiffError, match="unknown distance_decoder 'own'"):
         make_model("cross_attention", distance_head=True, distance_decoder="own")
+
+
+@pytest.mark.parametrize("fusion", ["cross_attention", "concat"])
+def test_bfloat16_autocast_computes_what_float32_does_and_returns_float32(fusion):
+    exact = make_model(fusion, distance_head=True, distance_decoder="separate")
+    fast = make_model(fusion, distance_head=True, distance_decoder="separate", autocast="bfloat16")
+    fast.load_state_dict(exact.state_dict())
+    inputs = make_inputs()
+    a, b = exact(*inputs), fast(*inputs)
+    assert set(a) == set(b)
+    for key in a:
+        assert b[key].dtype == torch.float32, key
+        scale = a[key].abs().max().item()
+        err = (a[key] - b[key]).abs().max().item()
+        assert err < 0.05 * scale, (key, err, scale)  # bfloat16 keeps 8 bits of mantissa, not less
+        assert err > 0, key  # the switch does change the arithmetic
+    b["logits"].sum().backward()  # and it trains: gradients reach the first projection
+    assert fast.proj[0].weight.grad.abs().sum() > 0
+
+
+def test_autocast_is_recorded_and_old_model_json_reads_as_float32():
+    config = make_model("cross_attention", autocast="bfloat16").config
+    assert ClassifierConfig.from_json(json.loads(json.dumps(config.to_json()))).autocast == "bfloat16"
+    old = {k: v for k, v in config.to_json().items() if k != "autocast"}
+    assert ClassifierConfig.from_json(old).autocast == "float32"
+    with pytest.raises(TextDiffError, match="unknown autocast 'float16'"):
+        make_model("cross_attention", autocast="float16")

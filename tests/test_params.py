@@ -148,6 +148,7 @@ def test_params_imports_no_model_code():
         ({"train": {"classifier": "release", "fusion": "concat"}}, ["train.classifier=release", "concat"]),
         ({"train": {"fusion": "none", "contrastive_weight": 0.1}}, ["train.contrastive_weight", "none"]),
         ({"train": {"distance_decoder": "own"}}, ["train.distance_decoder must be one of", "separate", "'own'"]),
+        ({"train": {"autocast": "float16"}}, ["train.autocast must be one of", "bfloat16", "'float16'"]),
     ],
 )
 def test_the_classifier_owns_its_train_choices(raw, words, tmp_path):
@@ -159,7 +160,7 @@ def test_the_classifier_owns_its_train_choices(raw, words, tmp_path):
     t = params.train
     with pytest.raises(TextDiffError) as err:
         params.refuse(train_params_problem(t.fusion, t.classifier, t.decoder_norm, t.contrastive_weight,
-                                            t.distance_decoder))
+                                            t.distance_decoder, t.autocast))
     assert "\n" not in str(err.value) and all(w in str(err.value) for w in words), str(err.value)
     assert train_params_problem("cross_attention", "project", "image", 0.0) is None
 

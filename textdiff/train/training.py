@@ -78,7 +78,7 @@ def classifier_config(cache: FeatureCache, params: TrainParams) -> ClassifierCon
         d_model=params.d_model or spec.text_hidden_size, heads=params.heads, fusion=params.fusion,
         out_size=(spec.image_size, spec.image_size), variant=params.classifier, padding_mask=params.padding_mask,
         decoder_norm=params.decoder_norm, distance_head=resolved_target(params.target, spec) == "distance",
-        distance_decoder=params.distance_decoder,
+        distance_decoder=params.distance_decoder, autocast=params.autocast,
     )
 
 
