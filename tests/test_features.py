@@ -233,3 +233,39 @@ def test_gpu_submit_copies_asynchronously_and_reuses_pinned_buffers():
     torch.testing.assert_close(host, ref[1].cuda().cpu(), rtol=1e-3, atol=1e-3)
     first.release()
     assert extractor.submit(images).wait()[1].data_ptr() == host.data_ptr()  # the released buffer, reused
+
+
+def test_window_starts_cover_the_image_flush_with_its_far_edge():
+    from textdiff.data.tiles import window_starts
+
+    assert window_starts(128, 64, 32) == [0, 32, 64]
+    assert window_starts(100, 64, 48) == [0, 36]  # the last window flush with the edge
+    assert window_starts(64, 64, 32) == [0] and window_starts(40, 64, 32) == [0]
+
+
+def test_windowed_features_are_each_windows_own_where_one_window_covers():
+    """A 64 px image in 32 px windows every 16 px: the top-left 16 x 16 corner is seen by the first
+    window alone, so the blend there is exactly that window's own forward (on the same noise); the
+    centre is a blend, and a window as large as the image changes nothing."""
+    model, diffusion = _model(), Diffusion()
+    images = torch.rand(1, 3, 64, 64) * 2 - 1
+    steps, blocks = (50, 250), (1, 4)
+    whole = FeatureExtractor(model, diffusion, steps=steps, blocks=blocks)
+    windowed = FeatureExtractor(model, diffusion, steps=steps, blocks=blocks, window=32, window_stride=16)
+    same = FeatureExtractor(model, diffusion, steps=steps, blocks=blocks, window=64)
+    full, blended, unchanged = whole(images), windowed(images), same(images)
+    corner = FeatureExtractor(model, diffusion, steps=steps, blocks=blocks)
+    big_noise = whole.noise(64, 64)
+    corner.noise = lambda h, w: big_noise[:, :h, :w]
+    own = corner(images[:, :, :32, :32])
+    for b in blocks:
+        assert blended[b].shape == full[b].shape
+        torch.testing.assert_close(unchanged[b], full[b], rtol=0, atol=0)
+        k = blended[b].shape[-1] // 4  # 16 input pixels at this block's scale
+        torch.testing.assert_close(blended[b][..., :k, :k], own[b][..., :k, :k], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(blended[4], full[4], atol=1e-3)  # the windows do see something else
+
+
+def test_a_window_the_unet_cannot_take_is_refused_in_one_line():
+    with pytest.raises(TextDiffError, match="extract.window 30"):
+        FeatureExtractor(_model(), Diffusion(), steps=(50,), blocks=(1,), window=30)

@@ -59,6 +59,10 @@ class CacheSpec:
     # Per-nucleus ground truth rides along (data.instances): a `distance` target per view and the
     # source images' label maps. Written into the fingerprint only when true, like autocast.
     instances: bool = False
+    # The teacher run on windows of `window` px every `window_stride` px (adm only; 0 = whole
+    # images). Written into the fingerprint only when set, like autocast.
+    window: int = 0
+    window_stride: int = 0
     version: int = SPEC_VERSION
 
     def __post_init__(self) -> None:
@@ -105,6 +109,8 @@ class CacheSpec:
             del out["autocast"]
         if not out["instances"]:
             del out["instances"]
+        if not out["window"]:
+            del out["window"], out["window_stride"]
         return out
 
     @classmethod

@@ -92,7 +92,8 @@ def build_featurizer(spec: CacheSpec, teacher_path: Path | None, device: torch.d
             print(f"teacher.config use_fp16: the fp16 torso runs on a GPU only; {device} runs it in float32")
     return FeatureExtractor(model, Diffusion(spec.schedule, spec.diffusion_steps), steps=list(spec.steps),
                             blocks=list(spec.blocks), noise_seed=spec.noise_seed, device=device,
-                            autocast_dtype=spec.autocast, out_dtype=out_dtype, compile=compile)
+                            autocast_dtype=spec.autocast, out_dtype=out_dtype, compile=compile,
+                            window=spec.window, window_stride=spec.window_stride)
 
 
 OFF_DISTRIBUTION_TOKENS = 4  # more than this many times the training tokens through one attention layer
@@ -104,10 +105,13 @@ def attention_report(spec: CacheSpec) -> tuple[str, str | None]:
     if spec.teacher_kind == "rgb":
         return "teacher: none (the RGB control)", None
     config = spec.teacher_config or {}
-    at = attention_token_counts(config, spec.image_size)
+    seen = min(spec.window, spec.image_size) if spec.window else spec.image_size
+    at = attention_token_counts(config, seen)
     trained = attention_token_counts(config)
     sides = ", ".join(f"{side}x{side} ({tokens} tokens)" for side, tokens in at)
-    line = (f"teacher attends at {sides} on {spec.image_size} px inputs; trained at {config['image_size']} px: "
+    where = (f"{seen} px windows every {spec.window_stride} px of {spec.image_size} px inputs" if spec.window
+             else f"{spec.image_size} px inputs")
+    line = (f"teacher attends at {sides} on {where}; trained at {config['image_size']} px: "
             + ", ".join(f"{side}x{side}" for side, _ in trained))
     ratio = at[0][1] / trained[0][1]
     warning = None

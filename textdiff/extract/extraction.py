@@ -163,7 +163,10 @@ def plan_cache(params: Params, prepared_dir: Path = PREPARED_DIR) -> CachePlan:
             teacher_kind="adm", steps=params.teacher.steps, blocks=params.teacher.blocks,
             teacher_sha256=checkpoint_sha256(teacher.path), teacher_config=teacher.config,
             noise_seed=params.teacher.noise_seed, schedule=params.teacher.schedule,
-            diffusion_steps=params.teacher.diffusion_steps, autocast=params.extract.autocast, **common,
+            diffusion_steps=params.teacher.diffusion_steps, autocast=params.extract.autocast,
+            window=params.extract.window,
+            window_stride=(params.extract.window_stride or params.extract.window // 2) if params.extract.window else 0,
+            **common,
         )
     return CachePlan(spec, {split: _split_inputs(params, d, instances) for split, d in prepared.items()}, teacher)
 

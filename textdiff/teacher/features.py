@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 
+from textdiff.data.tiles import window_starts
 from textdiff.errors import TextDiffError
 from textdiff.teacher.adm import normalize_config, resolved_channel_mult
 from textdiff.teacher.diffusion import Diffusion
@@ -46,6 +47,15 @@ def _hw(image_size: int | Sequence[int]) -> tuple[int, int]:
         return image_size, image_size
     h, w = image_size
     return int(h), int(w)
+
+
+WINDOW_BATCH = 16  # windows per teacher forward in windowed extraction (bounds memory, not results)
+
+
+def _bump(side: int, device: torch.device) -> torch.Tensor:
+    """[side, side] raised-cosine weights, highest in the centre, never zero."""
+    ramp = torch.sin(torch.pi * (torch.arange(side, dtype=torch.float32) + 0.5) / side) ** 2
+    return (torch.outer(ramp, ramp) + 1e-3).to(device)
 
 
 def block_shapes(config: Mapping[str, Any], blocks: Iterable[int],
@@ -73,6 +83,12 @@ def block_shapes(config: Mapping[str, Any], blocks: Iterable[int],
             raise TextDiffError(f"blocks: {b!r} is not an output block index in [0, {len(table)})")
         out[b] = table[b]
     return out
+
+
+def config_factor(config: Mapping[str, Any], blocks: Iterable[int]) -> list[int]:
+    """How many input pixels one feature pixel of each block spans (1, 2, 4, ...)."""
+    side = 2 ** 12
+    return [side // hb for _, hb, _ in block_shapes(config, blocks, side).values()]
 
 
 class PendingFeatures:
@@ -144,7 +160,8 @@ class FeatureExtractor:
     def __init__(self, model: torch.nn.Module, diffusion: Diffusion, steps: Sequence[int] = DEFAULT_STEPS,
                  blocks: Sequence[int] = DEFAULT_BLOCKS, noise_seed: int = 0, device: str | torch.device = "cpu",
                  autocast_dtype: torch.dtype | str | None = None, channels_last: bool = False,
-                 out_dtype: torch.dtype = torch.float32, fuse_steps: bool | None = None, compile: bool = False):
+                 out_dtype: torch.dtype = torch.float32, fuse_steps: bool | None = None, compile: bool = False,
+                 window: int = 0, window_stride: int = 0):
         config = getattr(model, "config", None)
         if not isinstance(config, dict) or not hasattr(model, "output_blocks"):
             raise TextDiffError("teacher: expected a UNet built by build_adm (with .config and .output_blocks)")
@@ -171,6 +188,14 @@ class FeatureExtractor:
         if isinstance(noise_seed, bool) or not isinstance(noise_seed, int):
             raise TextDiffError(f"noise_seed: expected an integer, got {noise_seed!r}")
 
+        multiple = 2 ** (len(resolved_channel_mult(config)) - 1)
+        if window:
+            deepest = max(config_factor(config, blocks))
+            window_stride = window_stride or window // 2
+            if window % multiple or window_stride % deepest or not 0 < window_stride <= window:
+                raise TextDiffError(f"extract.window {window} / window_stride {window_stride}: the window must be a "
+                                    f"multiple of {multiple} and the stride a multiple of {deepest}, at most the window")
+        self.window, self.window_stride = int(window), int(window_stride)
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self.channels_last = channels_last
@@ -229,6 +254,8 @@ class FeatureExtractor:
         """{block: [B, S, C, h, w]} as `out_dtype`, left on the device."""
         self._check(images)
         b, _, h, w = images.shape
+        if self.window and (h > self.window or w > self.window):
+            return self._windowed(images)
         x = images.to(self.device, torch.float32)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -247,6 +274,43 @@ class FeatureExtractor:
             for blk, f in zip(self.blocks, self._forward(self.diffusion.q_sample(x, t, noise), t)):
                 per_step[blk].append(f.to(self.out_dtype))
         return {blk: torch.stack(fs, dim=1) for blk, fs in per_step.items()}
+
+    def _windowed(self, images: torch.Tensor) -> dict[int, torch.Tensor]:
+        """The teacher on overlapping windows of its training size, features blended back.
+
+        The image is noised whole (the same noise as without windows), then each `window`-pixel
+        square every `window_stride` pixels goes through the UNet on its own, so every attention
+        layer and GroupNorm sees what it saw in training; a window's features are weighted by a
+        raised-cosine bump (its border, where zero padding shows, counts least) and the weighted
+        mean over the windows covering a position is the feature there."""
+        b, _, h, w = images.shape
+        x = images.to(self.device, torch.float32)
+        noise = self.noise(h, w)
+        win, stride = self.window, self.window_stride
+        tops, lefts = window_starts(h, win, stride), window_starts(w, win, stride)
+        shapes = self.shapes(h, w)
+        out: dict[int, torch.Tensor] = {}
+        for blk, (c, hb, wb) in shapes.items():
+            out[blk] = torch.zeros(b, len(self.steps), c, hb, wb, dtype=torch.float32, device=self.device)
+        weights = {blk: torch.zeros(hb, wb, dtype=torch.float32, device=self.device)
+                   for blk, (_, hb, wb) in shapes.items()}
+        bumps = {blk: _bump(win * hb // h, self.device) for blk, (_, hb, _) in shapes.items()}
+        corners = [(top, left) for top in tops for left in lefts]
+        for si, step in enumerate(self.steps):
+            x_t = self.diffusion.q_sample(x, torch.full((b,), step, dtype=torch.long, device=self.device), noise)
+            for first in range(0, len(corners), WINDOW_BATCH):
+                group = corners[first : first + WINDOW_BATCH]
+                crops = torch.cat([x_t[:, :, t : t + win, l : l + win] for t, l in group])
+                t = torch.full((crops.shape[0],), step, dtype=torch.long, device=self.device)
+                for blk, f in zip(self.blocks, self._forward(crops, t)):
+                    f = f.float().unflatten(0, (len(group), b))
+                    scale, side = shapes[blk][1] / h, f.shape[-1]
+                    for k, (top, left) in enumerate(group):
+                        tb, lb = int(top * scale), int(left * scale)
+                        out[blk][:, si, :, tb : tb + side, lb : lb + side] += f[k] * bumps[blk]
+                        if si == 0:
+                            weights[blk][tb : tb + side, lb : lb + side] += bumps[blk]
+        return {blk: (out[blk] / weights[blk]).to(self.out_dtype) for blk in self.blocks}
 
     def submit(self, images: torch.Tensor) -> PendingFeatures:
         """Start the features of a batch; on a GPU the device-to-host copy is left running."""
