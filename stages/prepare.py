@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from textdiff.data.prepare import prepare_dataset
+from textdiff.data.prepare import dataset_layout, prepare_dataset
 from textdiff.data.stain import method_problem
 from textdiff.params import load_params
 from textdiff.paths import PREPARED_DIR, resolve_data_root
@@ -20,11 +20,16 @@ def run(params_path: Path, out_dir: Path = PREPARED_DIR) -> None:
     params = load_params(params_path)
     params.refuse(method_problem(params.data.stain))
     started = time.perf_counter()
-    instances = resolve_data_root(params.data.instances) if params.data.instances else None
+    root = resolve_data_root(params.data.root)
+    folder = dataset_layout(params.data.layout, root) == "folder"
+    instances = resolve_data_root(params.data.instances) if params.data.instances and not folder else None
+    if folder:
+        print(f"{root}: folder layout (images/, masks/); per-nucleus labels come from the masks, "
+              "data.instances is not read")
     if instances is not None and not instances.is_dir():
         print(f"note: no instance ground truth at {instances} (data.instances): instance targets and metrics are off")
         instances = None
-    splits = prepare_dataset(params.data, resolve_data_root(params.data.root), out_dir, instances)
+    splits = prepare_dataset(params.data, root, out_dir, instances)
     for split, samples in splits.items():
         h, w = samples[0].image.shape[:2]
         nuclei = ""

@@ -84,9 +84,23 @@ class DataParams:
     # Micrometres per pixel of the source images (MoNuSeg, 40x: 0.25). Recorded with the model, so
     # `textdiff predict` brings every new image to the resolution the model works at.
     mpp: float = 0.25
+    # How data.root is laid out: lvit (MoNuSeg's {Train,Val,Test}_Folder with report workbooks),
+    # folder (a lab's images/ + masks/, optional reports.csv and split.csv: docs/your-own-data.md),
+    # or auto: folder where data.root holds images/ and masks/, else lvit.
+    layout: str = "auto"
+    # The folder layout without a split.csv: a seeded permutation gives val and test these fractions.
+    split_seed: int = 0
+    val_fraction: float = 0.15
+    test_fraction: float = 0.15
 
     def check(self) -> None:
         _positive("data.image_size", self.image_size)
+        _one_of("data.layout", self.layout, ("auto", "lvit", "folder"))
+        _non_negative("data.val_fraction", self.val_fraction)
+        _non_negative("data.test_fraction", self.test_fraction)
+        if self.val_fraction + self.test_fraction >= 1:
+            raise ValueError(f"data.val_fraction + data.test_fraction is {self.val_fraction + self.test_fraction:g}: "
+                             "nothing would be left to train on")
         if not MPP_RANGE[0] <= self.mpp <= MPP_RANGE[1]:
             raise ValueError(f"data.mpp is micrometres per pixel, between {MPP_RANGE[0]} and {MPP_RANGE[1]}; "
                              f"got {self.mpp}")
@@ -229,9 +243,19 @@ class ExtractParams:
     # The teacher's compute dtype (torch.autocast): bfloat16 is a GPU's fast path (tensor cores); the
     # features then differ from float32 ones by bf16 rounding, so the cache spec records it.
     autocast: str = "float32"
+    # The teacher on windows of this many pixels (0 = the whole image at once), every window_stride
+    # pixels (0 = half a window), features blended back: a teacher trained on small crops then sees
+    # its training size in every attention layer and GroupNorm. Recorded in the cache spec.
+    window: int = 0
+    window_stride: int = 0
 
     def check(self) -> None:
         _one_of("extract.views", self.views, (1, 8))
+        _non_negative("extract.window", self.window)
+        _non_negative("extract.window_stride", self.window_stride)
+        if self.window_stride > self.window:
+            raise ValueError(f"extract.window_stride ({self.window_stride}) is more than extract.window "
+                             f"({self.window}): windows would leave gaps")
         _one_of("extract.autocast", self.autocast, DTYPES)
         _non_negative("extract.stain_views", self.stain_views)
         _positive("extract.stain_sigma", self.stain_sigma)

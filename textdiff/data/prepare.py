@@ -10,12 +10,20 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from textdiff.data.dataset import SPLITS, Sample, read_splits
+from textdiff.data.folder import is_folder_layout, read_folder
 from textdiff.data.prepared import write_prepared
 from textdiff.data.resize import release_mask, resize_sample
 from textdiff.errors import TextDiffError
 
 if TYPE_CHECKING:
     from textdiff.params import DataParams
+
+def dataset_layout(layout: str, root: Path) -> str:
+    """`data.layout` as read: `auto` is `folder` where data.root holds images/ and masks/, else `lvit`."""
+    if layout == "auto":
+        return "folder" if is_folder_layout(root) else "lvit"
+    return layout
+
 
 def native_size(splits: dict[str, list[Sample]], tile: int) -> int:
     """The one square size every image shares (tiles mode keeps native resolution)."""
@@ -66,14 +74,20 @@ def prepare_dataset(params: DataParams, root: Path, out_dir: Path,
 
     `resize` (the paper's protocol) resizes every image to `data.image_size` (`data.protocol`:
     ours, or the released code's BGR/bilinear images and dilated masks); `tiles` keeps the native
-    resolution (extract cuts windows), which needs one square size. Every split also keeps the
+    resolution (extract cuts windows), which needs one square size. `data.layout` says how `root`
+    is laid out (MoNuSeg's LViT folders, or a lab's images/ + masks/: textdiff/data/folder.py; there
+    the masks themselves carry any instance labels and `instances` is not read). Every split also keeps the
     release ground truth at `data.image_size`, so any run is scored both ways. With `instances` (the
     resolved `data.instances` folder) every image also carries its per-nucleus labels at the source
     size. Returns what was written.
     """
     from textdiff.params import section_dict
 
-    splits = read_splits(root, SPLITS, progress=True, instances=instances)
+    if dataset_layout(params.layout, root) == "folder":
+        splits = read_folder(root, split_seed=params.split_seed, val_fraction=params.val_fraction,
+                             test_fraction=params.test_fraction, progress=True)
+    else:
+        splits = read_splits(root, SPLITS, progress=True, instances=instances)
     reference = normalise_stains(splits, params.stain)
     if params.mode == "tiles":  # native resolution; the release ground truth at data.image_size
         size = native_size(splits, params.tile)

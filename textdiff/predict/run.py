@@ -24,6 +24,7 @@ from tqdm import tqdm
 from textdiff.atomic import atomic_file
 from textdiff.data.images import read_image, read_mask
 from textdiff.data.magnification import MPP_RANGE, plausible, tiff_mpp
+from textdiff.data.folder import read_report_table
 from textdiff.data.reports import read_reports, report_for_image
 from textdiff.errors import TextDiffError
 from textdiff.evaluation.metrics import image_metrics
@@ -127,7 +128,9 @@ def predict_inputs(inputs: list[Path], out: Path, text: str | None = None, repor
         raise TextDiffError(f"{masks}: --masks must be a folder of <image id>.png masks")
     model_dir = model.parent if model.suffix == ".pt" else model
     paths = collect_images(inputs)
-    report_rows = read_reports(reports) if reports is not None else None
+    report_rows = None
+    if reports is not None:
+        report_rows = read_report_table(reports) if reports.suffix.lower() == ".csv" else read_reports(reports)
     dev = resolve_device(device)
     segmenter, card = build_segmenter(model_dir, dev, teacher, scale, whole)
     if not card.working_mpp and scale is None and not whole and card.spec.mode == "resize":
@@ -138,7 +141,7 @@ def predict_inputs(inputs: list[Path], out: Path, text: str | None = None, repor
     model_identity = {f.name: sha256_file(f) for f in (model_dir / "model.json", model_dir / "model.pt")}
     if segmenter.encoder is not None and text is None and report_rows is None:
         raise TextDiffError(f"the model in {model_dir} reads the report text "
-                            f"(fusion {card.classifier.fusion}): pass --text \"...\" or --reports WORKBOOK.xlsx")
+                            f"(fusion {card.classifier.fusion}): pass --text \"...\" or --reports WORKBOOK.xlsx|reports.csv")
 
     try:
         out.mkdir(parents=True, exist_ok=True)

@@ -99,6 +99,14 @@ def check_target(target: str, spec: CacheSpec) -> None:
                             "set train.target: binary")
 
 
+def check_text(fusion: str, texts: list[str]) -> None:
+    """A fusion that reads the report needs one per image: a dataset without reports (the folder
+    layout without reports.csv) trains image-only, and says so before any work."""
+    if fusion != "none" and texts and not any(texts):
+        raise TextDiffError(f"train.fusion={fusion} reads each image's report, but the dataset has none (no "
+                            "reports.csv in data.root): set train.fusion: none, or add the reports")
+
+
 def evaluate_dice(model: PixelClassifier, data: SampleStore, device: torch.device) -> tuple[float, float]:
     """The classifier's validation (Dice, IoU)."""
     preds, gts, _ = predict_split(model, data, device)
@@ -309,6 +317,7 @@ def train_classifier(cache: FeatureCache, params: TrainParams, device: torch.dev
     `train.steps`); the best validation Dice's weights are kept."""
     check_target(params.target, cache.spec)
     train_split, val_split = cache.split("train"), cache.split("val")
+    check_text(params.fusion, train_split.texts)
     indices = labeled_subset(len(train_split), params.num_labeled, params.seed)
     train_data, val_data = SampleStore(train_split, indices), SampleStore(val_split)
     config = classifier_config(cache, params)
