@@ -77,7 +77,8 @@ def _by_id(folder: Path, suffixes: tuple[str, ...], what: str) -> dict[str, Path
     found: dict[str, Path] = {}
     for path in image_files(folder, suffixes):
         if path.stem in found:
-            raise TextDiffError(f"{folder}: two {what} files for id '{path.stem}': {found[path.stem].name} and {path.name}")
+            raise TextDiffError(f"{folder}: two {what} files for id '{path.stem}': "
+                                f"{found[path.stem].name} and {path.name}")
         found[path.stem] = path
     return found
 

@@ -22,9 +22,9 @@ import numpy as np
 from tqdm import tqdm
 
 from textdiff.atomic import atomic_file
+from textdiff.data.folder import read_report_table
 from textdiff.data.images import read_image, read_mask
 from textdiff.data.magnification import MPP_RANGE, plausible, tiff_mpp
-from textdiff.data.folder import read_report_table
 from textdiff.data.reports import read_reports, report_for_image
 from textdiff.errors import TextDiffError
 from textdiff.evaluation.metrics import image_metrics
@@ -141,7 +141,8 @@ def predict_inputs(inputs: list[Path], out: Path, text: str | None = None, repor
     model_identity = {f.name: sha256_file(f) for f in (model_dir / "model.json", model_dir / "model.pt")}
     if segmenter.encoder is not None and text is None and report_rows is None:
         raise TextDiffError(f"the model in {model_dir} reads the report text "
-                            f"(fusion {card.classifier.fusion}): pass --text \"...\" or --reports WORKBOOK.xlsx|reports.csv")
+                            f"(fusion {card.classifier.fusion}): pass --text \"...\" or "
+                            "--reports WORKBOOK.xlsx|reports.csv")
 
     try:
         out.mkdir(parents=True, exist_ok=True)

@@ -193,8 +193,9 @@ class FeatureExtractor:
             deepest = max(config_factor(config, blocks))
             window_stride = window_stride or window // 2
             if window % multiple or window_stride % deepest or not 0 < window_stride <= window:
-                raise TextDiffError(f"extract.window {window} / window_stride {window_stride}: the window must be a "
-                                    f"multiple of {multiple} and the stride a multiple of {deepest}, at most the window")
+                raise TextDiffError(f"extract.window {window} / window_stride {window_stride}: the window must be "
+                                    f"a multiple of {multiple} and the stride a multiple of {deepest}, at most "
+                                    "the window")
         self.window, self.window_stride = int(window), int(window_stride)
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
@@ -300,7 +301,7 @@ class FeatureExtractor:
             x_t = self.diffusion.q_sample(x, torch.full((b,), step, dtype=torch.long, device=self.device), noise)
             for first in range(0, len(corners), WINDOW_BATCH):
                 group = corners[first : first + WINDOW_BATCH]
-                crops = torch.cat([x_t[:, :, t : t + win, l : l + win] for t, l in group])
+                crops = torch.cat([x_t[:, :, top : top + win, left : left + win] for top, left in group])
                 t = torch.full((crops.shape[0],), step, dtype=torch.long, device=self.device)
                 for blk, f in zip(self.blocks, self._forward(crops, t)):
                     f = f.float().unflatten(0, (len(group), b))
