@@ -124,7 +124,7 @@ def _masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: t
     """SDPA over text tokens; `mask` [B, L] bool (True = real token) or None (attend to all).
     Under autocast it runs in float32: PyTorch's CPU flash kernel is 4x slower backwards in
     bfloat16 at this shape (65,536 queries, 10 keys, 8-wide heads), and it is a small part of a step."""
-    if q.dtype != torch.float32:
+    if q.dtype in (torch.bfloat16, torch.float16):
         with torch.autocast(q.device.type, enabled=False):
             return _masked_attention(q.float(), k.float(), v.float(), mask, scale).to(q.dtype)
     if mask is None:
@@ -452,7 +452,7 @@ class PixelClassifier(nn.Module):
         device_type = features[0].device.type if len(features) else "cpu"
         with torch.autocast(device_type, dtype=torch.bfloat16, enabled=self.config.autocast == "bfloat16"):
             out = self._forward(features, text_tokens, text_mask, text_pooled)
-        return {k: v.float() for k, v in out.items()}
+        return {k: v.float() if v.dtype in (torch.bfloat16, torch.float16) else v for k, v in out.items()}
 
     def _forward(self, features: Sequence[torch.Tensor], text_tokens: torch.Tensor | None,
                  text_mask: torch.Tensor | None, text_pooled: torch.Tensor | None) -> dict[str, torch.Tensor]:
