@@ -273,7 +273,7 @@ class ClassifierConfig:
     autocast: the compute dtype of every forward pass, in training and at inference alike (so
         evaluate and `textdiff predict` run the model as it was trained). "bfloat16" runs the
         convolutions, projections and attention under torch.autocast; outputs come back float32.
-        The decoders read channels-last maps either way (oneDNN's fast layout on a CPU).
+        Under bfloat16 the decoders read channels-last maps (oneDNN's fast layout on a CPU).
     """
 
     block_channels: tuple[int, ...]
@@ -489,9 +489,11 @@ class PixelClassifier(nn.Module):
             fused.append(self._fuse(k, x, context, mask, pooled))
 
         up = [F.interpolate(m, size=self.out_size, mode="bilinear", align_corners=False) for m in fused]
-        # channels-last: oneDNN's 3x3 convolutions at full resolution (most of a step) run 1.3x
-        # faster in float32 and 2.8x in bfloat16 on a CPU than on the default layout.
-        x = torch.cat(up, dim=1).contiguous(memory_format=torch.channels_last)
+        # channels-last under bfloat16: oneDNN's 3x3 convolutions at full resolution (most of a
+        # step) run 2.8x faster on a CPU than on the default layout.
+        x = torch.cat(up, dim=1)
+        if self.config.autocast != "float32":  # float32 keeps the exact kernels of models trained before
+            x = x.contiguous(memory_format=torch.channels_last)
         if self.distance_head is None:
             out = {"logits": self.decoder(x)}
         elif self.shared_distance:
