@@ -27,7 +27,8 @@ import numpy as np
 
 from textdiff.data.dataset import SPLITS, Sample
 from textdiff.data.images import describe, image_files, read_file_bytes, read_image
-from textdiff.data.instances import read_instance_map
+from textdiff.data.instances import decode_instance_map
+from textdiff.data.reports import cell_text, report_key
 from textdiff.errors import TextDiffError
 
 IMAGES, MASKS, REPORTS, SPLIT_FILE = "images", "masks", "reports.csv", "split.csv"
@@ -60,9 +61,8 @@ def _read_csv(path: Path, columns: tuple[str, str]) -> dict[str, str]:
     for number, row in enumerate(rows[1:], start=2):
         if not any(cell.strip() for cell in row):
             continue
-        name = row[key_col].strip().replace("\\", "/").rsplit("/", 1)[-1] if key_col < len(row) else ""
-        key = Path(name).stem if Path(name).suffix.lower() in FOLDER_IMAGE_SUFFIXES else name
-        value = " ".join(row[value_col].split()) if value_col < len(row) else ""
+        key = report_key(row[key_col]) if key_col < len(row) else ""  # the workbooks' rule for an image cell
+        value = cell_text(row[value_col] if value_col < len(row) else None)
         if not key:
             raise TextDiffError(f"{path}: row {number} names no image")
         if key in out and out[key] != value:
@@ -106,14 +106,15 @@ def seeded_split(ids: list[str], seed: int, val_fraction: float, test_fraction: 
     return split
 
 
-def _read_labels(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
-    """A mask file as (binary mask, instance labels or None): values within {0, 1} or {0, 255}
-    are a binary mask, anything else an instance label map (read as `data.instances` maps are)."""
-    labels = read_instance_map(path)
-    values = np.unique(labels)
-    if set(values.tolist()) <= {0, 1} or set(values.tolist()) <= {0, 255}:
-        return (labels > 0).astype(np.uint8), None
-    return (labels > 0).astype(np.uint8), labels
+def _read_labels(path: Path) -> tuple[np.ndarray, np.ndarray | None, str]:
+    """A mask file as (binary mask, instance labels or None, sha256 of its bytes): values within
+    {0, 1} or {0, 255} are a binary mask, anything else an instance label map (read as
+    `data.instances` maps are)."""
+    data = read_file_bytes(path, "mask")
+    labels = decode_instance_map(path, data)
+    values = set(np.unique(labels).tolist())
+    binary = values <= {0, 1} or values <= {0, 255}
+    return (labels > 0).astype(np.uint8), None if binary else labels, hashlib.sha256(data).hexdigest()
 
 
 def read_folder(root: Path, *, split_seed: int = 0, val_fraction: float = 0.15, test_fraction: float = 0.15,
@@ -163,7 +164,7 @@ def read_folder(root: Path, *, split_seed: int = 0, val_fraction: float = 0.15, 
     for image_id, image_path in items:
         mask_path = masks[image_id]
         image, image_sha = read_image(image_path)
-        mask, labels = _read_labels(mask_path)
+        mask, labels, mask_sha = _read_labels(mask_path)
         if image.shape[:2] != mask.shape:
             raise TextDiffError(f"{mask_path}: mask is {mask.shape[1]}x{mask.shape[0]} but its image {image_path.name} "
                                 f"is {image.shape[1]}x{image.shape[0]} (width x height)")
@@ -176,7 +177,6 @@ def read_folder(root: Path, *, split_seed: int = 0, val_fraction: float = 0.15, 
             (a, pa), (b, pb) = list(sizes.items())[:2]
             raise TextDiffError(f"{pb}: is {b[1]}x{b[0]} but {pa.name} is {a[1]}x{a[0]}: every tile must have one "
                                 "size (one magnification per working pixel); crop or pad them to one")
-        mask_sha = hashlib.sha256(read_file_bytes(mask_path, "mask")).hexdigest()
         out[assignment[image_id]].append(
             Sample(image_id, image, mask, reports[image_id] if reports is not None else "", image_path, mask_path,
                    image_sha, mask_sha, instances=labels))

@@ -33,7 +33,11 @@ def instance_path(root: Path, split: str, image_id: str) -> Path:
 
 def read_instance_map(path: Path) -> np.ndarray:
     """The label map in `path` as uint16, refused (one line naming the file) when it is not one."""
-    data = read_file_bytes(path, "instance map")
+    return decode_instance_map(path, read_file_bytes(path, "instance map"))
+
+
+def decode_instance_map(path: Path, data: bytes) -> np.ndarray:
+    """`read_instance_map` on bytes already read from `path` (a caller that also hashes them)."""
     try:
         with Image.open(io.BytesIO(data)) as im:
             im.load()

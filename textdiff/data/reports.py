@@ -21,7 +21,7 @@ TEXT_COLUMN = "Description"
 _HEADER_SEARCH_ROWS = 20
 
 
-def _report_key(value: object) -> str:
+def report_key(value: object) -> str:
     """The image id an `Image` cell names: 'X.png', 'X.tif', 'img/X.png' and 'X' all name 'X'."""
     name = str(value).strip().replace("\\", "/").rsplit("/", 1)[-1]
     for suffix in IMAGE_SUFFIXES + (".jpg", ".jpeg", ".bmp"):
@@ -30,7 +30,7 @@ def _report_key(value: object) -> str:
     return name
 
 
-def _cell_text(value: object) -> str:
+def cell_text(value: object) -> str:
     if value is None:
         return ""
     if isinstance(value, float) and value.is_integer():
@@ -59,7 +59,7 @@ def read_reports(path: str | Path) -> dict[str, str]:
         first_header: list[str] | None = None
         header_row = 0
         for header_row, row in enumerate(rows, start=1):
-            cells = [_cell_text(v) for v in row]
+            cells = [cell_text(v) for v in row]
             if not any(cells):
                 continue
             if first_header is None:
@@ -84,8 +84,8 @@ def read_reports(path: str | Path) -> dict[str, str]:
             image = row[image_col] if image_col < len(row) else None
             if image is None or not str(image).strip():
                 continue  # a blank row
-            key = _report_key(image)
-            text = _cell_text(row[text_col] if text_col < len(row) else None)
+            key = report_key(image)
+            text = cell_text(row[text_col] if text_col < len(row) else None)
             if key in reports and reports[key] and text and reports[key] != text:
                 raise TextDiffError(
                     f"{path}: image '{key}' has two different reports "

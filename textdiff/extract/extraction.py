@@ -47,7 +47,7 @@ from textdiff.paths import CACHE_PATH, PREPARED_DIR
 from textdiff.runtime.device import provenance, resolve_device
 from textdiff.runtime.distributed import Ranks, close_ranks, init_ranks
 from textdiff.teacher import checkpoint_sha256
-from textdiff.teacher.features import PendingFeatures
+from textdiff.teacher.features import PendingFeatures, resolved_window_stride
 
 
 @dataclass
@@ -165,7 +165,7 @@ def plan_cache(params: Params, prepared_dir: Path = PREPARED_DIR) -> CachePlan:
             noise_seed=params.teacher.noise_seed, schedule=params.teacher.schedule,
             diffusion_steps=params.teacher.diffusion_steps, autocast=params.extract.autocast,
             window=params.extract.window,
-            window_stride=(params.extract.window_stride or params.extract.window // 2) if params.extract.window else 0,
+            window_stride=resolved_window_stride(params.extract.window, params.extract.window_stride),
             **common,
         )
     return CachePlan(spec, {split: _split_inputs(params, d, instances) for split, d in prepared.items()}, teacher)

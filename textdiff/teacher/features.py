@@ -85,6 +85,11 @@ def block_shapes(config: Mapping[str, Any], blocks: Iterable[int],
     return out
 
 
+def resolved_window_stride(window: int, stride: int) -> int:
+    """extract.window_stride as used: 0 means half a window; no windows, no stride."""
+    return (stride or window // 2) if window else 0
+
+
 def config_factor(config: Mapping[str, Any], blocks: Iterable[int]) -> list[int]:
     """How many input pixels one feature pixel of each block spans (1, 2, 4, ...)."""
     side = 2 ** 12
@@ -188,10 +193,10 @@ class FeatureExtractor:
         if isinstance(noise_seed, bool) or not isinstance(noise_seed, int):
             raise TextDiffError(f"noise_seed: expected an integer, got {noise_seed!r}")
 
-        multiple = 2 ** (len(resolved_channel_mult(config)) - 1)
+        multiple = 2 ** (len(resolved_channel_mult(config)) - 1)  # what _check asks of an input's sides
+        window_stride = resolved_window_stride(window, window_stride)
         if window:
             deepest = max(config_factor(config, blocks))
-            window_stride = window_stride or window // 2
             if window % multiple or window_stride % deepest or not 0 < window_stride <= window:
                 raise TextDiffError(f"extract.window {window} / window_stride {window_stride}: the window must be "
                                     f"a multiple of {multiple} and the stride a multiple of {deepest}, at most "
