@@ -25,6 +25,7 @@ from textdiff.runtime.device import provenance, resolve_device
 from textdiff.runtime.distributed import Ranks, close_ranks, init_ranks
 from textdiff.runtime.launch import relaunch_under_torchrun
 from textdiff.train.nuclei_rule import choose_nuclei_rule
+from textdiff.train.resume import Checkpoint, resume_path, training_identity
 from textdiff.train.training import EpochRecord, check_target, schedule_for, train_classifier, train_unet
 
 
@@ -91,10 +92,14 @@ def _train(params: Params, ranks: Ranks, device: torch.device, cache_path: Path,
                                                     **_rule_metrics(choice)})
             print(f"baseline.kind=classic: hematoxylin + Otsu, no training; {out_dir}/model.json written")
             return
+        checkpoint = Checkpoint(resume_path(out_dir), training_identity(
+            section_dict(params.train), section_dict(params.baseline), cache.spec.to_json(), ranks.world, device.type),
+            writer=ranks.main)
         if params.baseline.kind == "unet":
-            result = train_unet(cache, params.train, params.baseline, device, on_epoch=log, ranks=ranks)
+            result = train_unet(cache, params.train, params.baseline, device, on_epoch=log, ranks=ranks,
+                                checkpoint=checkpoint)
         else:
-            result = train_classifier(cache, params.train, device, on_epoch=log, ranks=ranks)
+            result = train_classifier(cache, params.train, device, on_epoch=log, ranks=ranks, checkpoint=checkpoint)
     seconds = time.perf_counter() - started
     schedule = schedule_for(params.train, result.num_train)
     if not ranks.main:
@@ -131,7 +136,9 @@ def _train(params: Params, ranks: Ranks, device: torch.device, cache_path: Path,
         "seconds_per_epoch": round(seconds / schedule.rounds, 2),  # per validation round with train.steps
         "peak_rss_mib": round(peak_rss_mib, 1),  # rank 0's
         "processes": ranks.world,
+        **({"resumed_from_step": result.resumed_step} if result.resumed_step else {}),  # seconds: this run's
         **_rule_metrics(choice),
     })
+    checkpoint.remove()  # the model and its metrics are whole: nothing left to resume
     print(f"best val dice {result.best_val_dice:.4f} at {schedule.unit} {result.best_epoch} (step {result.best_step}); "
           f"{out_dir}/model.pt written ({seconds:.0f}s, peak RSS {peak_rss_mib:.0f} MiB)")

@@ -29,6 +29,7 @@ from textdiff.model.inference import predict_split
 from textdiff.model.losses import total_loss
 from textdiff.params import BaselineParams, TrainParams
 from textdiff.runtime.distributed import Ranks, Share, data_parallel, local_share, summed_over_ranks
+from textdiff.train.resume import Checkpoint, random_states, records_to_json, set_random_states
 
 
 @dataclass
@@ -53,6 +54,7 @@ class TrainingResult:
     best_val_iou: float
     train_ids: list[str]
     best_step: int = 0
+    resumed_step: int = 0  # > 0: this run continued a checkpoint saved after that many steps
 
     @property
     def num_train(self) -> int:
@@ -207,12 +209,24 @@ def draw_batches(n_items: int, params: TrainParams, spec: CacheSpec, rng: np.ran
 def fit(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler, schedule: Schedule,
         batches: Iterator[Batch], step: Callable[[Batch], float], validate: Callable[[], tuple[float, float]],
         result: TrainingResult, on_epoch: Callable[[EpochRecord], None] | None = None,
-        progress: bool = True) -> TrainingResult:
+        progress: bool = True, checkpoint: Checkpoint | None = None) -> TrainingResult:
     """The loop every trained model shares (the pixel classifier and the U-Net baseline): `step`
     takes one batch and returns its loss; after every `schedule.val_every` steps (and the last) the
-    lr schedule advances and `validate` gives (Dice, IoU); the best validation Dice's weights win."""
-    done = 0
-    for rnd in range(1, schedule.rounds + 1):
+    lr schedule advances and `validate` gives (Dice, IoU); the best validation Dice's weights win.
+
+    With a `checkpoint`, every round's end is saved, and a saved state of this very run is
+    continued: the rounds already done are replayed into `on_epoch` (the curves are whole again),
+    the batch stream is advanced to the step reached, and training goes on bit for bit."""
+    done, first = 0, 1
+    blob = checkpoint.load() if checkpoint is not None else None
+    if blob is not None:
+        done, first = _restore(blob, model, optimizer, scheduler, result, batches, on_epoch)
+        result.resumed_step = done
+        if progress:
+            print(f"train: resuming after {schedule.unit} {first - 1}/{schedule.rounds} (step {done}) from "
+                  f"{checkpoint.path}")
+    records: list[EpochRecord] = [EpochRecord(**r) for r in blob["records"]] if blob is not None else []
+    for rnd in range(first, schedule.rounds + 1):
         started = time.perf_counter()
         model.train()
         n = min(schedule.val_every, schedule.total_steps - done)
@@ -234,9 +248,37 @@ def fit(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler, sch
         if progress:
             print(f"{schedule.unit} {rnd:3d}  step {done:5d}  loss {record.train_loss:.4f}  val dice {val_dice:.4f}  "
                   f"iou {val_iou:.4f}  {record.seconds:.1f}s" + ("  *" if result.best_epoch == rnd else ""))
+        records.append(record)
+        if checkpoint is not None:
+            checkpoint.save({
+                "round": rnd, "step": done, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "random": random_states(), "records": records_to_json(records),
+                "best": {"epoch": result.best_epoch, "step": result.best_step, "val_dice": result.best_val_dice,
+                         "val_iou": result.best_val_iou, "state": result.state},
+            })
         if on_epoch is not None:
             on_epoch(record)
     return result
+
+
+def _restore(blob: dict, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler,
+             result: TrainingResult, batches: Iterator[Batch],
+             on_epoch: Callable[[EpochRecord], None] | None) -> tuple[int, int]:
+    """Load a checkpoint's state into this run; returns (steps done, the next round)."""
+    model.load_state_dict(blob["model"])
+    optimizer.load_state_dict(blob["optimizer"])
+    scheduler.load_state_dict(blob["scheduler"])
+    best = blob["best"]
+    result.best_epoch, result.best_step = int(best["epoch"]), int(best["step"])
+    result.best_val_dice, result.best_val_iou = float(best["val_dice"]), float(best["val_iou"])
+    result.state = dict(best["state"])
+    for _ in range(int(blob["step"])):  # the same draws as the steps already taken
+        next(batches)
+    set_random_states(blob["random"])
+    if on_epoch is not None:
+        for raw in blob["records"]:
+            on_epoch(EpochRecord(**raw))
+    return int(blob["step"]), int(blob["round"]) + 1
 
 
 def distributed_loss(share: Share, ranks: Ranks) -> dict:
@@ -268,7 +310,7 @@ def train_model(spec: CacheSpec, params: TrainParams, device: torch.device, buil
                 result: TrainingResult, n_items: int, contrastive_weight: float = 0.0,
                 dice_on: str = "probabilities", running_norm: bool = False,
                 on_epoch: Callable[[EpochRecord], None] | None = None, progress: bool = True,
-                ranks: Ranks = Ranks()) -> TrainingResult:
+                ranks: Ranks = Ranks(), checkpoint: Checkpoint | None = None) -> TrainingResult:
     """The set-up and the optimisation step every trained model shares (the pixel classifier and
     the U-Net baseline differ only in `build`, `lr`, `forward` and `validate`): seeded init, Adam
     with the milestone schedule, this rank's part of every batch, CE + Dice (+ contrastive), and
@@ -301,7 +343,7 @@ def train_model(spec: CacheSpec, params: TrainParams, device: torch.device, buil
         return parts["total"]
 
     return fit(model, optimizer, scheduler, schedule, draw_batches(n_items, params, spec, rng), step,
-               lambda: validate(model), result, on_epoch, progress and ranks.main)
+               lambda: validate(model), result, on_epoch, progress and ranks.main, checkpoint)
 
 
 def mean_scores(preds: list[np.ndarray], gts: list[np.ndarray]) -> tuple[float, float]:
@@ -312,7 +354,7 @@ def mean_scores(preds: list[np.ndarray], gts: list[np.ndarray]) -> tuple[float, 
 
 def train_classifier(cache: FeatureCache, params: TrainParams, device: torch.device,
                      on_epoch: Callable[[EpochRecord], None] | None = None, progress: bool = True,
-                     ranks: Ranks = Ranks()) -> TrainingResult:
+                     ranks: Ranks = Ranks(), checkpoint: Checkpoint | None = None) -> TrainingResult:
     """The pixel classifier on the cached features, for the schedule (`train.epochs`, or
     `train.steps`); the best validation Dice's weights are kept."""
     check_target(params.target, cache.spec)
@@ -334,12 +376,12 @@ def train_classifier(cache: FeatureCache, params: TrainParams, device: torch.dev
     return train_model(cache.spec, params, device, lambda: PixelClassifier(config), params.lr, forward,
                        lambda model: evaluate_dice(model, val_data, device), result, len(indices),
                        params.contrastive_weight, "logits" if params.classifier == "release" else "probabilities",
-                       params.decoder_norm == "running", on_epoch, progress, ranks)
+                       params.decoder_norm == "running", on_epoch, progress, ranks, checkpoint)
 
 
 def train_unet(cache: FeatureCache, params: TrainParams, baseline: BaselineParams, device: torch.device,
                on_epoch: Callable[[EpochRecord], None] | None = None, progress: bool = True,
-               ranks: Ranks = Ranks()) -> TrainingResult:
+               ranks: Ranks = Ranks(), checkpoint: Checkpoint | None = None) -> TrainingResult:
     """The U-Net on the same labelled images, views, schedule and selection as the classifier."""
     train_split, val_split = cache.split("train"), cache.split("val")
     indices = labeled_subset(len(train_split), params.num_labeled, params.seed)
@@ -356,4 +398,5 @@ def train_unet(cache: FeatureCache, params: TrainParams, baseline: BaselineParam
     result = TrainingResult(state={}, config=config, best_epoch=0, best_val_dice=-1.0, best_val_iou=0.0,  # type: ignore[arg-type]
                             train_ids=[train_split.ids[i] for i in indices])
     return train_model(cache.spec, params, device, lambda: build_unet(config), baseline.lr, forward, validate,
-                       result, len(indices), on_epoch=on_epoch, progress=progress, ranks=ranks)
+                       result, len(indices), on_epoch=on_epoch, progress=progress, ranks=ranks,
+                       checkpoint=checkpoint)
