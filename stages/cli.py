@@ -106,12 +106,15 @@ def predict(
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
     masks: Path = typer.Option(None, "--masks", help="Folder of ground-truth masks <image id>.png: scores each "
                                "image and draws the evaluation panel (image | truth | prediction | errors)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Redo images and slides that an earlier run already "
+                                   "segmented into --out with this model (by default they are skipped)."),
 ) -> None:
-    """Segment images: masks, pictures, probability maps (HDF5) and a per-nucleus CSV."""
+    """Segment images: masks, pictures, probability maps (HDF5) and a per-nucleus CSV. Resumable: a
+    re-run skips what is already done."""
     from stages import predict as stage
 
     failed = stage.run(inputs, out, text=text, reports=reports, model=model, teacher=teacher, scale=scale,
-                       device=device, masks=masks, mpp=mpp, whole=whole)
+                       device=device, masks=masks, mpp=mpp, whole=whole, overwrite=overwrite)
     if failed:
         raise typer.Exit(1)
 

@@ -2,6 +2,7 @@
 
 import csv
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -313,3 +314,73 @@ def test_a_small_image_is_mirrored_out_to_the_window_not_smeared():
     rows = {tuple(padded[0, r].tolist()) for r in range(10)}
     assert rows <= {tuple(padded[0, r].tolist()) for r in range(3)}  # every row is one of the image's
     assert mirror_pad(image, 3) is image
+
+
+class _Killed(BaseException):
+    """Stands in for SIGKILL: nothing after the raise runs."""
+
+
+def _predict_outputs(out: Path) -> dict:
+    """Everything a user reads from --out, as comparable values."""
+    with h5py.File(out / "predictions.h5", "r") as h5:
+        maps = {k: np.asarray(h5[k]) for k in h5}
+        texts = {k: h5[k].attrs["text"] for k in h5}
+    pictures = {p.name: np.asarray(Image.open(p)) for p in sorted(out.glob("*.png"))}
+    return {"maps": maps, "texts": texts, "csv": (out / "nuclei.csv").read_text(), "pictures": pictures}
+
+
+def _assert_same(a: dict, b: dict) -> None:
+    assert a["maps"].keys() == b["maps"].keys() and a["texts"] == b["texts"] and a["csv"] == b["csv"]
+    assert all(np.array_equal(a["maps"][k], b["maps"][k]) for k in a["maps"])
+    assert a["pictures"].keys() == b["pictures"].keys()
+    assert all(np.array_equal(a["pictures"][k], b["pictures"][k]) for k in a["pictures"])
+
+
+def test_a_killed_prediction_resumes_and_a_finished_one_is_skipped(trained, tmp_path, monkeypatch):
+    import textdiff.predict.run as run
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for k, src in enumerate(sorted((trained.data_root / "Test_Folder" / "img").iterdir()) * 2):
+        shutil.copy(src, images / f"im{k}{src.suffix}")  # 4 images
+    fresh, out = tmp_path / "fresh", tmp_path / "out"
+    args = ["predict", str(images), "--text", "Many nuclei."]
+    assert runner.invoke(app, [*args, "--out", str(fresh)]).exit_code == 0
+    reference = _predict_outputs(fresh)
+    assert not list((fresh / ".textdiff-predict").glob("*.npz"))  # the maps live in predictions.h5 only
+
+    real, seen = run.segment_image, []
+
+    def dies_at_the_third(*a, **k):
+        seen.append(a[1].stem)
+        if len(seen) == 3:
+            raise _Killed
+        return real(*a, **k)
+
+    monkeypatch.setattr(run, "segment_image", dies_at_the_third)
+    with pytest.raises(_Killed):
+        runner.invoke(app, [*args, "--out", str(out)], catch_exceptions=False)
+    assert not (out / "predictions.h5").exists() and not (out / "nuclei.csv").exists()  # never half-written
+
+    seen.clear()
+    monkeypatch.setattr(run, "segment_image", lambda *a, **k: (seen.append(a[1].stem), real(*a, **k))[1])
+    resumed = runner.invoke(app, [*args, "--out", str(out)])
+    assert resumed.exit_code == 0, resumed.output
+    assert seen == ["im2", "im3"] and "2 of 4 inputs were already segmented" in resumed.output
+    _assert_same(_predict_outputs(out), reference)
+
+    seen.clear()
+    again = runner.invoke(app, [*args, "--out", str(out)])  # maps now read back from predictions.h5
+    assert again.exit_code == 0 and not seen and "4 of 4 inputs were already segmented" in again.output
+    _assert_same(_predict_outputs(out), reference)
+
+    changed = next(images.glob("im1.*"))
+    os.utime(changed, ns=(changed.stat().st_atime_ns, changed.stat().st_mtime_ns + 10**9))  # the file was edited
+    edited = runner.invoke(app, [*args, "--out", str(out)])
+    assert edited.exit_code == 0 and seen == ["im1"]
+    seen.clear()
+    other_text = runner.invoke(app, ["predict", str(images), "--text", "Few nuclei.", "--out", str(out)])
+    assert other_text.exit_code == 0 and len(seen) == 4  # another report: every image again
+    seen.clear()
+    redo = runner.invoke(app, ["predict", str(images), "--text", "Few nuclei.", "--out", str(out), "--overwrite"])
+    assert redo.exit_code == 0 and len(seen) == 4 and "already segmented" not in redo.output

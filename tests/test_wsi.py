@@ -128,6 +128,16 @@ def test_a_killed_slide_run_resumes_where_it_stopped(trained, slide_image, tmp_p
     assert np.array_equal(_probability(out, "s"), _probability(fresh, "s"))
     assert (out / "s.geojson").read_text() == (fresh / "s.geojson").read_text()
 
+    # a finished slide is skipped whole; --overwrite redoes every tile
+    counted.clear()
+    monkeypatch.setattr("textdiff.predict.run.segment_slide", lambda *a, **k: real(*a, **k, on_tile=counted.append))
+    again = runner.invoke(app, ["predict", str(slide), "--out", str(out), "--text", "x"])
+    assert again.exit_code == 0 and "s: already segmented by this model" in again.output and not counted
+    assert "1 of 1 inputs were already segmented" in again.output
+    redo = runner.invoke(app, ["predict", str(slide), "--out", str(out), "--text", "x", "--overwrite"])
+    assert redo.exit_code == 0 and len(counted) == done.size
+    assert (out / "s.geojson").read_text() == (fresh / "s.geojson").read_text()
+
 
 def test_a_corrupt_slide_is_one_line_and_the_others_are_processed(trained, slide_image, tmp_path):
     folder = tmp_path / "slides"

@@ -16,6 +16,8 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from skimage.segmentation import find_boundaries
 
+from textdiff.atomic import atomic_file
+
 TP_COLOUR = (0, 158, 115)  # bluish green
 FP_COLOUR = (230, 159, 0)  # orange
 FN_COLOUR = (0, 114, 178)  # blue
@@ -117,6 +119,8 @@ def panel(image: np.ndarray, gt: np.ndarray, pred: np.ndarray, caption: str, sca
 
 
 def save_png(path: Path, array: np.ndarray, format: str | None = None) -> None:
-    """`format` for paths without a .png suffix (atomic temp files)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(array).save(path, format=format)
+    """Written whole or not at all (a temp file moved in), so a kill never leaves a torn picture
+    that looks finished. `format` for paths without an image suffix."""
+    path = Path(path)
+    with atomic_file(path) as tmp:
+        Image.fromarray(array).save(tmp, format=format or Image.registered_extensions().get(path.suffix.lower(), "PNG"))

@@ -15,6 +15,7 @@ import csv
 import json
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import h5py
@@ -33,14 +34,21 @@ from textdiff.hashing import sha256_file
 from textdiff.model.nuclei import MAX_LABELS, separate
 from textdiff.paths import CLASSIFIER_DIR
 from textdiff.predict.images import Segmenter, build_segmenter, collect_images, megapixels, nucleus_table
+from textdiff.predict.records import PredictRecords, file_identity, write_predictions
 from textdiff.predict.slides import SlideResult, is_slide, segment_slide
 from textdiff.runtime.device import resolve_device
 
 NUCLEI_COLUMNS = ["image", "label", "area", "area_um2", "centroid_y", "centroid_x", "eccentricity"]
 
 
-class _NothingSegmented(Exception):
-    """Every image failed: the previous predictions.h5 and nuclei.csv are left as they were."""
+def _previous_predictions(path: Path) -> h5py.File | None:
+    """The predictions.h5 of an earlier run (maps of the images this run skips), if readable."""
+    if not path.is_file():
+        return None
+    try:
+        return h5py.File(path, "r")
+    except OSError:
+        return None
 
 
 def report_for(path: Path, text: str | None, report_rows: dict[str, str] | None, reports: Path | None) -> str:
@@ -60,10 +68,20 @@ def ground_truth(path: Path, masks: Path | None, shape: tuple[int, ...]) -> np.n
     return gt
 
 
-def segment_image(segmenter: Segmenter, path: Path, sentence: str, out: Path, h5: h5py.File,
-                masks: Path | None = None, mpp: float | None = None) -> tuple[list[dict], float, bool]:
-    """Mask, separated nuclei, picture and probability map of one image; returns its nuclei rows,
-    megapixels, and whether it was scored against a ground truth.
+@dataclass
+class SegmentedImage:
+    prob: np.ndarray
+    rows: list[dict]  # one per separated nucleus
+    megapixels: float
+    scored: bool  # against a ground-truth mask from --masks
+    outputs: list[str]  # the files written into --out
+    attrs: dict  # its dataset's attributes in predictions.h5
+
+
+def segment_image(segmenter: Segmenter, path: Path, sentence: str, out: Path, masks: Path | None = None,
+                  mpp: float | None = None) -> SegmentedImage:
+    """Mask, separated nuclei and picture of one image, written into `out` (each file whole);
+    its probability map and nucleus rows are returned for predictions.h5 and nuclei.csv.
 
     With a ground-truth mask the picture is the evaluation panel (image | truth | prediction |
     errors, scored); without one, the image with each predicted nucleus' contour."""
@@ -78,30 +96,35 @@ def segment_image(segmenter: Segmenter, path: Path, sentence: str, out: Path, h5
     mask = (prob > 0.5).astype(np.uint8)
     save_png(out / f"{path.stem}_mask.png", mask * 255)
     save_png(out / f"{path.stem}_instances.png", nuclei.astype(np.uint16))
+    outputs = [f"{path.stem}_mask.png", f"{path.stem}_instances.png"]
     scored = ""
     if gt is None:
-        save_png(out / f"{path.stem}_overlay.png", overlay(image, pred=nuclei))
+        outputs.append(f"{path.stem}_overlay.png")
+        save_png(out / outputs[-1], overlay(image, pred=nuclei))
     else:
         m = image_metrics(mask, gt)
         scored = f"; Dice {m['dice']:.3f}, AJI {m['aji']:.3f} against {masks}"
-        save_png(out / f"{path.stem}_panel.png",
-                 panel(image, gt, mask, panel_caption(path.stem, m), pred_labels=nuclei))
-    ds = h5.create_dataset(path.stem, data=prob, compression="gzip")
-    ds.attrs.update({"source": str(path.resolve()), "text": sentence, "description": "foreground (nucleus) probability",
-                     "mpp": image_mpp})
+        outputs.append(f"{path.stem}_panel.png")
+        save_png(out / outputs[-1], panel(image, gt, mask, panel_caption(path.stem, m), pred_labels=nuclei))
+    attrs = {"source": str(path.resolve()), "text": sentence, "description": "foreground (nucleus) probability",
+             "mpp": image_mpp}
     rows = nucleus_table(path.stem, nuclei, image_mpp)
     tqdm.write(f"{path.stem}: {len(rows)} nuclei, {100 * mask.mean():.1f}% covered "
                f"({image.shape[1]}x{image.shape[0]}){scored}")
-    return rows, megapixels(image.shape), gt is not None
+    return SegmentedImage(prob, rows, megapixels(image.shape), gt is not None, outputs, attrs)
 
 
 def segment_slide_input(segmenter: Segmenter, path: Path, sentence: str, out: Path, mpp: float | None,
-                        model_identity: dict) -> SlideResult:
+                        model_identity: dict, overwrite: bool = False) -> SlideResult:
     """One whole slide, tile by tile at the model's working resolution (resumable: the identity of
     the model and the text decide whether a stopped run's tiles are reused); its summary line."""
     result = segment_slide(path, lambda rgb: segmenter.maps(rgb, sentence, segmenter.working_mpp),
                            out, segmenter.working_mpp, mpp, segmenter.source_mpp,
-                           identity={"model": model_identity, "text": sentence}, rule=segmenter.rule)
+                           identity={"model": model_identity, "text": sentence}, rule=segmenter.rule,
+                           overwrite=overwrite)
+    if result.skipped:
+        tqdm.write(f"{path.stem}: already segmented by this model ({result.nuclei} nuclei); skipped")
+        return result
     tqdm.write(f"{path.stem}: {result.nuclei} nuclei in {result.tissue_tiles} of {result.tiles} tiles with tissue "
                f"({result.megapixels / max(result.seconds, 1e-9):.3g} megapixels/s at {segmenter.working_mpp:.3g} "
                f"µm/px) -> {', '.join(p.name for p in result.outputs)}")
@@ -110,8 +133,11 @@ def segment_slide_input(segmenter: Segmenter, path: Path, sentence: str, out: Pa
 
 def predict_inputs(inputs: list[Path], out: Path, text: str | None = None, reports: Path | None = None,
         model: Path = CLASSIFIER_DIR, teacher: Path | None = None, scale: float | None = None,
-        device: str = "auto", masks: Path | None = None, mpp: float | None = None, whole: bool = False) -> int:
-    """Returns the number of images that failed (the CLI exits non-zero when it is not 0)."""
+        device: str = "auto", masks: Path | None = None, mpp: float | None = None, whole: bool = False,
+        overwrite: bool = False) -> int:
+    """Returns the number of images that failed (the CLI exits non-zero when it is not 0). Images
+    and slides already segmented into `out` by this model, with the same text and settings, are
+    skipped (textdiff.predict.records); `overwrite` redoes them."""
     if text is not None and reports is not None:
         raise TextDiffError("give either --text or --reports, not both")
     if scale is not None and scale <= 0:
@@ -148,46 +174,60 @@ def predict_inputs(inputs: list[Path], out: Path, text: str | None = None, repor
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise TextDiffError(f"{out}: cannot create the output folder ({err.strerror})") from None
-    failures, nuclei, pixels = [], [], 0.0
+    failures, done, pixels, skipped = [], [], 0.0, 0
+    records = PredictRecords(out, overwrite)
+    previous = _previous_predictions(out / "predictions.h5")
     started = time.perf_counter()
     try:
-        with atomic_file(out / "predictions.h5") as h5_tmp, h5py.File(h5_tmp, "w") as h5:
-            h5.attrs.update({"model": str(model_dir.resolve()), "params": json.dumps(card.train),
-                             "classifier": json.dumps(card.classifier.to_json()),
-                             "teacher_sha256": card.spec.teacher_sha256 or "rgb"})
-            for path in tqdm(paths, unit="img", desc="predict", dynamic_ncols=True):
-                try:
-                    sentence = report_for(path, text, report_rows, reports)
-                    if is_slide(path):
-                        result = segment_slide_input(segmenter, path, sentence, out, mpp, model_identity)
-                        if result.mpp_assumed:
-                            assumed.append(path.name)
-                        pixels += result.megapixels
-                        continue
-                    own = mpp or tiff_mpp(path)
-                    rows, mp, scored = segment_image(segmenter, path, sentence, out, h5, masks, own)
-                except TextDiffError as err:
-                    failures.append(str(err))
-                    tqdm.write(f"error: {err}", file=sys.stderr)
+        for path in tqdm(paths, unit="img", desc="predict", dynamic_ncols=True):
+            try:
+                sentence = report_for(path, text, report_rows, reports)
+                if is_slide(path):
+                    result = segment_slide_input(segmenter, path, sentence, out, mpp, model_identity, overwrite)
+                    if result.mpp_assumed:
+                        assumed.append(path.name)
+                    pixels += result.megapixels
+                    skipped += result.skipped
                     continue
-                if own is None and segmenter.factor(None) is not None and scale is None:
-                    assumed.append(path.name)
-                if masks is not None and not scored:
-                    unscored.append(path.name)
-                nuclei.extend(rows)
-                pixels += mp
-            # A reader of predictions.h5 alone must see which inputs are missing from it, and why.
-            h5.attrs["failed"] = json.dumps(failures)
-            if len(failures) == len(paths):
-                raise _NothingSegmented
-    except _NothingSegmented:
+                own = mpp or tiff_mpp(path)
+                identity = {"model": model_identity, "text": sentence, "source": file_identity(path),
+                            "mpp": own, "scale": scale, "whole": whole,
+                            "truth": file_identity(masks / f"{path.stem}.png") if masks is not None else None}
+                record = records.finished(path.stem, identity, previous)
+                if record is not None:
+                    skipped += 1
+                else:
+                    image = segment_image(segmenter, path, sentence, out, masks, own)
+                    record = records.save(path.stem, identity, image.outputs, image.prob, image.rows,
+                                          image.megapixels, image.scored,
+                                          own is None and segmenter.factor(None) is not None and scale is None,
+                                          image.attrs)
+                    pixels += image.megapixels
+            except TextDiffError as err:
+                failures.append(str(err))
+                tqdm.write(f"error: {err}", file=sys.stderr)
+                continue
+            if record.assumed_mpp:
+                assumed.append(path.name)
+            if masks is not None and not record.scored:
+                unscored.append(path.name)
+            done.append(record)
+    finally:
+        if previous is not None:
+            previous.close()
+    if not done and len(failures) == len(paths):
         print(f"no image was segmented: {out / 'predictions.h5'} and {out / 'nuclei.csv'} were not written",
               file=sys.stderr)
     else:
+        header = {"model": str(model_dir.resolve()), "params": json.dumps(card.train),
+                  "classifier": json.dumps(card.classifier.to_json()),
+                  "teacher_sha256": card.spec.teacher_sha256 or "rgb"}
+        write_predictions(out / "predictions.h5", done, records, header, failures)
         with atomic_file(out / "nuclei.csv") as tmp, open(tmp, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=NUCLEI_COLUMNS)
             writer.writeheader()
-            writer.writerows(nuclei)
+            for record in done:
+                writer.writerows(record.rows)
     seconds = time.perf_counter() - started
     if unscored:
         print(f"{len(unscored)} image(s) have no ground truth <id>.png in {masks} and were not scored "
@@ -195,6 +235,9 @@ def predict_inputs(inputs: list[Path], out: Path, text: str | None = None, repor
     if assumed:
         print(f"{len(assumed)} image(s) with no usable resolution tags (first: {assumed[0]}) were taken at the "
               f"training images' {segmenter.source_mpp:g} µm/px; pass --mpp if they are not")
+    if skipped:
+        print(f"{skipped} of {len(paths)} inputs were already segmented into {out} by this model and were skipped "
+              "(--overwrite redoes them)")
     print(f"{len(paths) - len(failures)} of {len(paths)} images segmented into {out} "
           f"({pixels / seconds:.2f} megapixels/s on {dev})" + (f"; {len(failures)} failed" if failures else ""))
     return len(failures)

@@ -252,15 +252,19 @@ class SlideResult:
     seconds: float
     outputs: list[Path]
     mpp_assumed: bool = False  # neither --mpp nor the slide said: the training images' µm/px was used
+    skipped: bool = False  # a finished run's outputs for this very slide, model and plan: nothing redone
 
 
 def segment_slide(path: Path, segment: Callable[[np.ndarray], np.ndarray | tuple], out: Path, working_mpp: float,
                   mpp: float | None, source_mpp: float, identity: dict, core: int | None = None,
                   margin: int | None = None, progress: bool = True,
-                  on_tile: Callable[[int], None] | None = None, rule: NucleusRule | None = None) -> SlideResult:
+                  on_tile: Callable[[int], None] | None = None, rule: NucleusRule | None = None,
+                  overwrite: bool = False) -> SlideResult:
     """Segment one slide into `out` (see the module docstring). `segment(rgb at working resolution)
     -> probabilities, or (probabilities, distance or None)` is the model; `rule` separates its
-    nuclei; `mpp` overrides the slide's own (else the training source's)."""
+    nuclei; `mpp` overrides the slide's own (else the training source's). A slide whose outputs a
+    finished run wrote for the same identity is skipped (`complete` is set last, after the GeoJSON,
+    CSV and picture); `overwrite` starts its store afresh."""
     import time
 
     from tqdm import tqdm
@@ -281,7 +285,14 @@ def segment_slide(path: Path, segment: Callable[[np.ndarray], np.ndarray | tuple
                  "nuclei": (rule or NucleusRule()).to_json(),
                  "working_mpp": working_mpp, "core": core, "margin": margin,
                  "mtime": os.path.getmtime(path), "bytes": os.path.getsize(path)}
+        if overwrite and store.exists():
+            shutil.rmtree(store)
         root = _open_store(store, plan, ident)
+        finished = [out / f"{stem}.geojson", out / f"{stem}_nuclei.csv", out / f"{stem}_overlay.png", store]
+        if root.attrs.get("complete") and all(p.exists() for p in finished):
+            count = sum(1 for _ in _features(store, plan.grid))
+            return SlideResult(count, plan.grid[0] * plan.grid[1], int(root.attrs.get("tissue_tiles", 0)), 0.0, 0.0,
+                               finished, mpp_assumed=not (mpp or own_mpp), skipped=True)
         thumb = _reading(path, "its thumbnail",
                          lambda: np.asarray(slide.get_thumbnail((THUMBNAIL, THUMBNAIL)).convert("RGB")))
         tissue = tissue_mask(thumb)
@@ -321,6 +332,7 @@ def segment_slide(path: Path, segment: Callable[[np.ndarray], np.ndarray | tuple
         seconds = time.perf_counter() - started
         build_pyramid(root, core)
         outputs = write_outputs(store, stem, out, plan, thumb, working_mpp)
+        root.attrs.update({"complete": True, "tissue_tiles": tissue_tiles})  # last: the outputs are whole
         count = sum(1 for _ in _features(store, plan.grid))
         return SlideResult(count, ny * nx, tissue_tiles, pixels, seconds, outputs, mpp_assumed=not (mpp or own_mpp))
     finally:
