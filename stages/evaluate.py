@@ -16,11 +16,13 @@ from textdiff.cache.store import FeatureCache
 from textdiff.errors import TextDiffError
 from textdiff.evaluation.panels import panel, panel_caption, save_png
 from textdiff.evaluation.scoring import evaluate_baseline, evaluate_test, summary_rows
+from textdiff.locks import hold
 from textdiff.model.card import TEXTDIFF, load_trained, nuclei_rule, read_model_dir
 from textdiff.params import load_params
 from textdiff.paths import (
     CACHE_PATH,
     CLASSIFIER_DIR,
+    EVALUATE_LOCK,
     INSTANCES_H5,
     METRICS_DIR,
     PANEL_DIR,
@@ -31,6 +33,11 @@ from textdiff.runtime.device import resolve_device
 
 
 def run(params_path: Path, cache_path: Path = CACHE_PATH, model_dir: Path = CLASSIFIER_DIR) -> dict:
+    with hold(EVALUATE_LOCK, f"the test metrics in {METRICS_DIR}"):
+        return _run(params_path, cache_path, model_dir)
+
+
+def _run(params_path: Path, cache_path: Path, model_dir: Path) -> dict:
     params = load_params(params_path)
     device = resolve_device(params.evaluate.device)
     cache = FeatureCache(cache_path)

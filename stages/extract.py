@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 from textdiff.extract.extraction import extract_cache, verify_cache
+from textdiff.locks import hold, lock_path
 from textdiff.params import Params, load_params
 from textdiff.paths import CACHE_PATH
 from textdiff.runtime.launch import relaunch_under_torchrun
@@ -20,6 +21,11 @@ def checked(params: Params) -> Params:
 
 def run(params_path: Path, rebuild: bool = True, cache_path: Path = CACHE_PATH) -> None:
     params = checked(load_params(params_path))
+    with hold(lock_path(cache_path), f"the feature cache {cache_path}"):
+        _run(params, params_path, rebuild, cache_path)
+
+
+def _run(params, params_path: Path, rebuild: bool, cache_path: Path) -> None:
     if params.extract.nproc > 1 and "WORLD_SIZE" not in os.environ:
         relaunch_under_torchrun(params.extract.nproc, ["extract", "--params", str(params_path),
                                                        "--rebuild" if rebuild else "--no-rebuild"])

@@ -12,11 +12,17 @@ from pathlib import Path
 
 from textdiff.data.prepare import dataset_layout, prepare_dataset
 from textdiff.data.stain import method_problem
+from textdiff.locks import hold, lock_path
 from textdiff.params import load_params
 from textdiff.paths import PREPARED_DIR, resolve_data_root
 
 
 def run(params_path: Path, out_dir: Path = PREPARED_DIR) -> None:
+    with hold(lock_path(out_dir), f"the prepared data {out_dir}"):
+        _run(params_path, out_dir)
+
+
+def _run(params_path: Path, out_dir: Path) -> None:
     params = load_params(params_path)
     params.refuse(method_problem(params.data.stain))
     started = time.perf_counter()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from textdiff.locks import hold, lock_path
 from textdiff.params import load_params
 from textdiff.paths import PREPARED_DIR
 from textdiff.pretrain.loop import run_pretraining
@@ -17,4 +18,6 @@ from textdiff.teacher.adm import config_problem
 def run(params_path: Path, prepared_dir: Path = PREPARED_DIR) -> None:
     params = load_params(params_path)
     params.refuse(config_problem("pretrain.config", params.pretrain.config))
-    print(run_pretraining(params, params_path, prepared_dir))
+    out = Path(params.pretrain.out)
+    with hold(lock_path(out), f"the teacher's training folder {out}"):
+        print(run_pretraining(params, params_path, prepared_dir))

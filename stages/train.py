@@ -16,6 +16,7 @@ from textdiff.atomic import write_json
 from textdiff.baselines.unet import build_unet, save_baseline
 from textdiff.cache.store import FeatureCache
 from textdiff.data.magnification import working_mpp
+from textdiff.locks import hold, lock_path
 from textdiff.model.card import TEXTDIFF, ModelCard, load_classifier, save_trained
 from textdiff.model.classifier import train_params_problem
 from textdiff.model.nuclei import RuleChoice
@@ -34,9 +35,14 @@ def run(params_path: Path, cache_path: Path = CACHE_PATH, out_dir: Path = CLASSI
     t = params.train
     params.refuse(train_params_problem(t.fusion, t.classifier, t.decoder_norm, t.contrastive_weight,
                                         t.distance_decoder, t.autocast))
-    if params.train.nproc > 1 and "WORLD_SIZE" not in os.environ:
-        relaunch_under_torchrun(params.train.nproc, ["train", "--params", str(params_path)])
-        return
+    with hold(lock_path(out_dir), f"the model folder {out_dir}"):
+        if params.train.nproc > 1 and "WORLD_SIZE" not in os.environ:
+            relaunch_under_torchrun(params.train.nproc, ["train", "--params", str(params_path)])
+            return
+        _run_ranks(params, cache_path, out_dir)
+
+
+def _run_ranks(params: Params, cache_path: Path, out_dir: Path) -> None:
     ranks, device = init_ranks(resolve_device(params.train.device))
     try:
         _train(params, ranks, device, cache_path, out_dir)

@@ -16,6 +16,7 @@ PANEL_DIR = METRICS_DIR / "panels"
 SUMMARY_CSV = METRICS_DIR / "summary.csv"
 PREDICTIONS_H5 = METRICS_DIR / "predictions.h5"
 INSTANCES_H5 = METRICS_DIR / "instances.h5"  # the separated nuclei of every test image
+EVALUATE_LOCK = METRICS_DIR / ".evaluate.lock"  # one evaluate at a time writes the above (textdiff.locks)
 TRAIN_LIVE_DIR = Path("dvclive/train")
 PRETRAIN_LIVE_DIR = Path("dvclive/pretrain")
 TEACHER_FILE = "teacher.safetensors"  # the pretrain stage's export, inside `pretrain.out`

@@ -31,6 +31,7 @@ from textdiff.errors import TextDiffError
 from textdiff.evaluation.metrics import image_metrics
 from textdiff.evaluation.panels import overlay, panel, panel_caption, save_png
 from textdiff.hashing import sha256_file
+from textdiff.locks import hold
 from textdiff.model.nuclei import MAX_LABELS, separate
 from textdiff.paths import CLASSIFIER_DIR
 from textdiff.predict.images import Segmenter, build_segmenter, collect_images, megapixels, nucleus_table
@@ -174,70 +175,71 @@ def predict_inputs(inputs: list[Path], out: Path, text: str | None = None, repor
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise TextDiffError(f"{out}: cannot create the output folder ({err.strerror})") from None
-    failures, done, pixels, skipped = [], [], 0.0, 0
-    records = PredictRecords(out, overwrite)
-    previous = _previous_predictions(out / "predictions.h5")
-    started = time.perf_counter()
-    try:
-        for path in tqdm(paths, unit="img", desc="predict", dynamic_ncols=True):
-            try:
-                sentence = report_for(path, text, report_rows, reports)
-                if is_slide(path):
-                    result = segment_slide_input(segmenter, path, sentence, out, mpp, model_identity, overwrite)
-                    if result.mpp_assumed:
-                        assumed.append(path.name)
-                    pixels += result.megapixels
-                    skipped += result.skipped
+    with hold(out / ".textdiff.lock", f"the predictions in {out}"):
+        failures, done, pixels, skipped = [], [], 0.0, 0
+        records = PredictRecords(out, overwrite)
+        previous = _previous_predictions(out / "predictions.h5")
+        started = time.perf_counter()
+        try:
+            for path in tqdm(paths, unit="img", desc="predict", dynamic_ncols=True):
+                try:
+                    sentence = report_for(path, text, report_rows, reports)
+                    if is_slide(path):
+                        result = segment_slide_input(segmenter, path, sentence, out, mpp, model_identity, overwrite)
+                        if result.mpp_assumed:
+                            assumed.append(path.name)
+                        pixels += result.megapixels
+                        skipped += result.skipped
+                        continue
+                    own = mpp or tiff_mpp(path)
+                    identity = {"model": model_identity, "text": sentence, "source": file_identity(path),
+                                "mpp": own, "scale": scale, "whole": whole,
+                                "truth": file_identity(masks / f"{path.stem}.png") if masks is not None else None}
+                    record = records.finished(path.stem, identity, previous)
+                    if record is not None:
+                        skipped += 1
+                    else:
+                        image = segment_image(segmenter, path, sentence, out, masks, own)
+                        record = records.save(path.stem, identity, image.outputs, image.prob, image.rows,
+                                              image.megapixels, image.scored,
+                                              own is None and segmenter.factor(None) is not None and scale is None,
+                                              image.attrs)
+                        pixels += image.megapixels
+                except TextDiffError as err:
+                    failures.append(str(err))
+                    tqdm.write(f"error: {err}", file=sys.stderr)
                     continue
-                own = mpp or tiff_mpp(path)
-                identity = {"model": model_identity, "text": sentence, "source": file_identity(path),
-                            "mpp": own, "scale": scale, "whole": whole,
-                            "truth": file_identity(masks / f"{path.stem}.png") if masks is not None else None}
-                record = records.finished(path.stem, identity, previous)
-                if record is not None:
-                    skipped += 1
-                else:
-                    image = segment_image(segmenter, path, sentence, out, masks, own)
-                    record = records.save(path.stem, identity, image.outputs, image.prob, image.rows,
-                                          image.megapixels, image.scored,
-                                          own is None and segmenter.factor(None) is not None and scale is None,
-                                          image.attrs)
-                    pixels += image.megapixels
-            except TextDiffError as err:
-                failures.append(str(err))
-                tqdm.write(f"error: {err}", file=sys.stderr)
-                continue
-            if record.assumed_mpp:
-                assumed.append(path.name)
-            if masks is not None and not record.scored:
-                unscored.append(path.name)
-            done.append(record)
-    finally:
-        if previous is not None:
-            previous.close()
-    if not done and len(failures) == len(paths):
-        print(f"no image was segmented: {out / 'predictions.h5'} and {out / 'nuclei.csv'} were not written",
-              file=sys.stderr)
-    else:
-        header = {"model": str(model_dir.resolve()), "params": json.dumps(card.train),
-                  "classifier": json.dumps(card.classifier.to_json()),
-                  "teacher_sha256": card.spec.teacher_sha256 or "rgb"}
-        write_predictions(out / "predictions.h5", done, records, header, failures)
-        with atomic_file(out / "nuclei.csv") as tmp, open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=NUCLEI_COLUMNS)
-            writer.writeheader()
-            for record in done:
-                writer.writerows(record.rows)
-    seconds = time.perf_counter() - started
-    if unscored:
-        print(f"{len(unscored)} image(s) have no ground truth <id>.png in {masks} and were not scored "
-              f"(first: {unscored[0]})")
-    if assumed:
-        print(f"{len(assumed)} image(s) with no usable resolution tags (first: {assumed[0]}) were taken at the "
-              f"training images' {segmenter.source_mpp:g} µm/px; pass --mpp if they are not")
-    if skipped:
-        print(f"{skipped} of {len(paths)} inputs were already segmented into {out} by this model and were skipped "
-              "(--overwrite redoes them)")
-    print(f"{len(paths) - len(failures)} of {len(paths)} images segmented into {out} "
-          f"({pixels / seconds:.2f} megapixels/s on {dev})" + (f"; {len(failures)} failed" if failures else ""))
-    return len(failures)
+                if record.assumed_mpp:
+                    assumed.append(path.name)
+                if masks is not None and not record.scored:
+                    unscored.append(path.name)
+                done.append(record)
+        finally:
+            if previous is not None:
+                previous.close()
+        if not done and len(failures) == len(paths):
+            print(f"no image was segmented: {out / 'predictions.h5'} and {out / 'nuclei.csv'} were not written",
+                  file=sys.stderr)
+        else:
+            header = {"model": str(model_dir.resolve()), "params": json.dumps(card.train),
+                      "classifier": json.dumps(card.classifier.to_json()),
+                      "teacher_sha256": card.spec.teacher_sha256 or "rgb"}
+            write_predictions(out / "predictions.h5", done, records, header, failures)
+            with atomic_file(out / "nuclei.csv") as tmp, open(tmp, "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=NUCLEI_COLUMNS)
+                writer.writeheader()
+                for record in done:
+                    writer.writerows(record.rows)
+        seconds = time.perf_counter() - started
+        if unscored:
+            print(f"{len(unscored)} image(s) have no ground truth <id>.png in {masks} and were not scored "
+                  f"(first: {unscored[0]})")
+        if assumed:
+            print(f"{len(assumed)} image(s) with no usable resolution tags (first: {assumed[0]}) were taken at the "
+                  f"training images' {segmenter.source_mpp:g} µm/px; pass --mpp if they are not")
+        if skipped:
+            print(f"{skipped} of {len(paths)} inputs were already segmented into {out} by this model and were skipped "
+                  "(--overwrite redoes them)")
+        print(f"{len(paths) - len(failures)} of {len(paths)} images segmented into {out} "
+              f"({pixels / seconds:.2f} megapixels/s on {dev})" + (f"; {len(failures)} failed" if failures else ""))
+        return len(failures)
