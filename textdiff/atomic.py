@@ -19,7 +19,8 @@ def _temp_beside(final: Path) -> Path:
     return final.parent / f".{final.name}.tmp-{os.getpid()}"
 
 
-def _process_alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether a process of this machine with `pid` still runs (a killed writer's does not)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -34,7 +35,7 @@ def remove_stale_temporaries(folder: Path) -> None:
     caches them as outputs. Those of a process still running (another stage writing there) stay."""
     for tmp in Path(folder).glob(".*.*-*"):
         kind, _, pid = tmp.name.rpartition(".")[2].partition("-")
-        if kind not in ("tmp", "old") or not pid.isdigit() or int(pid) == os.getpid() or _process_alive(int(pid)):
+        if kind not in ("tmp", "old") or not pid.isdigit() or int(pid) == os.getpid() or process_alive(int(pid)):
             continue
         if tmp.is_dir():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -19,6 +19,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from textdiff.atomic import process_alive
 from textdiff.errors import TextDiffError
 
 HELD_ENV = "TEXTDIFF_LOCKS"  # os.pathsep-separated locks this process tree already holds
@@ -29,16 +30,6 @@ def lock_path(target: Path) -> Path:
     folder that a run only adds to (--out of predict)."""
     target = Path(target)
     return target.parent / f"{target.name}.lock"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        return True  # it exists but is not ours to signal
-    return True
 
 
 def _held_here(path: Path) -> bool:
@@ -65,7 +56,7 @@ def hold(path: Path, what: str) -> Iterator[None]:
             if other is None:
                 time.sleep(0.2)  # being written this very moment, or just removed: look again
                 continue
-            if other.get("host") != me["host"] or _alive(int(other.get("pid", -1))):
+            if other.get("host") != me["host"] or process_alive(int(other.get("pid", -1))):
                 raise TextDiffError(
                     f"{path}: {what} is being written by another run (pid {other.get('pid')} on "
                     f"{other.get('host')}, `{other.get('command')}`, since {other.get('started')}); wait for it to "

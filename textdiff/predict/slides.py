@@ -288,7 +288,7 @@ def segment_slide(path: Path, segment: Callable[[np.ndarray], np.ndarray | tuple
         if overwrite and store.exists():
             shutil.rmtree(store)
         root = _open_store(store, plan, ident)
-        finished = [out / f"{stem}.geojson", out / f"{stem}_nuclei.csv", out / f"{stem}_overlay.png", store]
+        finished = [*output_files(out, stem), store]
         if root.attrs.get("complete") and all(p.exists() for p in finished):
             count = sum(1 for _ in _features(store, plan.grid))
             return SlideResult(count, plan.grid[0] * plan.grid[1], int(root.attrs.get("tissue_tiles", 0)), 0.0, 0.0,
@@ -339,12 +339,17 @@ def segment_slide(path: Path, segment: Callable[[np.ndarray], np.ndarray | tuple
         slide.close()
 
 
+def output_files(out: Path, stem: str) -> tuple[Path, Path, Path]:
+    """A slide's GeoJSON, nucleus table and overlay picture in `out`."""
+    return out / f"{stem}.geojson", out / f"{stem}_nuclei.csv", out / f"{stem}_overlay.png"
+
+
 def write_outputs(store: Path, stem: str, out: Path, plan: SlidePlan, thumb: np.ndarray,
                   working_mpp: float) -> list[Path]:
     """GeoJSON, CSV (streamed tile by tile) and the overlay PNG."""
     import csv
 
-    geojson, table, picture = out / f"{stem}.geojson", out / f"{stem}_nuclei.csv", out / f"{stem}_overlay.png"
+    geojson, table, picture = output_files(out, stem)
     with atomic_file(geojson) as gtmp, atomic_file(table) as ctmp:
         with open(gtmp, "w") as g, open(ctmp, "w", newline="") as c:
             writer = csv.DictWriter(c, fieldnames=["image", "label", "area", "area_um2", "centroid_y", "centroid_x",
@@ -374,5 +379,5 @@ def write_outputs(store: Path, stem: str, out: Path, plan: SlidePlan, thumb: np.
     return [geojson, table, picture, store]
 
 
-__all__ = ["SlidePlan", "SlideResult", "build_pyramid", "is_slide", "nuclei_of", "open_slide", "read_region",
-           "segment_slide", "slide_mpp", "tissue_mask", "write_outputs"]
+__all__ = ["SlidePlan", "SlideResult", "build_pyramid", "is_slide", "nuclei_of", "open_slide", "output_files",
+           "read_region", "segment_slide", "slide_mpp", "tissue_mask", "write_outputs"]

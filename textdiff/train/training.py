@@ -217,15 +217,17 @@ def fit(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler, sch
     With a `checkpoint`, every round's end is saved, and a saved state of this very run is
     continued: the rounds already done are replayed into `on_epoch` (the curves are whole again),
     the batch stream is advanced to the step reached, and training goes on bit for bit."""
-    done, first = 0, 1
+    done, first, records = 0, 1, []
     blob = checkpoint.load() if checkpoint is not None else None
     if blob is not None:
-        done, first = _restore(blob, model, optimizer, scheduler, result, batches, on_epoch)
+        done, first, records = _restore(blob, model, optimizer, scheduler, result, batches)
         result.resumed_step = done
         if progress:
             print(f"train: resuming after {schedule.unit} {first - 1}/{schedule.rounds} (step {done}) from "
                   f"{checkpoint.path}")
-    records: list[EpochRecord] = [EpochRecord(**r) for r in blob["records"]] if blob is not None else []
+        if on_epoch is not None:  # the curves whole again
+            for record in records:
+                on_epoch(record)
     for rnd in range(first, schedule.rounds + 1):
         started = time.perf_counter()
         model.train()
@@ -262,9 +264,9 @@ def fit(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler, sch
 
 
 def _restore(blob: dict, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler,
-             result: TrainingResult, batches: Iterator[Batch],
-             on_epoch: Callable[[EpochRecord], None] | None) -> tuple[int, int]:
-    """Load a checkpoint's state into this run; returns (steps done, the next round)."""
+             result: TrainingResult, batches: Iterator[Batch]) -> tuple[int, int, list[EpochRecord]]:
+    """Load a checkpoint's state into this run; returns (steps done, the next round, the records
+    of the rounds done)."""
     model.load_state_dict(blob["model"])
     optimizer.load_state_dict(blob["optimizer"])
     scheduler.load_state_dict(blob["scheduler"])
@@ -275,10 +277,7 @@ def _restore(blob: dict, model: torch.nn.Module, optimizer: torch.optim.Optimize
     for _ in range(int(blob["step"])):  # the same draws as the steps already taken
         next(batches)
     set_random_states(blob["random"])
-    if on_epoch is not None:
-        for raw in blob["records"]:
-            on_epoch(EpochRecord(**raw))
-    return int(blob["step"]), int(blob["round"]) + 1
+    return int(blob["step"]), int(blob["round"]) + 1, [EpochRecord(**raw) for raw in blob["records"]]
 
 
 def distributed_loss(share: Share, ranks: Ranks) -> dict:
