@@ -1,25 +1,28 @@
 """The `textdiff` command. Each sub-command is a DVC stage or a user tool.
 
-User errors (`TextDiffError`) print one line and exit 1, never a traceback; a Ctrl-C exits 130.
+User errors (`TextDiffError`) print one line and exit 1, never a traceback; so does a file the
+machine will not let us read or write (an OSError of a full disk, a read-only folder, permissions)
+that no stage named more precisely. A Ctrl-C exits 130.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import typer
 
-from textdiff.errors import TextDiffError
+from textdiff.errors import WRITE_ERRNOS, TextDiffError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="TextDiff: frozen diffusion teacher + clinical text -> pixel classifier.")
 
 
 def user_errors(fn: Callable) -> Callable:
-    """Turn `TextDiffError` into a one-line message and a non-zero exit."""
+    """Turn `TextDiffError` (and a machine's refusal to write) into a one-line message and exit 1."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -27,6 +30,11 @@ def user_errors(fn: Callable) -> Callable:
             return fn(*args, **kwargs)
         except TextDiffError as err:
             typer.echo(f"error: {err}", err=True)
+            raise typer.Exit(1) from None
+        except OSError as err:
+            if err.errno not in WRITE_ERRNOS:
+                raise
+            typer.echo(f"error: {err.filename or 'a file'}: {os.strerror(err.errno).lower()}", err=True)
             raise typer.Exit(1) from None
         except KeyboardInterrupt:
             typer.echo("interrupted", err=True)

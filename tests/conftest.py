@@ -219,3 +219,46 @@ def trained(tiny_project) -> TinyProject:
     result = runner.invoke(app, ["train"])
     assert result.exit_code == 0, result.output
     return tiny_project
+
+
+# ---------------------------------------------------------------- the repo as a DVC project
+
+def checkout_project(work: Path, sections: dict[str, dict]) -> tuple[Path, dict]:
+    """The repo's tracked files (no metrics, dvclive or dvc.lock) in a fresh git repo at `work`,
+    with params.yaml's sections updated by `sections`; returns (work, the env to run dvc in)."""
+    import os
+    import shutil
+    import subprocess
+
+    import yaml
+
+    if shutil.which("textdiff") is None or shutil.which("dvc") is None:
+        pytest.fail("`textdiff` and `dvc` must be on PATH: pip install -e '.[dev]' (README Quick start)")
+    files = subprocess.run(["git", "ls-files", "-z"], cwd=REPO_ROOT, capture_output=True, text=True, check=True)
+    for name in filter(None, files.stdout.split("\0")):
+        src = REPO_ROOT / name
+        if src.is_file() and not name.startswith(("metrics/", "dvclive/")) and name != "dvc.lock":
+            (work / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, work / name)
+    params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+    for section, values in sections.items():
+        params[section].update(values)
+    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    env = dict(os.environ, GIT_AUTHOR_NAME="ci", GIT_AUTHOR_EMAIL="ci@example.com", GIT_COMMITTER_NAME="ci",
+               GIT_COMMITTER_EMAIL="ci@example.com", DVC_NO_ANALYTICS="1", PYTHONUNBUFFERED="1")
+    for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "project"]):
+        subprocess.run(cmd, cwd=work, env=env, check=True, capture_output=True)
+    return work, env
+
+
+def write_slide(path: Path, image: np.ndarray, levels: int = 3, tile: int = 64, mpp: float = 0.25) -> Path:
+    """A pyramidal tiled TIFF (OpenSlide's "generic-tiff"): level k is the image at 1/2**k."""
+    import tifffile
+
+    with tifffile.TiffWriter(path) as tif:
+        for k in range(levels):
+            level = np.ascontiguousarray(image[:: 2**k, :: 2**k])
+            res = 1e4 / mpp / 2**k
+            tif.write(level, tile=(tile, tile), photometric="rgb", compression="zlib", resolution=(res, res),
+                      resolutionunit="CENTIMETER", subfiletype=0 if k == 0 else 1)
+    return path

@@ -5,15 +5,11 @@ images at 64 px with a tiny teacher and 2 epochs.
 """
 
 import json
-import os
-import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
-import yaml
-
-REPO = Path(__file__).resolve().parents[1]
+from conftest import checkout_project
 
 TINY = {
     "data": {"image_size": 64, "mode": "resize"},
@@ -40,26 +36,7 @@ def _run(cmd: list[str], cwd: Path, env: dict) -> str:
 
 @pytest.fixture
 def project_copy(tmp_path, monuseg_root):
-    if shutil.which("textdiff") is None or shutil.which("dvc") is None:
-        pytest.fail("`textdiff` and `dvc` must be on PATH: pip install -e '.[dev]' (README Quick start)")
-    work = tmp_path / "project"
-    files = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, text=True, check=True)
-    for name in filter(None, files.stdout.split("\0")):
-        src = REPO / name
-        if src.is_file() and not name.startswith(("metrics/", "dvclive/")) and name != "dvc.lock":
-            (work / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, work / name)
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
-    for section, values in TINY.items():
-        params[section].update(values)
-    params["data"]["root"] = str(monuseg_root)
-    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    env = dict(os.environ, GIT_AUTHOR_NAME="ci", GIT_AUTHOR_EMAIL="ci@example.com", GIT_COMMITTER_NAME="ci",
-               GIT_COMMITTER_EMAIL="ci@example.com", DVC_NO_ANALYTICS="1", PYTHONUNBUFFERED="1")
-    _run(["git", "init", "-q"], work, env)
-    _run(["git", "add", "-A"], work, env)
-    _run(["git", "commit", "-qm", "project"], work, env)
-    return work, env
+    return checkout_project(tmp_path / "project", {**TINY, "data": {**TINY["data"], "root": str(monuseg_root)}})
 
 
 def test_repro_experiment_metrics_diff_and_report(project_copy):

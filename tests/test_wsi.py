@@ -12,6 +12,7 @@ import pytest
 import tifffile
 import torch
 import zarr
+from conftest import write_slide
 from typer.testing import CliRunner
 
 from stages.cli import app
@@ -19,17 +20,6 @@ from textdiff.predict import slides as wsi
 
 runner = CliRunner()
 MPP = 0.25
-
-
-def write_slide(path: Path, image: np.ndarray, levels: int = 3, tile: int = 64) -> Path:
-    """A pyramidal tiled TIFF (OpenSlide's "generic-tiff"): level k is the image at 1/2**k."""
-    with tifffile.TiffWriter(path) as tif:
-        for k in range(levels):
-            level = np.ascontiguousarray(image[:: 2**k, :: 2**k])
-            res = 1e4 / MPP / 2**k
-            tif.write(level, tile=(tile, tile), photometric="rgb", compression="zlib", resolution=(res, res),
-                      resolutionunit="CENTIMETER", subfiletype=0 if k == 0 else 1)
-    return path
 
 
 @pytest.fixture

@@ -1,7 +1,9 @@
 """Atomic writes: a stage's output appears whole or not at all.
 
 DVC trusts whatever sits at an output path; a run killed half-way must not leave a file that looks
-finished. Everything is written next to its final place and moved in with os.replace.
+finished. Everything is written next to its final place and moved in with os.replace. A write the
+machine refuses (a full disk, a read-only folder, `ulimit -f`) becomes a one-line `WriteRefused`
+naming the output, after the temporary is gone.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+
+from textdiff.errors import TextDiffError, WriteRefused, largest_file, write_failure
 
 
 def _temp_beside(final: Path) -> Path:
@@ -44,21 +48,42 @@ def remove_stale_temporaries(folder: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_dir(final: Path) -> Iterator[Path]:
+def naming_write_failures(final: Path, what: str | None = None, temp: Path | None = None) -> Iterator[None]:
+    """Re-raise a failure of the machine to write `final` as `WriteRefused`; anything else as it was.
+
+    `temp` is the file or folder being filled: its size tells a file size limit from other errors.
+    """
+    try:
+        yield
+    except TextDiffError:
+        raise
+    except Exception as err:
+        reason = write_failure(err, final, largest_file(temp) if temp is not None else 0)
+        if reason is None:
+            raise
+        raise WriteRefused(final, reason, what) from err
+
+
+@contextlib.contextmanager
+def atomic_dir(final: Path, what: str | None = None) -> Iterator[Path]:
     """Yield a temp folder beside `final`; on success it replaces `final`, on error it vanishes."""
     final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(final.parent)
     tmp = _temp_beside(final)
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
     try:
-        yield tmp
-    except BaseException:
+        with naming_write_failures(final, what, tmp):
+            final.parent.mkdir(parents=True, exist_ok=True)
+            remove_stale_temporaries(final.parent)
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+            yield tmp
+            _swap_in(tmp, final)
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    # Move the old folder aside, the new one in, then delete the old one: a failed rename can put
-    # the old one back, so `final` is never left missing or half-written.
+
+
+def _swap_in(tmp: Path, final: Path) -> None:
+    """Move the old folder aside, the new one in, then delete the old one: a failed rename puts the
+    old one back, so `final` is never left missing or half-written."""
     old = final.parent / f".{final.name}.old-{os.getpid()}"
     shutil.rmtree(old, ignore_errors=True)
     if final.exists():
@@ -68,22 +93,22 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     except BaseException:
         if old.exists() and not final.exists():
             os.replace(old, final)
-        shutil.rmtree(tmp, ignore_errors=True)
         raise
     shutil.rmtree(old, ignore_errors=True)
 
 
 @contextlib.contextmanager
-def atomic_file(final: Path) -> Iterator[Path]:
+def atomic_file(final: Path, what: str | None = None) -> Iterator[Path]:
     """Yield a temp path beside `final`; it becomes `final` only if the block succeeds."""
     final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
     tmp = _temp_beside(final)
     try:
-        yield tmp
-        if tmp.is_file():  # some writers (safetensors) create 0600 files; outputs are shared
-            os.chmod(tmp, 0o644)
-        os.replace(tmp, final)
+        with naming_write_failures(final, what, tmp):
+            final.parent.mkdir(parents=True, exist_ok=True)
+            yield tmp
+            if tmp.is_file():  # some writers (safetensors) create 0600 files; outputs are shared
+                os.chmod(tmp, 0o644)
+            os.replace(tmp, final)
     finally:
         if tmp.exists():
             tmp.unlink()

@@ -44,7 +44,10 @@ def hold(path: Path, what: str) -> Iterator[None]:
     if _held_here(path) or int(os.environ.get("RANK", "0")) > 0:
         yield  # the launcher (or rank 0 of this torchrun job) holds it
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise TextDiffError(f"{path.parent}: cannot create the folder for {what} ({err.strerror})") from None
     me = {"pid": os.getpid(), "host": socket.gethostname(), "command": " ".join(Path(a).name if i == 0 else a
                                                                                 for i, a in enumerate(sys.argv)),
           "started": time.strftime("%Y-%m-%d %H:%M:%S")}

@@ -21,6 +21,7 @@ import torch
 import zarr
 from tqdm import tqdm
 
+from textdiff.atomic import naming_write_failures
 from textdiff.cache.spec import CacheSpec, SplitLayout
 from textdiff.cache.store import keeping_empty_chunks, open_for_writing, to_storage, verify
 from textdiff.data.dataset import SPLITS
@@ -328,7 +329,9 @@ def extract_cache(params: Params, cache_path: Path = CACHE_PATH, rebuild: bool =
     plan = plan_cache(params, prepared_dir)
     ranks, device = init_ranks(resolve_device(params.extract.device))
     try:
-        with keeping_empty_chunks():  # every chunk on disk, so verify can tell a lost one
+        # Every chunk on disk, so verify can tell a lost one; a full disk or read-only folder is one line
+        # (chunks are whole or absent and an image is flagged complete last, so a re-run continues).
+        with keeping_empty_chunks(), naming_write_failures(cache_path, "the feature cache"):
             # Load the models first: a bad checkpoint or encoder must fail before the cache is touched.
             featurizer = build_featurizer(plan.spec, plan.teacher.path if plan.teacher else None, device,
                                           out_dtype=getattr(torch, plan.spec.dtype), compile=params.extract.compile)

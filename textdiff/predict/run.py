@@ -22,12 +22,12 @@ import h5py
 import numpy as np
 from tqdm import tqdm
 
-from textdiff.atomic import atomic_file
+from textdiff.atomic import atomic_file, naming_write_failures
 from textdiff.data.folder import read_report_table
 from textdiff.data.images import read_image, read_mask
 from textdiff.data.magnification import MPP_RANGE, plausible, tiff_mpp
 from textdiff.data.reports import read_reports, report_for_image
-from textdiff.errors import TextDiffError
+from textdiff.errors import TextDiffError, WriteRefused
 from textdiff.evaluation.metrics import image_metrics
 from textdiff.evaluation.panels import overlay, panel, panel_caption, save_png
 from textdiff.hashing import sha256_file
@@ -185,7 +185,9 @@ def predict_inputs(inputs: list[Path], out: Path, text: str | None = None, repor
                 try:
                     sentence = report_for(path, text, report_rows, reports)
                     if is_slide(path):
-                        result = segment_slide_input(segmenter, path, sentence, out, mpp, model_identity, overwrite)
+                        with naming_write_failures(out / f"{path.stem}.zarr", f"the predictions of slide {path.name}"):
+                            result = segment_slide_input(segmenter, path, sentence, out, mpp, model_identity,
+                                                         overwrite)
                         if result.mpp_assumed:
                             assumed.append(path.name)
                         pixels += result.megapixels
@@ -205,6 +207,8 @@ def predict_inputs(inputs: list[Path], out: Path, text: str | None = None, repor
                                               own is None and segmenter.factor(None) is not None and scale is None,
                                               image.attrs)
                         pixels += image.megapixels
+                except WriteRefused:
+                    raise  # a full disk or read-only --out fails every image after it: stop, resumable
                 except TextDiffError as err:
                     failures.append(str(err))
                     tqdm.write(f"error: {err}", file=sys.stderr)
