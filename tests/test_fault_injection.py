@@ -26,10 +26,9 @@ import psutil
 import pytest
 import torch
 import zarr
+from conftest import REPO_ROOT, TINY_TEACHER, checkout_project, write_slide
 from PIL import Image
 from safetensors.torch import load_file
-
-from conftest import REPO_ROOT, TINY_TEACHER, checkout_project, write_slide
 
 STAGES = ("prepare", "pretrain", "extract", "train", "evaluate")
 SEED = 20261204
@@ -162,8 +161,8 @@ def test_dvc_repro_killed_in_every_stage_finishes_as_an_uninterrupted_run(tmp_pa
     _assert_same_tensors(_tensors(reference / "models/classifier/model.pt"),
                          _tensors(hurt / "models/classifier/model.pt"), "classifier")
     for name in ("metrics/test.json", "metrics/test_per_image.json", "metrics/train.json"):
-        assert _numbers(json.loads((reference / name).read_text())) == _numbers(json.loads((hurt / name).read_text())), (
-            killed, name)
+        expected, got = (_numbers(json.loads((root / name).read_text())) for root in (reference, hurt))
+        assert expected == got, (killed, name)
     ours = [p for p in hurt.rglob("*.lock") if p.name != "dvc.lock" and ".dvc" not in p.relative_to(hurt).parts]
     assert not list(hurt.rglob("*.tmp-*")) and not ours, (killed, ours)
 

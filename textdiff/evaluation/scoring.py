@@ -16,6 +16,7 @@ resolution, and on its boundary, it shows.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -42,6 +43,7 @@ from textdiff.model.card import ModelCard
 from textdiff.model.classifier import PixelClassifier
 from textdiff.model.inference import predict_split, resize_probability
 from textdiff.model.nuclei import NucleusRule, separate
+from textdiff.runtime.device import usable_cpus
 
 SUMMARY_METRICS = ("dice", "aji")  # the summary plot's columns, per test image
 
@@ -146,23 +148,32 @@ def score_test(cache: FeatureCache, preds: list[np.ndarray], gts: list[np.ndarra
     native_dist = native_maps(test, distances) if full and has_head else None
     truths = scored_truths(test) if full else [None] * len(ids)
     rule = rule or NucleusRule()
-    per_image, nuclei = [], []
-    for k, (image_id, p, g) in enumerate(zip(ids, preds, gts)):
+    separating = native_probs is not None and mpp > 0
+
+    def score_one(k: int) -> tuple[dict, np.ndarray | None]:
+        p, g = preds[k], gts[k]
         dice_r, iou_r = iou_dice_textdiff(release_prediction(p, probs[k], test.spec.release_side), test.release_mask(k))
-        row = {"id": image_id, **image_metrics(p, g), "dice_release": dice_r, "iou_release": iou_r}
+        row = {"id": ids[k], **image_metrics(p, g), "dice_release": dice_r, "iou_release": iou_r}
         if cache.spec.tiled:  # already whole images at native resolution
             row.update(native_scores(p, g))
         elif full:
             native = (native_probs[k] > 0.5).astype(np.uint8)
             row.update(native_scores(native, test.full_mask(k)))
-        if native_probs is not None and mpp > 0:
+        labels = None
+        if separating:
             labels = separate(native_probs[k], native_dist[k] if native_dist is not None else None, rule, mpp)
-            nuclei.append(labels)
             row["nuclei"] = int(labels.max())
             if truths[k] is not None:
                 row.update(instance_scores(labels, truths[k]))
                 row["nuclei_true"] = int(len(np.unique(truths[k])) - (truths[k].min() == 0))
-        per_image.append(row)
+        return row, labels
+
+    # Images on a thread pool, in order: the watershed and the scores release the GIL for most of
+    # their time, and every image is scored on its own, so the numbers are the sequential loop's.
+    with ThreadPoolExecutor(max_workers=usable_cpus()) as pool:
+        scored_images = list(pool.map(score_one, range(len(ids))))
+    per_image = [row for row, _ in scored_images]
+    nuclei = [labels for _, labels in scored_images if labels is not None]
     summary = summarize([{k: v for k, v in row.items() if k not in (*INSTANCE_KEYS, "nuclei", "nuclei_true")}
                          for row in per_image])
     scored = [row for row in per_image if "aji_instance" in row]

@@ -10,7 +10,6 @@ the arrays to feed) without running any model: `textdiff cache verify` uses it a
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -45,7 +44,7 @@ from textdiff.extract.writer import BackgroundWriter
 from textdiff.hashing import sha256_split
 from textdiff.params import Params
 from textdiff.paths import CACHE_PATH, PREPARED_DIR
-from textdiff.runtime.device import provenance, resolve_device
+from textdiff.runtime.device import provenance, resolve_device, usable_cpus
 from textdiff.runtime.distributed import Ranks, close_ranks, init_ranks
 from textdiff.teacher import checkpoint_sha256
 from textdiff.teacher.features import PendingFeatures, resolved_window_stride
@@ -301,7 +300,7 @@ def extract_split(group: zarr.Group, spec: CacheSpec, images: np.ndarray, masks:
     names = [*(f"block_{b}" for b in spec.blocks), "masks", "images", *(["distance"] if spec.instances else [])]
     arrays = {name: ImageChunkWriter(group[name]) for name in names}
     complete = group["complete"]
-    workers = min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    workers = usable_cpus()
     with (tqdm(total=mine, unit="img", desc=label, dynamic_ncols=True, disable=mine == 0 or not ranks.main) as bar,
           BackgroundWriter(threaded=device.type == "cuda", workers=workers) as writer):
         for index in batches:

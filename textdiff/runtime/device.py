@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import os
 import platform
 
 import torch
 
 from textdiff.errors import TextDiffError
+
+
+def usable_cpus(limit: int = 8) -> int:
+    """The cores this process may run on (its affinity, as taskset and SLURM set it), at most `limit`:
+    the thread count of the CPU-side pools (cache chunk writes, watersheds)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(limit, cpus))
 
 
 def resolve_device(name: str) -> torch.device:
