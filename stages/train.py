@@ -25,7 +25,7 @@ from textdiff.paths import CACHE_PATH, CLASSIFIER_DIR, METRICS_DIR, TRAIN_LIVE_D
 from textdiff.runtime.device import provenance, resolve_device
 from textdiff.runtime.distributed import Ranks, close_ranks, init_ranks
 from textdiff.runtime.launch import relaunch_under_torchrun
-from textdiff.train.nuclei_rule import choose_nuclei_rule
+from textdiff.train.nuclei_rule import choose_nuclei_rule, training_nucleus_area
 from textdiff.train.resume import Checkpoint, resume_path, training_identity
 from textdiff.train.training import EpochRecord, check_target, schedule_for, train_classifier, train_unet
 
@@ -127,7 +127,9 @@ def _train(params: Params, ranks: Ranks, device: torch.device, cache_path: Path,
                          teacher_path=cache.provenance.get("teacher_path"), provenance=provenance(),
                          source_mpp=params.data.mpp,
                          working_mpp=working_mpp(params.data.mpp, cache.spec.mode, cache.spec.image_size,
-                                                 cache.spec.full_size), **_rule_fields(choice))
+                                                 cache.spec.full_size),
+                         nucleus_area_um2=round(training_nucleus_area(cache, params.data.mpp), 3),
+                         **_rule_fields(choice))
         save_trained(out_dir, result.state, card)
     peak_rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     write_json(METRICS_DIR / "train.json", {

@@ -104,6 +104,7 @@ class ModelCard:
     working_mpp: float = 0.0  # µm per pixel the classifier works at (textdiff.data.magnification.working_mpp)
     nuclei: dict = field(default_factory=dict)  # the NucleusRule chosen on val ({}: the default rule)
     val_aji_instance: float = 0.0  # its mean validation AJI (0: not measured)
+    nucleus_area_um2: float = 0.0  # median area of the training nuclei (model.depth; 0: not recorded)
 
     def to_json(self) -> dict[str, Any]:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}

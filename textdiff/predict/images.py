@@ -103,6 +103,7 @@ class Segmenter:
     source_mpp: float = 0.0  # the training images' µm/px: assumed for an input whose own is not known
     whole: bool = False  # resize every image to the training size (the paper's protocol), whatever its size
     rule: NucleusRule = field(default_factory=NucleusRule)  # how nuclei are separated (model.json, chosen on val)
+    nucleus_area_um2: float = 0.0  # the training nuclei's median area (model.depth; 0: not recorded, no check)
 
     def __post_init__(self) -> None:
         self._text_cache: dict[str, tuple] = {}
@@ -242,5 +243,5 @@ def build_segmenter(model_dir: Path, device: torch.device, teacher_override: Pat
                           tile=spec.tile or spec.image_size, stride=spec.stride or spec.image_size, scale=scale,
                           device=device, protocol=spec.protocol, stain=dict(spec.stain),
                           working_mpp=card.working_mpp, source_mpp=card.source_mpp, whole=whole,
-                          rule=nuclei_rule(read_model_dir(model_dir)))
+                          rule=nuclei_rule(read_model_dir(model_dir)), nucleus_area_um2=card.nucleus_area_um2)
     return segmenter, card

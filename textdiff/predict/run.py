@@ -32,6 +32,7 @@ from textdiff.evaluation.metrics import image_metrics
 from textdiff.evaluation.panels import overlay, panel, panel_caption, save_png
 from textdiff.hashing import sha256_file
 from textdiff.locks import hold
+from textdiff.model.depth import assess
 from textdiff.model.nuclei import MAX_LABELS, separate
 from textdiff.paths import CLASSIFIER_DIR
 from textdiff.predict.images import Segmenter, build_segmenter, collect_images, megapixels, nucleus_table
@@ -109,9 +110,15 @@ def segment_image(segmenter: Segmenter, path: Path, sentence: str, out: Path, ma
         save_png(out / outputs[-1], panel(image, gt, mask, panel_caption(path.stem, m), pred_labels=nuclei))
     attrs = {"source": str(path.resolve()), "text": sentence, "description": "foreground (nucleus) probability",
              "mpp": image_mpp}
+    familiarity = assess(image, nuclei, image_mpp, segmenter.nucleus_area_um2, segmenter.stain)
+    attrs.update({k: v for k, v in familiarity.to_json().items() if v is not None})
     rows = nucleus_table(path.stem, nuclei, image_mpp)
     tqdm.write(f"{path.stem}: {len(rows)} nuclei, {100 * mask.mean():.1f}% covered "
                f"({image.shape[1]}x{image.shape[0]}){scored}")
+    warning = familiarity.warning(path.stem, image_mpp, mpp is None)
+    if warning:
+        attrs["warning"] = warning
+        tqdm.write(warning, file=sys.stderr)
     return SegmentedImage(prob, rows, megapixels(image.shape), gt is not None, outputs, attrs)
 
 
@@ -241,6 +248,11 @@ def predict_inputs(inputs: list[Path], out: Path, text: str | None = None, repor
         if assumed:
             print(f"{len(assumed)} image(s) with no usable resolution tags (first: {assumed[0]}) were taken at the "
                   f"training images' {segmenter.source_mpp:g} µm/px; pass --mpp if they are not")
+        unfamiliar = [r.attrs["warning"] for r in done if r.attrs.get("warning")]
+        if unfamiliar:
+            first = unfamiliar[0].removeprefix("warning: ")
+            print(f"{len(unfamiliar)} image(s) look unlike the training images, so their results are not vouched for "
+                  f"(first: {first}); see docs/generalise.md#out-of-depth", file=sys.stderr)
         if skipped:
             print(f"{skipped} of {len(paths)} inputs were already segmented into {out} by this model and were skipped "
                   "(--overwrite redoes them)")

@@ -11,7 +11,8 @@ from textdiff.baselines.classic import hematoxylin_otsu
 from textdiff.baselines.unet import predict_pixels
 from textdiff.cache.samples import SampleStore
 from textdiff.cache.store import FeatureCache
-from textdiff.evaluation.instances import choose_val_rule
+from textdiff.evaluation.instances import choose_val_rule, scored_truths
+from textdiff.model.depth import median_nucleus_area
 from textdiff.model.inference import predict_split
 from textdiff.model.nuclei import RuleChoice
 
@@ -38,3 +39,20 @@ def choose_nuclei_rule(kind: str, model: torch.nn.Module | None, cache: FeatureC
         return None
     probs, distances = validation_maps(kind, model, cache, device)
     return choose_val_rule(cache.split("val"), probs, distances, mpp)
+
+
+def training_nucleus_area(cache: FeatureCache, mpp: float) -> float:
+    """Median area (µm²) of the training split's nuclei: what `textdiff predict` compares an input's
+    nuclei with to tell a wrong magnification (`model.depth`). True per-nucleus maps where the cache
+    has them, else the connected components of the masks (merged touching nuclei: an overestimate);
+    0.0 without full-size maps (the check is then off)."""
+    from skimage.measure import label
+
+    train = cache.split("train")
+    if not train.spec.full_size or mpp <= 0:
+        return 0.0
+    maps = [t for t in scored_truths(train) if t is not None]
+    if not maps:
+        n = len(train.tile_layout()[0]) if train.spec.tiled else len(train)
+        maps = [label(train.full_mask(k) > 0, connectivity=1) for k in range(n)]
+    return median_nucleus_area(maps, mpp)
