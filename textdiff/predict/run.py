@@ -39,6 +39,7 @@ from textdiff.predict.images import Segmenter, build_segmenter, collect_images, 
 from textdiff.predict.records import PredictRecords, file_identity, write_predictions
 from textdiff.predict.slides import SlideResult, is_slide, segment_slide
 from textdiff.runtime.device import resolve_device
+from textdiff.runtime.distributed import Ranks, close_ranks, init_ranks
 
 NUCLEI_COLUMNS = ["image", "label", "area", "area_um2", "centroid_y", "centroid_x", "eccentricity"]
 
@@ -165,7 +166,47 @@ def predict_inputs(inputs: list[Path], out: Path, text: str | None = None, repor
     report_rows = None
     if reports is not None:
         report_rows = read_report_table(reports) if reports.suffix.lower() == ".csv" else read_reports(reports)
-    dev = resolve_device(device)
+    ranks, dev = init_ranks(resolve_device(device))  # under torchrun: this process's place and device
+    try:
+        return _predict_as(ranks, paths, out, text, report_rows, reports, model_dir, dev, teacher, scale, masks, mpp,
+                           whole, overwrite)
+    finally:
+        close_ranks(ranks)
+
+
+def gathered(obj: object, ranks: Ranks) -> list:
+    """Every rank's `obj` (picklable), in rank order, on every rank; [obj] for a single process.
+    Also a barrier: it returns once every rank has got here."""
+    if ranks.world == 1:
+        return [obj]
+    import torch.distributed
+
+    out: list = [None] * ranks.world
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
+def deal_inputs(paths: list[Path], ranks: Ranks) -> list[int]:
+    """The indices of `paths` this rank segments: the largest files first, each to the rank with the
+    fewest bytes so far (ties to the lowest rank), so a job of mixed slides and tiles balances; every
+    rank computes the same deal."""
+    if ranks.world == 1:
+        return list(range(len(paths)))
+    sizes = [p.stat().st_size if p.exists() else 0 for p in paths]
+    load, owner = [0] * ranks.world, [0] * len(paths)
+    for k in sorted(range(len(paths)), key=lambda k: (-sizes[k], k)):
+        r = min(range(ranks.world), key=lambda r: (load[r], r))
+        owner[k] = r
+        load[r] += sizes[k]
+    return [k for k in range(len(paths)) if owner[k] == ranks.rank]
+
+
+def _predict_as(ranks: Ranks, paths: list[Path], out: Path, text: str | None, report_rows, reports: Path | None,
+                model_dir: Path, dev, teacher: Path | None, scale: float | None, masks: Path | None,
+                mpp: float | None, whole: bool, overwrite: bool) -> int:
+    """predict_inputs for one process of the job (the only one outside torchrun): it segments its
+    share of the inputs; rank 0 then writes predictions.h5, nuclei.csv and the summary from every
+    rank's records, in the inputs' order, so the outputs are one process's."""
     segmenter, card = build_segmenter(model_dir, dev, teacher, scale, whole)
     if not card.working_mpp and scale is None and not whole and card.spec.mode == "resize":
         print(f"{model_dir}/model.json records no working resolution (trained before data.mpp existed): "
@@ -184,11 +225,14 @@ def predict_inputs(inputs: list[Path], out: Path, text: str | None = None, repor
         raise TextDiffError(f"{out}: cannot create the output folder ({err.strerror})") from None
     with hold(out / ".textdiff.lock", f"the predictions in {out}"):
         failures, done, pixels, skipped = [], [], 0.0, 0
-        records = PredictRecords(out, overwrite)
+        records = PredictRecords(out, overwrite and ranks.main)
+        ranks.barrier()  # rank 0's --overwrite wipe happens before anyone records
         previous = _previous_predictions(out / "predictions.h5")
         started = time.perf_counter()
+        mine = deal_inputs(paths, ranks)
         try:
-            for path in tqdm(paths, unit="img", desc="predict", dynamic_ncols=True):
+            for index in tqdm(mine, unit="img", desc="predict", dynamic_ncols=True, disable=not ranks.main):
+                path = paths[index]
                 try:
                     sentence = report_for(path, text, report_rows, reports)
                     if is_slide(path):
@@ -196,7 +240,7 @@ def predict_inputs(inputs: list[Path], out: Path, text: str | None = None, repor
                             result = segment_slide_input(segmenter, path, sentence, out, mpp, model_identity,
                                                          overwrite)
                         if result.mpp_assumed:
-                            assumed.append(path.name)
+                            assumed.append((index, path.name))
                         pixels += result.megapixels
                         skipped += result.skipped
                         continue
@@ -217,17 +261,29 @@ def predict_inputs(inputs: list[Path], out: Path, text: str | None = None, repor
                 except WriteRefused:
                     raise  # a full disk or read-only --out fails every image after it: stop, resumable
                 except TextDiffError as err:
-                    failures.append(str(err))
+                    failures.append((index, str(err)))
                     tqdm.write(f"error: {err}", file=sys.stderr)
                     continue
                 if record.assumed_mpp:
-                    assumed.append(path.name)
+                    assumed.append((index, path.name))
                 if masks is not None and not record.scored:
-                    unscored.append(path.name)
-                done.append(record)
+                    unscored.append((index, path.name))
+                done.append((index, record))
         finally:
             if previous is not None:
                 previous.close()
+        # Every rank's results, in the inputs' order (also the barrier before rank 0 rewrites the files
+        # the others had open): the outputs are then those of one process that did everything.
+        shares = gathered({"done": done, "failures": failures, "assumed": assumed, "unscored": unscored,
+                           "pixels": pixels, "skipped": skipped}, ranks)
+
+        def merged(key: str) -> list:
+            return [item for _, item in sorted((pair for share in shares for pair in share[key]), key=lambda p: p[0])]
+
+        done, failures, assumed, unscored = (merged(k) for k in ("done", "failures", "assumed", "unscored"))
+        pixels, skipped = sum(share["pixels"] for share in shares), sum(share["skipped"] for share in shares)
+        if not ranks.main:
+            return len(failures)
         if not done and len(failures) == len(paths):
             print(f"no image was segmented: {out / 'predictions.h5'} and {out / 'nuclei.csv'} were not written",
                   file=sys.stderr)
@@ -256,6 +312,7 @@ def predict_inputs(inputs: list[Path], out: Path, text: str | None = None, repor
         if skipped:
             print(f"{skipped} of {len(paths)} inputs were already segmented into {out} by this model and were skipped "
                   "(--overwrite redoes them)")
-        print(f"{len(paths) - len(failures)} of {len(paths)} images segmented into {out} "
+        processes = f" by {ranks.world} processes" if ranks.world > 1 else ""
+        print(f"{len(paths) - len(failures)} of {len(paths)} images segmented into {out}{processes} "
               f"({pixels / seconds:.2f} megapixels/s on {dev})" + (f"; {len(failures)} failed" if failures else ""))
         return len(failures)
