@@ -3,17 +3,21 @@ thread, and torchrun with N processes of one thread each (issue "A cohort of sli
 
     python3 benchmarks/predict_processes.py --images 8
     python3 benchmarks/predict_processes.py --images 8 --nproc 1 2 4
+    python3 benchmarks/predict_processes.py --slide-size 8000 --slide-tissue 4   # one synthetic slide instead
 
 Each run is the whole command a user types (model loading included) on the first N MoNuSeg test
 images into a fresh --out, timed from start to exit; peak RSS is the largest resident set of any
-one process of the run and the sum of the processes' peaks, sampled every 0.1 s. Prints the table
-and the machine.
+one process of the run and the sum of the processes' peaks, sampled every 0.1 s. With
+`--slide-size`, the input is instead one synthetic pyramidal slide (`benchmarks/wsi.py`: glass with
+a mosaic of test images in its middle), whose tiles the processes share; its rate is predict's own,
+megapixels of tissue tiles at the working resolution per second. Prints the table and the machine.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -25,6 +29,7 @@ import psutil
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
 
 from textdiff.data.dataset import list_images  # noqa: E402
 from textdiff.params import load_params  # noqa: E402
@@ -34,7 +39,9 @@ from textdiff.paths import resolve_data_root  # noqa: E402
 def _run(command: list[str], env: dict) -> tuple[float, float, float, str]:
     """(seconds, largest process peak RSS MiB, sum of the processes' peaks MiB, output tail)."""
     started = time.perf_counter()
-    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # From the repo, so `-m stages.cli` is this checkout's code whatever the caller's folder.
+    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True)
     peaks: dict[int, int] = {}
     while process.poll() is None:
         try:
@@ -59,6 +66,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=int, default=8)
     ap.add_argument("--nproc", type=int, nargs="*", default=[2], help="torchrun process counts to run")
+    ap.add_argument("--model", type=Path, default=Path("models/classifier"), help="the trained model folder")
+    ap.add_argument("--slide-size", type=int, default=0, help="> 0: one synthetic slide of this many pixels a side")
+    ap.add_argument("--slide-tissue", type=int, default=4, help="its tissue: a mosaic of N x N test images")
     args = ap.parse_args()
 
     params = load_params(REPO / "params.yaml")
@@ -67,10 +77,19 @@ def main() -> None:
     scratch = Path(tempfile.mkdtemp(prefix="predict-processes-"))
     folder = scratch / "images"
     folder.mkdir()
-    for path in images:
-        os.link(path, folder / path.name)
+    if args.slide_size:
+        from wsi import build_slide
+
+        build_slide(folder / "synthetic.tif", args.slide_size, args.slide_tissue)
+        what = (f"one synthetic slide of {args.slide_size}² pixels with {args.slide_tissue}x{args.slide_tissue} test "
+                "images of tissue")
+    else:
+        for path in images:
+            os.link(path, folder / path.name)
+        what = f"{len(images)} MoNuSeg test images (1000x1000, {len(images)} megapixels)"
     reports = root / "Test_Folder" / "Test_text.xlsx"
-    base = ["predict", str(folder), "--out", "OUT", "--reports", str(reports), "--mpp", "0.25"]
+    base = ["predict", str(folder), "--out", "OUT", "--mpp", "0.25", "--model", str(args.model.resolve()),
+            *(["--text", "Many nuclei."] if args.slide_size else ["--reports", str(reports)])]
     threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     configs = [(f"1 process, {threads} threads", threads, [sys.executable, "-m", "stages.cli"]),
                ("1 process, 1 thread", 1, [sys.executable, "-m", "stages.cli"])]
@@ -85,19 +104,21 @@ def main() -> None:
             command = [*prefix, *[str(out) if a == "OUT" else a for a in base]]
             env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS=str(omp))
             seconds, largest, total, tail = _run(command, env)
-            rows.append((label, seconds, largest, total))
+            rate = re.search(r"\(([0-9.]+) megapixels/s", tail)
+            rows.append((label, seconds, largest, total, float(rate.group(1)) if rate else float("nan")))
             print(f"{label}: {seconds:.1f} s ({tail})", flush=True)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
                "unknown CPU")
-    print(f"\n{len(images)} MoNuSeg test images (1000x1000, {len(images)} megapixels), end to end with model "
-          f"loading; {cpu}, {threads} cores")
-    print("| run | seconds | images/s (= megapixels/s) | peak RSS, largest process (MiB) | peak RSS, all (MiB) |")
+    print(f"\n{what}, end to end with model loading; {cpu}, {threads} cores")
+    rate = "megapixels/s (predict's, tissue tiles, working resolution)" if args.slide_size else "images/s"
+    print(f"| run | seconds | {rate} | peak RSS, largest process (MiB) | peak RSS, all (MiB) |")
     print("|---|---:|---:|---:|---:|")
-    for label, seconds, largest, total in rows:
-        print(f"| {label} | {seconds:.1f} | {len(images) / seconds:.3f} | {largest:.0f} | {total:.0f} |")
+    for label, seconds, largest, total, printed in rows:
+        value = printed if args.slide_size else len(images) / seconds
+        print(f"| {label} | {seconds:.1f} | {value:.3f} | {largest:.0f} | {total:.0f} |")
 
 
 if __name__ == "__main__":

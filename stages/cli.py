@@ -116,13 +116,15 @@ def predict(
                                "image and draws the evaluation panel (image | truth | prediction | errors)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Redo images and slides that an earlier run already "
                                    "segmented into --out with this model (by default they are skipped)."),
+    slide_tile: int = typer.Option(None, "--slide-tile", help="Slides: the core of each tile in working pixels "
+                                   "(default 1024; memory grows with its square, processes share tiles)."),
 ) -> None:
     """Segment images: masks, pictures, probability maps (HDF5) and a per-nucleus CSV. Resumable: a
     re-run skips what is already done."""
     from stages import predict as stage
 
     failed = stage.run(inputs, out, text=text, reports=reports, model=model, teacher=teacher, scale=scale,
-                       device=device, masks=masks, mpp=mpp, whole=whole, overwrite=overwrite)
+                       device=device, masks=masks, mpp=mpp, whole=whole, overwrite=overwrite, slide_tile=slide_tile)
     if failed:
         raise typer.Exit(1)
 

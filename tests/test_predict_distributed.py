@@ -1,4 +1,4 @@
-"""`textdiff predict` under torchrun: the processes deal the images and slides, each writes its own,
+"""`textdiff predict` under torchrun: the processes deal the images and a slide's tiles, each writes its own,
 rank 0 writes predictions.h5, nuclei.csv and the summary, and the outputs are exactly those of one
 process with the same threads per process (torchrun gives each OMP_NUM_THREADS=1)."""
 
@@ -56,10 +56,10 @@ def test_two_processes_write_exactly_what_one_process_writes(trained, tmp_path):
     images = [s.image for s in read_split(trained.data_root, "train")]
     for k in range(6):
         Image.fromarray(np.roll(images[k % len(images)], 3 * k, axis=1)).save(folder / f"tile_{k}.png")
-    tissue = np.concatenate([np.concatenate([images[(r + c) % len(images)] for c in range(4)], axis=1)
-                             for r in range(4)], axis=0)
+    tissue = np.concatenate([np.concatenate([images[(r + c) % len(images)] for c in range(6)], axis=1)
+                             for r in range(4)], axis=0)  # 160 x 240: 2 x 3 tiles of 64 working pixels
     slide = write_slide(tmp_path / "slide.tif", tissue)
-    args = ["predict", str(folder), str(slide), "--text", "Many nuclei.", "--mpp", "0.25"]
+    args = ["predict", str(folder), str(slide), "--text", "Many nuclei.", "--mpp", "0.25", "--slide-tile", "64"]
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS="1")
 
     one = subprocess.run([sys.executable, "-m", "stages.cli", *args, "--out", str(tmp_path / "one")],
@@ -70,6 +70,10 @@ def test_two_processes_write_exactly_what_one_process_writes(trained, tmp_path):
     two = subprocess.run(torchrun, cwd=trained.root, env=env, capture_output=True, text=True, timeout=600)
     assert two.returncode == 0, two.stdout + two.stderr
     assert "7 of 7 images segmented" in two.stdout and "by 2 processes" in two.stdout
+    import zarr
+
+    done = zarr.open_group(str(tmp_path / "two" / "slide.zarr"), mode="r")["done"]
+    assert done.shape[0] * done.shape[1] >= 4 and np.asarray(done[:]).all()
 
     expected, got = _outputs(tmp_path / "one"), _outputs(tmp_path / "two")
     assert got.keys() == expected.keys() and {"predictions.h5", "nuclei.csv", "slide.geojson"} <= set(got)

@@ -35,6 +35,7 @@ from textdiff.locks import hold
 from textdiff.model.depth import assess
 from textdiff.model.nuclei import MAX_LABELS, separate
 from textdiff.paths import CLASSIFIER_DIR
+from textdiff.predict.collective import gathered
 from textdiff.predict.images import Segmenter, build_segmenter, collect_images, megapixels, nucleus_table
 from textdiff.predict.records import PredictRecords, file_identity, write_predictions
 from textdiff.predict.slides import SlideResult, is_slide, segment_slide
@@ -124,18 +125,22 @@ def segment_image(segmenter: Segmenter, path: Path, sentence: str, out: Path, ma
 
 
 def segment_slide_input(segmenter: Segmenter, path: Path, sentence: str, out: Path, mpp: float | None,
-                        model_identity: dict, overwrite: bool = False) -> SlideResult:
+                        model_identity: dict, overwrite: bool = False, ranks: Ranks = Ranks(),
+                        core: int | None = None) -> SlideResult:
     """One whole slide, tile by tile at the model's working resolution (resumable: the identity of
     the model and the text decide whether a stopped run's tiles are reused); its summary line."""
     result = segment_slide(path, lambda rgb: segmenter.maps(rgb, sentence, segmenter.working_mpp),
                            out, segmenter.working_mpp, mpp, segmenter.source_mpp,
                            identity={"model": model_identity, "text": sentence}, rule=segmenter.rule,
-                           overwrite=overwrite)
+                           overwrite=overwrite, ranks=ranks, core=core)
+    if not ranks.main:
+        return result
     if result.skipped:
         tqdm.write(f"{path.stem}: already segmented by this model ({result.nuclei} nuclei); skipped")
         return result
     tqdm.write(f"{path.stem}: {result.nuclei} nuclei in {result.tissue_tiles} of {result.tiles} tiles with tissue "
-               f"({result.megapixels / max(result.seconds, 1e-9):.3g} megapixels/s at {segmenter.working_mpp:.3g} "
+               f"({(result.rate_megapixels or result.megapixels) / max(result.seconds, 1e-9):.3g} megapixels/s at "
+               f"{segmenter.working_mpp:.3g} "
                f"µm/px) -> {', '.join(p.name for p in result.outputs)}")
     return result
 
@@ -143,12 +148,14 @@ def segment_slide_input(segmenter: Segmenter, path: Path, sentence: str, out: Pa
 def predict_inputs(inputs: list[Path], out: Path, text: str | None = None, reports: Path | None = None,
         model: Path = CLASSIFIER_DIR, teacher: Path | None = None, scale: float | None = None,
         device: str = "auto", masks: Path | None = None, mpp: float | None = None, whole: bool = False,
-        overwrite: bool = False) -> int:
+        overwrite: bool = False, slide_tile: int | None = None) -> int:
     """Returns the number of images that failed (the CLI exits non-zero when it is not 0). Images
     and slides already segmented into `out` by this model, with the same text and settings, are
     skipped (textdiff.predict.records); `overwrite` redoes them."""
     if text is not None and reports is not None:
         raise TextDiffError("give either --text or --reports, not both")
+    if slide_tile is not None and not 64 <= slide_tile <= 16384:
+        raise TextDiffError(f"--slide-tile is the tile core in working pixels, between 64 and 16384; got {slide_tile}")
     if scale is not None and scale <= 0:
         raise TextDiffError(f"--scale must be > 0, got {scale}")
     if mpp is not None and not plausible(mpp):
@@ -169,41 +176,29 @@ def predict_inputs(inputs: list[Path], out: Path, text: str | None = None, repor
     ranks, dev = init_ranks(resolve_device(device))  # under torchrun: this process's place and device
     try:
         return _predict_as(ranks, paths, out, text, report_rows, reports, model_dir, dev, teacher, scale, masks, mpp,
-                           whole, overwrite)
+                           whole, overwrite, slide_tile)
     finally:
         close_ranks(ranks)
 
 
-def gathered(obj: object, ranks: Ranks) -> list:
-    """Every rank's `obj` (picklable), in rank order, on every rank; [obj] for a single process.
-    Also a barrier: it returns once every rank has got here."""
-    if ranks.world == 1:
-        return [obj]
-    import torch.distributed
-
-    out: list = [None] * ranks.world
-    torch.distributed.all_gather_object(out, obj)
-    return out
-
-
 def deal_inputs(paths: list[Path], ranks: Ranks) -> list[int]:
-    """The indices of `paths` this rank segments: the largest files first, each to the rank with the
-    fewest bytes so far (ties to the lowest rank), so a job of mixed slides and tiles balances; every
-    rank computes the same deal."""
+    """The indices of `paths` this rank takes part in, in order: every slide (its tiles are dealt
+    inside `segment_slide`), and its share of the images, dealt the largest file first, each to the
+    rank with the fewest bytes so far (ties to the lowest rank); every rank computes the same deal."""
     if ranks.world == 1:
         return list(range(len(paths)))
     sizes = [p.stat().st_size if p.exists() else 0 for p in paths]
-    load, owner = [0] * ranks.world, [0] * len(paths)
-    for k in sorted(range(len(paths)), key=lambda k: (-sizes[k], k)):
+    load, owner = [0] * ranks.world, [-1 if is_slide(p) else 0 for p in paths]
+    for k in sorted((k for k in range(len(paths)) if owner[k] == 0), key=lambda k: (-sizes[k], k)):
         r = min(range(ranks.world), key=lambda r: (load[r], r))
         owner[k] = r
         load[r] += sizes[k]
-    return [k for k in range(len(paths)) if owner[k] == ranks.rank]
+    return [k for k in range(len(paths)) if owner[k] in (-1, ranks.rank)]
 
 
 def _predict_as(ranks: Ranks, paths: list[Path], out: Path, text: str | None, report_rows, reports: Path | None,
                 model_dir: Path, dev, teacher: Path | None, scale: float | None, masks: Path | None,
-                mpp: float | None, whole: bool, overwrite: bool) -> int:
+                mpp: float | None, whole: bool, overwrite: bool, slide_tile: int | None = None) -> int:
     """predict_inputs for one process of the job (the only one outside torchrun): it segments its
     share of the inputs; rank 0 then writes predictions.h5, nuclei.csv and the summary from every
     rank's records, in the inputs' order, so the outputs are one process's."""
@@ -238,11 +233,11 @@ def _predict_as(ranks: Ranks, paths: list[Path], out: Path, text: str | None, re
                     if is_slide(path):
                         with naming_write_failures(out / f"{path.stem}.zarr", f"the predictions of slide {path.name}"):
                             result = segment_slide_input(segmenter, path, sentence, out, mpp, model_identity,
-                                                         overwrite)
-                        if result.mpp_assumed:
-                            assumed.append((index, path.name))
-                        pixels += result.megapixels
-                        skipped += result.skipped
+                                                         overwrite, ranks, slide_tile)
+                        pixels += result.megapixels  # each process's own tiles
+                        if ranks.main:  # every process took part in the slide; rank 0 speaks for it
+                            assumed.extend([(index, path.name)] if result.mpp_assumed else [])
+                            skipped += result.skipped
                         continue
                     own = mpp or tiff_mpp(path)
                     identity = {"model": model_identity, "text": sentence, "source": file_identity(path),
@@ -261,8 +256,9 @@ def _predict_as(ranks: Ranks, paths: list[Path], out: Path, text: str | None, re
                 except WriteRefused:
                     raise  # a full disk or read-only --out fails every image after it: stop, resumable
                 except TextDiffError as err:
-                    failures.append((index, str(err)))
-                    tqdm.write(f"error: {err}", file=sys.stderr)
+                    if ranks.main or not is_slide(path):  # a slide fails on every process at once
+                        failures.append((index, str(err)))
+                        tqdm.write(f"error: {err}", file=sys.stderr)
                     continue
                 if record.assumed_mpp:
                     assumed.append((index, path.name))

@@ -44,11 +44,13 @@ from textdiff.data.resize import to_working_size
 from textdiff.data.stain import tissue_pixels
 from textdiff.errors import TextDiffError
 from textdiff.model.nuclei import NucleusRule, separate
+from textdiff.predict.collective import gathered
+from textdiff.runtime.distributed import Ranks
 
 SLIDE_SUFFIXES = (".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide", ".tif", ".tiff")
 THUMBNAIL = 2048  # longest side of the tissue-detection thumbnail
 CORE, MARGIN = 1024, 64  # working pixels
-FORMAT = 1
+FORMAT = 2  # 2: one chunk per tile's done flag, so processes flag their own tiles
 
 
 def is_slide(path: Path) -> bool:
@@ -197,7 +199,7 @@ def _open_store(path: Path, plan: SlidePlan, identity: dict) -> zarr.Group:
     if path.exists():
         try:
             root = zarr.open_group(str(path), mode="r+", zarr_format=3)
-            if root.attrs.get("identity") == identity:
+            if root.attrs.get("identity") == identity and root.attrs.get("format") == FORMAT:
                 return root
         except Exception:  # noqa: BLE001 - not resumable: start again
             pass
@@ -206,7 +208,7 @@ def _open_store(path: Path, plan: SlidePlan, identity: dict) -> zarr.Group:
     ny, nx = plan.grid
     root.create_array("probability/0", shape=(plan.height, plan.width), chunks=(plan.core, plan.core), dtype=np.uint8,
                       fill_value=0)
-    root.create_array("done", shape=(ny, nx), chunks=(ny, nx), dtype=np.uint8, fill_value=0)
+    root.create_array("done", shape=(ny, nx), chunks=(1, 1), dtype=np.uint8, fill_value=0)
     (path / "nuclei").mkdir(parents=True, exist_ok=True)
     root.attrs.update({"identity": identity, "format": FORMAT})
     return root
@@ -253,18 +255,24 @@ class SlideResult:
     outputs: list[Path]
     mpp_assumed: bool = False  # neither --mpp nor the slide said: the training images' µm/px was used
     skipped: bool = False  # a finished run's outputs for this very slide, model and plan: nothing redone
+    rate_megapixels: float = 0.0  # under torchrun: every process's tiles (its rate's numerator), else megapixels
 
 
 def segment_slide(path: Path, segment: Callable[[np.ndarray], np.ndarray | tuple], out: Path, working_mpp: float,
                   mpp: float | None, source_mpp: float, identity: dict, core: int | None = None,
                   margin: int | None = None, progress: bool = True,
                   on_tile: Callable[[int], None] | None = None, rule: NucleusRule | None = None,
-                  overwrite: bool = False) -> SlideResult:
+                  overwrite: bool = False, ranks: Ranks = Ranks()) -> SlideResult:
     """Segment one slide into `out` (see the module docstring). `segment(rgb at working resolution)
     -> probabilities, or (probabilities, distance or None)` is the model; `rule` separates its
     nuclei; `mpp` overrides the slide's own (else the training source's). A slide whose outputs a
     finished run wrote for the same identity is skipped (`complete` is set last, after the GeoJSON,
-    CSV and picture); `overwrite` starts its store afresh."""
+    CSV and picture); `overwrite` starts its store afresh.
+
+    Under torchrun every process calls this for the same slide and takes every `world`-th tile still
+    to do (each tile is its own chunk of the probability map, its own done flag and nucleus file, so
+    nobody writes another's); rank 0 creates the store first and writes the pyramid and the outputs
+    after all are done. A tile that fails on any process fails the slide on every process, in step."""
     import time
 
     from tqdm import tqdm
@@ -285,9 +293,13 @@ def segment_slide(path: Path, segment: Callable[[np.ndarray], np.ndarray | tuple
                  "nuclei": (rule or NucleusRule()).to_json(),
                  "working_mpp": working_mpp, "core": core, "margin": margin,
                  "mtime": os.path.getmtime(path), "bytes": os.path.getsize(path)}
-        if overwrite and store.exists():
-            shutil.rmtree(store)
-        root = _open_store(store, plan, ident)
+        if ranks.main:
+            if overwrite and store.exists():
+                shutil.rmtree(store)
+            root = _open_store(store, plan, ident)
+        ranks.barrier()
+        if not ranks.main:
+            root = zarr.open_group(str(store), mode="r+", zarr_format=3)
         finished = [*output_files(out, stem), store]
         if root.attrs.get("complete") and all(p.exists() for p in finished):
             count = sum(1 for _ in _features(store, plan.grid))
@@ -310,33 +322,60 @@ def segment_slide(path: Path, segment: Callable[[np.ndarray], np.ndarray | tuple
                 if not done[ty, tx]:
                     todo.append((ty, tx, has))
         started, pixels = time.perf_counter(), 0.0
-        bar = tqdm(todo, desc=f"{stem}", unit="tile", disable=not progress, dynamic_ncols=True)
-        for k, (ty, tx, has) in enumerate(bar):
-            if has:
-                region = plan.region_box(ty, tx)
-                core_box = plan.core_box(ty, tx)
-                pixels_in = _reading(path, f"the region of tile ({ty}, {tx})",
-                                     lambda region=region: read_region(slide, plan, region))
-                maps = segment(pixels_in)
-                prob, distance = maps if isinstance(maps, tuple) else (maps, None)
-                cy0, cx0, cy1, cx1 = core_box
-                core_prob = prob[cy0 - region[0] : cy1 - region[0], cx0 - region[1] : cx1 - region[1]]
-                root["probability/0"][cy0:cy1, cx0:cx1] = np.rint(np.clip(core_prob, 0, 1) * 255).astype(np.uint8)
-                rows = nuclei_of(prob, region, core_box, plan.factor, working_mpp, (width0, height0), distance, rule)
-                with atomic_file(_tile_file(store, ty, tx)) as tmp:
-                    tmp.write_text(json.dumps(rows))
-                pixels += (region[2] - region[0]) * (region[3] - region[1]) / 1e6
-            root["done"][ty, tx] = 1  # last: the tile now counts
-            if on_tile is not None:
-                on_tile(k)
+        mine = ranks.share(todo)
+        bar = tqdm(mine, desc=f"{stem}", unit="tile", disable=not progress or not ranks.main, dynamic_ncols=True)
+        problem = None
+        try:
+            pixels = _segment_tiles(bar, slide, path, plan, root, store, segment, working_mpp, (width0, height0), rule,
+                                    on_tile)
+        except TextDiffError as err:
+            if ranks.world == 1:
+                raise
+            problem = str(err)
+        if ranks.world > 1:  # every process learns of any tile's failure here, and all are done
+            shares = gathered((problem, pixels), ranks)
+            problems = [p for p, _ in shares if p]
+            if problems:
+                raise TextDiffError(problems[0])
+            everyone = sum(px for _, px in shares)  # the slide's rate counts every process's tiles
         seconds = time.perf_counter() - started
+        if not ranks.main:
+            return SlideResult(0, ny * nx, tissue_tiles, pixels, seconds, [], mpp_assumed=not (mpp or own_mpp))
+        rate_pixels = everyone if ranks.world > 1 else pixels
         build_pyramid(root, core)
         outputs = write_outputs(store, stem, out, plan, thumb, working_mpp)
         root.attrs.update({"complete": True, "tissue_tiles": tissue_tiles})  # last: the outputs are whole
         count = sum(1 for _ in _features(store, plan.grid))
-        return SlideResult(count, ny * nx, tissue_tiles, pixels, seconds, outputs, mpp_assumed=not (mpp or own_mpp))
+        return SlideResult(count, ny * nx, tissue_tiles, pixels, seconds, outputs, mpp_assumed=not (mpp or own_mpp),
+                           rate_megapixels=rate_pixels)
     finally:
         slide.close()
+
+
+def _segment_tiles(bar, slide, path: Path, plan: SlidePlan, root: zarr.Group, store: Path, segment: Callable,
+                   working_mpp: float, size0: tuple[int, int], rule: NucleusRule | None,
+                   on_tile: Callable[[int], None] | None) -> float:
+    """Segment the tiles of `bar` ((ty, tx, has tissue) each) into the store; megapixels done."""
+    pixels = 0.0
+    for k, (ty, tx, has) in enumerate(bar):
+        if has:
+            region = plan.region_box(ty, tx)
+            core_box = plan.core_box(ty, tx)
+            pixels_in = _reading(path, f"the region of tile ({ty}, {tx})",
+                                 lambda region=region: read_region(slide, plan, region))
+            maps = segment(pixels_in)
+            prob, distance = maps if isinstance(maps, tuple) else (maps, None)
+            cy0, cx0, cy1, cx1 = core_box
+            core_prob = prob[cy0 - region[0] : cy1 - region[0], cx0 - region[1] : cx1 - region[1]]
+            root["probability/0"][cy0:cy1, cx0:cx1] = np.rint(np.clip(core_prob, 0, 1) * 255).astype(np.uint8)
+            rows = nuclei_of(prob, region, core_box, plan.factor, working_mpp, size0, distance, rule)
+            with atomic_file(_tile_file(store, ty, tx)) as tmp:
+                tmp.write_text(json.dumps(rows))
+            pixels += (region[2] - region[0]) * (region[3] - region[1]) / 1e6
+        root["done"][ty, tx] = 1  # last: the tile now counts
+        if on_tile is not None:
+            on_tile(k)
+    return pixels
 
 
 def output_files(out: Path, stem: str) -> tuple[Path, Path, Path]:
