@@ -262,3 +262,74 @@ def write_slide(path: Path, image: np.ndarray, levels: int = 3, tile: int = 64, 
             tif.write(level, tile=(tile, tile), photometric="rgb", compression="zlib", resolution=(res, res),
                       resolutionunit="CENTIMETER", subfiletype=0 if k == 0 else 1)
     return path
+
+
+# ---------------------------------------------------------------- comparing runs
+
+def kill_tree(process) -> None:
+    """SIGKILL a `subprocess.Popen` and every process under it at once, as a scheduler or the OOM
+    killer ends a job (torchrun starts its workers in sessions of their own: killing its group alone
+    orphans them); no handler runs anywhere."""
+    import contextlib
+    import os
+    import signal
+
+    import psutil
+
+    try:
+        tree = [process.pid, *(p.pid for p in psutil.Process(process.pid).children(recursive=True))]
+    except psutil.NoSuchProcess:
+        tree = []
+    for pid in tree:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    process.wait()
+
+
+def cache_arrays(path: Path) -> dict[str, np.ndarray]:
+    """Every array of a feature cache, keyed `<split>/<name>`."""
+    import zarr
+
+    root = zarr.open_group(str(path), mode="r")
+    return {f"{split}/{name}": np.asarray(array[:]) for split in root.group_keys()
+            for name, array in root[split].arrays()}
+
+
+def predict_outputs(out: Path) -> dict[str, object]:
+    """What `textdiff predict` wrote into `out` (hidden records aside): PNGs as arrays, each
+    predictions.h5 dataset with its attributes (but the run-specific record id), CSV rows, GeoJSON
+    features."""
+    import csv
+    import json
+
+    import h5py
+
+    found: dict[str, object] = {}
+    for path in sorted(out.iterdir()):
+        if path.name.startswith("."):
+            continue
+        if path.suffix == ".png":
+            found[path.name] = np.asarray(Image.open(path))
+        elif path.suffix == ".h5":
+            with h5py.File(path) as h5:
+                found[path.name] = {k: (np.asarray(h5[k]), {a: str(v) for a, v in h5[k].attrs.items() if a != "record"})
+                                    for k in h5}
+        elif path.suffix == ".csv":
+            with open(path, newline="") as f:
+                found[path.name] = list(csv.DictReader(f))
+        elif path.suffix == ".geojson":
+            found[path.name] = json.loads(path.read_text())["features"]
+    return found
+
+
+def assert_same_predict_outputs(expected: dict, got: dict, context: object = None) -> None:
+    assert got.keys() == expected.keys(), context
+    for name, value in expected.items():
+        if isinstance(value, np.ndarray):
+            assert np.array_equal(value, got[name]), (context, name)
+        elif name.endswith(".h5"):
+            assert value.keys() == got[name].keys(), (context, name)
+            for key, (array, attrs) in value.items():
+                assert np.array_equal(array, got[name][key][0]) and attrs == got[name][key][1], (context, name, key)
+        else:
+            assert value == got[name], (context, name)

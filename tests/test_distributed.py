@@ -6,21 +6,13 @@ from pathlib import Path
 
 import numpy as np
 import zarr
+from conftest import cache_arrays
 from typer.testing import CliRunner
 
 from stages.cli import app
 from textdiff.runtime.distributed import Ranks
 
 runner = CliRunner()
-
-
-def _arrays(path: Path) -> dict[str, np.ndarray]:
-    root = zarr.open_group(str(path), mode="r")
-    out = {}
-    for split in root.group_keys():
-        for name, array in root[split].arrays():
-            out[f"{split}/{name}"] = np.asarray(array[:])
-    return out
 
 
 def test_ranks_deal_batches_round_robin():
@@ -77,7 +69,7 @@ def test_two_ranks_build_a_cache_bit_identical_to_one_process(tiny_project, monk
     assert result.exit_code == 0, result.output
     assert "running under torchrun with 2 processes" in result.output
 
-    one, two = _arrays(Path("cache/single.zarr")), _arrays(Path("cache/features.zarr"))
+    one, two = cache_arrays(Path("cache/single.zarr")), cache_arrays(Path("cache/features.zarr"))
     assert sorted(one) == sorted(two)
     for name in one:
         assert one[name].dtype == two[name].dtype and np.array_equal(one[name], two[name]), name

@@ -11,22 +11,26 @@ run produced, byte for byte where the bytes are deterministic and value for valu
 
 from __future__ import annotations
 
-import csv
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import h5py
 import numpy as np
-import psutil
 import pytest
 import torch
-import zarr
-from conftest import REPO_ROOT, TINY_TEACHER, checkout_project, write_slide
+from conftest import (
+    REPO_ROOT,
+    TINY_TEACHER,
+    assert_same_predict_outputs,
+    cache_arrays,
+    checkout_project,
+    kill_tree,
+    predict_outputs,
+    write_slide,
+)
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -45,20 +49,6 @@ def _tiny_sections(data_root: Path) -> dict[str, dict]:
         "train": {"epochs": 3, "d_model": 16, "heads": 2, "batch_size": 2},
         "evaluate": {"panels": 2},
     }
-
-
-def _kill_tree(process: subprocess.Popen) -> None:
-    """SIGKILL the process and everything under it at once (no handler runs anywhere)."""
-    try:
-        tree = [process, *psutil.Process(process.pid).children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return
-    for p in tree:
-        try:
-            os.kill(p.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    process.wait()
 
 
 def _repro(work: Path, env: dict, kill_in: str | None = None, after: float = 0.0) -> tuple[str, dict[str, float]]:
@@ -80,7 +70,7 @@ def _repro(work: Path, env: dict, kill_in: str | None = None, after: float = 0.0
                         deadline = starts[stage] + after
             continue
         if deadline is not None and time.perf_counter() >= deadline:
-            _kill_tree(process)
+            kill_tree(process)
             break
         if process.poll() is not None:
             lines.extend(process.stdout.readlines())
@@ -116,15 +106,6 @@ def _numbers(data, timed=("seconds", "time", "started", "finished", "date", "rat
     return data
 
 
-def _cache_arrays(path: Path) -> dict[str, np.ndarray]:
-    root = zarr.open_group(str(path), mode="r")
-    out = {}
-    for split in root.group_keys():
-        for name, array in root[split].arrays():
-            out[f"{split}/{name}"] = np.asarray(array[:])
-    return out
-
-
 def test_dvc_repro_killed_in_every_stage_finishes_as_an_uninterrupted_run(tmp_path, tiny_monuseg):
     data = tiny_monuseg(counts={"train": 4, "val": 2, "test": 2}, size=40)
     reference, env = checkout_project(tmp_path / "reference", _tiny_sections(data))
@@ -154,7 +135,7 @@ def test_dvc_repro_killed_in_every_stage_finishes_as_an_uninterrupted_run(tmp_pa
                 assert np.array_equal(a[key], b[key]), (killed, name, key)
     _assert_same_tensors(_tensors(reference / "models/pretrain/teacher.safetensors"),
                          _tensors(hurt / "models/pretrain/teacher.safetensors"), "teacher")
-    a, b = _cache_arrays(reference / "cache/features.zarr"), _cache_arrays(hurt / "cache/features.zarr")
+    a, b = cache_arrays(reference / "cache/features.zarr"), cache_arrays(hurt / "cache/features.zarr")
     assert a.keys() == b.keys()
     for key in a:
         assert np.array_equal(a[key], b[key]), (killed, key)
@@ -184,26 +165,8 @@ def _predict(trained_root: Path, inputs: list[Path], out: Path, kill_after: floa
         try:
             process.wait(timeout=kill_after)
         except subprocess.TimeoutExpired:
-            _kill_tree(process)
+            kill_tree(process)
     return time.perf_counter() - started
-
-
-def _predict_outputs(out: Path) -> dict[str, object]:
-    found: dict[str, object] = {}
-    for path in sorted(out.iterdir()):
-        if path.name.startswith("."):
-            continue
-        if path.suffix == ".png":
-            found[path.name] = np.asarray(Image.open(path))
-        elif path.suffix == ".h5":
-            with h5py.File(path) as h5:
-                found[path.name] = {k: np.asarray(h5[k]) for k in h5}
-        elif path.suffix == ".csv":
-            with open(path, newline="") as f:
-                found[path.name] = list(csv.DictReader(f))
-        elif path.suffix == ".geojson":
-            found[path.name] = json.loads(path.read_text())["features"]
-    return found
 
 
 def test_predict_killed_at_seeded_points_finishes_as_an_uninterrupted_run(trained, tmp_path):
@@ -221,7 +184,7 @@ def test_predict_killed_at_seeded_points_finishes_as_an_uninterrupted_run(traine
 
     reference = tmp_path / "reference"
     duration = _predict(trained.root, inputs, reference)
-    expected = _predict_outputs(reference)
+    expected = predict_outputs(reference)
     assert {"predictions.h5", "nuclei.csv", "slide.geojson"} <= set(expected), sorted(expected)
 
     hurt = tmp_path / "hurt"
@@ -230,16 +193,7 @@ def test_predict_killed_at_seeded_points_finishes_as_an_uninterrupted_run(traine
     for point in points:
         _predict(trained.root, inputs, hurt, kill_after=point)
     _predict(trained.root, inputs, hurt)
-    got = _predict_outputs(hurt)
-    assert got.keys() == expected.keys(), points
-    for name, value in expected.items():
-        if isinstance(value, np.ndarray):
-            assert np.array_equal(value, got[name]), (points, name)
-        elif isinstance(value, dict):
-            assert value.keys() == got[name].keys() and all(np.array_equal(value[k], got[name][k]) for k in value), (
-                points, name)
-        else:
-            assert value == got[name], (points, name)
+    assert_same_predict_outputs(expected, predict_outputs(hurt), points)
     assert not [p for p in hurt.rglob("*") if ".tmp-" in p.name or p.name.endswith(".lock")], points
 
 

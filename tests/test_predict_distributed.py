@@ -4,37 +4,16 @@ process with the same threads per process (torchrun gives each OMP_NUM_THREADS=1
 
 from __future__ import annotations
 
-import csv
-import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
-import h5py
 import numpy as np
-from conftest import REPO_ROOT, write_slide
+from conftest import REPO_ROOT, assert_same_predict_outputs, predict_outputs, write_slide
 from PIL import Image
 
 from textdiff.predict.run import deal_inputs
 from textdiff.runtime.distributed import Ranks
-
-
-def _outputs(out: Path) -> dict[str, object]:
-    found: dict[str, object] = {}
-    for path in sorted(out.iterdir()):
-        if path.suffix == ".png":
-            found[path.name] = np.asarray(Image.open(path))
-        elif path.suffix == ".h5":
-            with h5py.File(path) as h5:
-                found[path.name] = {k: (np.asarray(h5[k]), {a: str(v) for a, v in h5[k].attrs.items() if a != "record"})
-                                    for k in h5}
-        elif path.suffix == ".csv":
-            with open(path, newline="") as f:
-                found[path.name] = list(csv.DictReader(f))
-        elif path.suffix == ".geojson":
-            found[path.name] = json.loads(path.read_text())["features"]
-    return found
 
 
 def test_inputs_are_dealt_largest_first_to_the_least_loaded_rank(tmp_path):
@@ -75,19 +54,10 @@ def test_two_processes_write_exactly_what_one_process_writes(trained, tmp_path):
     done = zarr.open_group(str(tmp_path / "two" / "slide.zarr"), mode="r")["done"]
     assert done.shape[0] * done.shape[1] >= 4 and np.asarray(done[:]).all()
 
-    expected, got = _outputs(tmp_path / "one"), _outputs(tmp_path / "two")
-    assert got.keys() == expected.keys() and {"predictions.h5", "nuclei.csv", "slide.geojson"} <= set(got)
-    for name, value in expected.items():
-        if isinstance(value, np.ndarray):
-            assert np.array_equal(value, got[name]), name
-        elif name == "predictions.h5":
-            assert value.keys() == got[name].keys()
-            for key, (array, attrs) in value.items():
-                assert np.array_equal(array, got[name][key][0]) and attrs == got[name][key][1], key
-        else:
-            assert value == got[name], name
-
+    expected, got = predict_outputs(tmp_path / "one"), predict_outputs(tmp_path / "two")
+    assert {"predictions.h5", "nuclei.csv", "slide.geojson"} <= set(got)
+    assert_same_predict_outputs(expected, got)
     again = subprocess.run(torchrun, cwd=trained.root, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stdout + again.stderr
     assert "7 of 7 inputs were already segmented" in again.stdout  # a re-run (or a killed job's) skips them
-    assert _outputs(tmp_path / "two").keys() == expected.keys()
+    assert predict_outputs(tmp_path / "two").keys() == expected.keys()

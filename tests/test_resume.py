@@ -3,19 +3,17 @@ what an uninterrupted run trains (weights, curves, chosen epoch), for the classi
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 import torch
+from conftest import kill_tree
 from typer.testing import CliRunner
 
 from stages.cli import app
@@ -127,11 +125,7 @@ def _kill_when(process: subprocess.Popen, ready, timeout: float = 300) -> None:
         assert process.poll() is None, "the run ended before it could be killed"
         assert time.monotonic() < deadline, "timed out waiting for the point to kill at"
         time.sleep(0.02)
-    tree = [process.pid, *(p.pid for p in psutil.Process(process.pid).children(recursive=True))]
-    for pid in tree:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    process.wait()
+    kill_tree(process)
 
 
 def _saved_round() -> int:
