@@ -139,8 +139,7 @@ def segment_slide_input(segmenter: Segmenter, path: Path, sentence: str, out: Pa
         tqdm.write(f"{path.stem}: already segmented by this model ({result.nuclei} nuclei); skipped")
         return result
     tqdm.write(f"{path.stem}: {result.nuclei} nuclei in {result.tissue_tiles} of {result.tiles} tiles with tissue "
-               f"({(result.rate_megapixels or result.megapixels) / max(result.seconds, 1e-9):.3g} megapixels/s at "
-               f"{segmenter.working_mpp:.3g} "
+               f"({result.megapixels / max(result.seconds, 1e-9):.3g} megapixels/s at {segmenter.working_mpp:.3g} "
                f"µm/px) -> {', '.join(p.name for p in result.outputs)}")
     return result
 
@@ -234,7 +233,7 @@ def _predict_as(ranks: Ranks, paths: list[Path], out: Path, text: str | None, re
                         with naming_write_failures(out / f"{path.stem}.zarr", f"the predictions of slide {path.name}"):
                             result = segment_slide_input(segmenter, path, sentence, out, mpp, model_identity,
                                                          overwrite, ranks, slide_tile)
-                        pixels += result.megapixels  # each process's own tiles
+                        pixels += result.megapixels  # rank 0's counts every process's tiles, the others' 0
                         if ranks.main:  # every process took part in the slide; rank 0 speaks for it
                             assumed.extend([(index, path.name)] if result.mpp_assumed else [])
                             skipped += result.skipped

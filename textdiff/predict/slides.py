@@ -250,12 +250,11 @@ class SlideResult:
     nuclei: int
     tiles: int
     tissue_tiles: int
-    megapixels: float  # at working resolution, of the tiles segmented in this run
+    megapixels: float  # at working resolution, of the tiles segmented in this run (rank 0: by every process)
     seconds: float
     outputs: list[Path]
     mpp_assumed: bool = False  # neither --mpp nor the slide said: the training images' µm/px was used
     skipped: bool = False  # a finished run's outputs for this very slide, model and plan: nothing redone
-    rate_megapixels: float = 0.0  # under torchrun: every process's tiles (its rate's numerator), else megapixels
 
 
 def segment_slide(path: Path, segment: Callable[[np.ndarray], np.ndarray | tuple], out: Path, working_mpp: float,
@@ -337,17 +336,15 @@ def segment_slide(path: Path, segment: Callable[[np.ndarray], np.ndarray | tuple
             problems = [p for p, _ in shares if p]
             if problems:
                 raise TextDiffError(problems[0])
-            everyone = sum(px for _, px in shares)  # the slide's rate counts every process's tiles
+            pixels = sum(px for _, px in shares) if ranks.main else 0.0  # rank 0 speaks for the whole slide
         seconds = time.perf_counter() - started
         if not ranks.main:
             return SlideResult(0, ny * nx, tissue_tiles, pixels, seconds, [], mpp_assumed=not (mpp or own_mpp))
-        rate_pixels = everyone if ranks.world > 1 else pixels
         build_pyramid(root, core)
         outputs = write_outputs(store, stem, out, plan, thumb, working_mpp)
         root.attrs.update({"complete": True, "tissue_tiles": tissue_tiles})  # last: the outputs are whole
         count = sum(1 for _ in _features(store, plan.grid))
-        return SlideResult(count, ny * nx, tissue_tiles, pixels, seconds, outputs, mpp_assumed=not (mpp or own_mpp),
-                           rate_megapixels=rate_pixels)
+        return SlideResult(count, ny * nx, tissue_tiles, pixels, seconds, outputs, mpp_assumed=not (mpp or own_mpp))
     finally:
         slide.close()
 
