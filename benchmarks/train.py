@@ -44,7 +44,7 @@ def main() -> None:
     n = min(args.images, len(split))
     extractor = build_featurizer(cache.spec, choose_teacher(params).path, torch.device("cpu"))
     torch.manual_seed(0)
-    model = PixelClassifier(classifier_config(cache, params.train))
+    model = PixelClassifier(classifier_config(cache, params.train, torch.device("cpu")))
     optimizer = torch.optim.Adam(model.parameters(), lr=params.train.lr)
 
     def step(feats, i):

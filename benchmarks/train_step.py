@@ -52,8 +52,8 @@ def main() -> None:
     cache = FeatureCache(CACHE_PATH)
     data = SampleStore(cache.split("train"), list(range(min(4, len(cache.split("train"))))))
     samples = [data.get_view(p, 0) for p in range(len(data))]
-    base = classifier_config(cache, params.train)
     device = torch.device("cpu")
+    base = classifier_config(cache, params.train, device)
     models, optimizers = {}, {}
     for dtype in AUTOCASTS:
         torch.manual_seed(0)

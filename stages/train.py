@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import resource
 import shutil
@@ -22,7 +23,7 @@ from textdiff.model.classifier import train_params_problem
 from textdiff.model.nuclei import RuleChoice
 from textdiff.params import Params, load_params, section_dict
 from textdiff.paths import CACHE_PATH, CLASSIFIER_DIR, METRICS_DIR, TRAIN_LIVE_DIR
-from textdiff.runtime.device import provenance, resolve_device
+from textdiff.runtime.device import device_name, provenance, resolve_autocast, resolve_device
 from textdiff.runtime.distributed import Ranks, close_ranks, init_ranks
 from textdiff.runtime.launch import relaunch_under_torchrun
 from textdiff.train.nuclei_rule import choose_nuclei_rule, training_nucleus_area
@@ -74,6 +75,11 @@ def _rule_metrics(choice: RuleChoice | None) -> dict:
 
 def _train(params: Params, ranks: Ranks, device: torch.device, cache_path: Path, out_dir: Path) -> None:
     cache = FeatureCache(cache_path)
+    if params.train.autocast == "auto":  # resolved once, so the card, the resume identity and train.json agree
+        autocast = resolve_autocast("auto", device)
+        params = dataclasses.replace(params, train=dataclasses.replace(params.train, autocast=autocast))
+        if ranks.main and params.baseline.kind == "none":
+            print(f"train.autocast auto: the classifier computes in {autocast} on {device_name(device)}")
     if params.baseline.kind == "none":
         check_target(params.train.target, cache.spec)  # before any work
     from dvclive import Live
@@ -144,6 +150,7 @@ def _train(params: Params, ranks: Ranks, device: torch.device, cache_path: Path,
         "seconds_per_epoch": round(seconds / schedule.rounds, 2),  # per validation round with train.steps
         "peak_rss_mib": round(peak_rss_mib, 1),  # rank 0's
         "processes": ranks.world,
+        **({} if params.baseline.kind == "unet" else {"autocast": result.config.autocast}),
         **({"resumed_from_step": result.resumed_step} if result.resumed_step else {}),  # seconds: this run's
         **_rule_metrics(choice),
     })

@@ -305,9 +305,10 @@ class TrainParams:
     # separate: the distance head has a decoder of its own on the fused features; shared: it reads
     # the mask decoder's last hidden layer (one conv; the choice before this switch existed).
     distance_decoder: str = "separate"
-    # The classifier's compute dtype in training and at inference (recorded in model.json):
-    # bfloat16 = torch.autocast, ~2x faster steps on a CPU with AVX512-BF16/AMX and on a GPU.
-    autocast: str = "bfloat16"
+    # The classifier's compute dtype in training (model.json records the one used): bfloat16 =
+    # torch.autocast, ~2x faster steps on a CPU with AVX512-BF16/AMX and on a GPU, 13x slower where
+    # it is emulated (AVX2); auto = bfloat16 where the hardware computes it, else float32.
+    autocast: str = "auto"
     # Processes: > 1 runs the stage under `torchrun --standalone` (DistributedDataParallel; gloo on
     # CPUs, one GPU per process); train.batch_size must split evenly over them.
     nproc: int = 1

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +25,7 @@ from textdiff.cache.spec import CacheSpec
 from textdiff.errors import TextDiffError
 from textdiff.model.classifier import ClassifierConfig, PixelClassifier
 from textdiff.model.nuclei import NucleusRule
+from textdiff.runtime.device import device_name, native_bfloat16
 from textdiff.teacher.checkpoint import torch_load_reason
 
 CARD_FILE = "model.json"
@@ -154,6 +157,13 @@ def load_trained(model_dir: Path, device: torch.device) -> tuple[PixelClassifier
     except (KeyError, TypeError, AttributeError, TextDiffError) as err:
         raise card_problem(files, err) from None
     state = load_weights(files, "classifier's")
+    if card.classifier.autocast == "bfloat16" and not native_bfloat16(device):
+        # Emulated bfloat16 is ~9x slower at inference than float32: run the float32 weights as they are.
+        card = dataclasses.replace(card, classifier=dataclasses.replace(card.classifier, autocast="float32"))
+        if os.environ.get("RANK", "0") == "0":
+            print(f"note: {files.card_path}: trained under bfloat16 autocast, which {device_name(device)} does not "
+                  "compute in hardware; the classifier runs in float32 here (outputs may differ in the last digits)",
+                  file=sys.stderr)
     try:
         model = load_classifier(state, card.classifier, device)
     except (RuntimeError, EOFError, ValueError, KeyError, TypeError) as err:

@@ -65,7 +65,8 @@ _ATTENTION_FUSIONS = ("cross_attention", "hierarchical")
 VARIANTS = ("project", "release")
 DECODER_NORMS = ("image", "running")
 DISTANCE_DECODERS = ("separate", "shared")  # train.distance_decoder
-AUTOCASTS = ("float32", "bfloat16")  # train.autocast: the classifier's compute dtype
+AUTOCASTS = ("float32", "bfloat16")  # the classifier's compute dtype, as recorded in model.json
+TRAIN_AUTOCASTS = ("auto", *AUTOCASTS)  # train.autocast: auto = bfloat16 where the hardware computes it
 RELEASE_HEAD_DIM = 64  # the release: 8 heads x 64 = 512 inner width, whatever d_model is
 
 
@@ -231,7 +232,7 @@ def train_params_problem(fusion: str, variant: str, decoder_norm: str, contrasti
     for key, value, choices in (("train.fusion", fusion, FUSIONS), ("train.classifier", variant, VARIANTS),
                                 ("train.decoder_norm", decoder_norm, DECODER_NORMS),
                                 ("train.distance_decoder", distance_decoder, DISTANCE_DECODERS),
-                                ("train.autocast", autocast, AUTOCASTS)):
+                                ("train.autocast", autocast, TRAIN_AUTOCASTS)):
         if value not in choices:
             return f"{key} must be one of {', '.join(choices)}; got {value!r}"
     if variant == "release" and fusion not in _ATTENTION_FUSIONS:

@@ -28,6 +28,7 @@ from textdiff.model.classifier import ClassifierConfig, PixelClassifier
 from textdiff.model.inference import predict_split
 from textdiff.model.losses import total_loss
 from textdiff.params import BaselineParams, TrainParams
+from textdiff.runtime.device import resolve_autocast
 from textdiff.runtime.distributed import Ranks, Share, data_parallel, local_share, summed_over_ranks
 from textdiff.train.resume import Checkpoint, random_states, records_to_json, set_random_states
 
@@ -72,15 +73,16 @@ def labeled_subset(n_total: int, num_labeled: int, seed: int) -> list[int]:
     return sorted(int(i) for i in perm[:num_labeled])
 
 
-def classifier_config(cache: FeatureCache, params: TrainParams) -> ClassifierConfig:
-    """The architecture the cache and the train params call for."""
+def classifier_config(cache: FeatureCache, params: TrainParams, device: torch.device) -> ClassifierConfig:
+    """The architecture the cache and the train params call for, computing in the dtype
+    `train.autocast` resolves to on `device` (what model.json records)."""
     spec = cache.spec
     return ClassifierConfig(
         block_channels=tuple(cache.block_channels()), num_steps=len(spec.steps), text_dim=spec.text_hidden_size,
         d_model=params.d_model or spec.text_hidden_size, heads=params.heads, fusion=params.fusion,
         out_size=(spec.image_size, spec.image_size), variant=params.classifier, padding_mask=params.padding_mask,
         decoder_norm=params.decoder_norm, distance_head=resolved_target(params.target, spec) == "distance",
-        distance_decoder=params.distance_decoder, autocast=params.autocast,
+        distance_decoder=params.distance_decoder, autocast=resolve_autocast(params.autocast, device),
     )
 
 
@@ -361,7 +363,7 @@ def train_classifier(cache: FeatureCache, params: TrainParams, device: torch.dev
     check_text(params.fusion, train_split.texts)
     indices = labeled_subset(len(train_split), params.num_labeled, params.seed)
     train_data, val_data = SampleStore(train_split, indices), SampleStore(val_split)
-    config = classifier_config(cache, params)
+    config = classifier_config(cache, params, device)
 
     def forward(model: torch.nn.Module, items: Batch) -> tuple[dict, torch.Tensor, torch.Tensor | None]:
         chunk = [train_data.get_view(p, v) for p, v, _ in items]
