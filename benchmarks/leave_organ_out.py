@@ -89,8 +89,7 @@ def score_model(model, selected: SelectedCache, device: torch.device, rule, mpp:
     return summary(score_test(selected, preds, gts, probs, 0, rule, distances, mpp).metrics)
 
 
-def score_anchor(selected: SelectedCache, device: torch.device, mpp: float) -> dict:
-    choice = choose_nuclei_rule("classic", None, selected, device, mpp)
+def score_anchor(selected: SelectedCache, device: torch.device, mpp: float, choice) -> dict:
     result = evaluate_baseline("classic", None, selected.spec, selected, device, 0,
                                choice.rule if choice else None, mpp)
     return summary(result.metrics)
@@ -110,15 +109,19 @@ def run_organ(organ: str, cache: FeatureCache, organs: dict, params, device: tor
         model = load_classifier(result.state, result.config, device)
         choice = choose_nuclei_rule(TEXTDIFF, model, held, device, mpp)
         row["held_out_model"] = score_model(model, held, device, choice.rule if choice else None, mpp)
+        if len(test_only.split("test")):  # the same images as the default model's row below
+            row["held_out_test"] = score_model(model, test_only, device, choice.rule if choice else None, mpp)
         row["best_epoch"], row["val_dice"] = result.best_epoch, round(result.best_val_dice, 5)
+        row["autocast"] = result.config.autocast
         row["rule"] = choice.rule.to_json() if choice else None
     else:  # never in train or val: the default model is this organ's held-out model
         row["held_out_model"] = score_model(default_model, held, device, default_rule, mpp)
         row["rule"] = default_rule.to_json()
-    row["anchor"] = score_anchor(held, device, mpp)
+    anchor_rule = choose_nuclei_rule("classic", None, held, device, mpp)  # val is the same for both rows
+    row["anchor"] = score_anchor(held, device, mpp, anchor_rule)
     if len(test_only.split("test")):
         row["default_model_test"] = score_model(default_model, test_only, device, default_rule, mpp)
-        row["anchor_test"] = score_anchor(test_only, device, mpp)
+        row["anchor_test"] = score_anchor(test_only, device, mpp, anchor_rule)
     row["seconds"] = round(time.perf_counter() - started, 1)
     return row
 
@@ -131,12 +134,14 @@ def fmt(m: dict | None) -> str:
 
 def table(rows: list[dict]) -> str:
     lines = ["| held-out organ | images (AJI-scored) | trained on | held-out model: Dice / AJI / PQ | "
-             "anchor: Dice / AJI / PQ | its test images: default model | anchor |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+             "anchor: Dice / AJI / PQ | its test images: held-out model | default model | anchor |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         m = r["held_out_model"]
+        own = r.get("held_out_test") or (r.get("default_model_test") if r["train_images"] == 24 else None)
         lines.append(f"| {r['organ']} | {m['images']} ({m['instance_images']}) | {r['train_images']} | {fmt(m)} | "
-                     f"{fmt(r['anchor'])} | {fmt(r.get('default_model_test'))} | {fmt(r.get('anchor_test'))} |")
+                     f"{fmt(r['anchor'])} | {fmt(own)} | {fmt(r.get('default_model_test'))} | "
+                     f"{fmt(r.get('anchor_test'))} |")
     return "\n".join(lines)
 
 
@@ -162,6 +167,8 @@ def main() -> None:
     out = args.out / "leave_organ_out.json"
     done = json.loads(out.read_text()) if out.exists() else {}
     rows = done.get("organs", []) if done.get("identity") == identity else []
+    for row in rows:  # rows of a run before rows named their machine: the file's, which made them all
+        row.setdefault("device", done.get("device"))
     wanted = args.organs or sorted({organ for _, organ in organs.values()})
     started = time.perf_counter()
     for organ in wanted:
@@ -169,6 +176,7 @@ def main() -> None:
             print(f"{organ}: already measured ({out})")
             continue
         row = run_organ(organ, cache, organs, params, device, default_model, default_rule)
+        row["device"] = device_name(device)
         rows = [*rows, row]
         write_json(out, {"identity": identity, "device": device_name(device), "torch": torch.__version__,
                          "organs": rows})

@@ -123,7 +123,8 @@ def test_one_organ_of_the_benchmark_end_to_end(trained):
     rule = nuclei_rule(read_model_dir(CLASSIFIER_DIR))
     row = run_organ("b", cache, organs, params, torch.device("cpu"), model, rule)
     assert row["ids"] == ["img_train_1", "img_val_0", "img_test_0"] and row["train_images"] == 2
-    for key in ("held_out_model", "anchor", "default_model_test", "anchor_test"):
+    for key in ("held_out_model", "held_out_test", "anchor", "default_model_test", "anchor_test"):
         assert 0.0 <= row[key]["dice"] <= 1.0 and 0.0 <= row[key]["aji_instance"] <= 1.0, key
     assert row["held_out_model"]["images"] == 3 and row["default_model_test"]["images"] == 1
+    assert row["held_out_test"]["images"] == 1 and row["anchor_test"]["images"] == 1
     assert "| b | 3 (3) | 2 |" in table([row])
