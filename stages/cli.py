@@ -118,13 +118,18 @@ def predict(
                                    "segmented into --out with this model (by default they are skipped)."),
     slide_tile: int = typer.Option(None, "--slide-tile", help="Slides: the core of each tile in working pixels "
                                    "(default 1024; memory grows with its square, processes share tiles)."),
+    batch_size: int = typer.Option(1, "--batch-size", min=1, help="Windows through the teacher and classifier at "
+                                   "once (default 1: on a 2-core CPU batches of 4 were 0.77x as fast; a GPU may gain, docs/scale-out.md)."),
+    views: int = typer.Option(1, "--views", help="Test-time augmentation: average the maps of 1, 2, 4 or 8 "
+                              "dihedral views, each through the teacher (costs that many times the time)."),
 ) -> None:
     """Segment images: masks, pictures, probability maps (HDF5) and a per-nucleus CSV. Resumable: a
     re-run skips what is already done."""
     from stages import predict as stage
 
     failed = stage.run(inputs, out, text=text, reports=reports, model=model, teacher=teacher, scale=scale,
-                       device=device, masks=masks, mpp=mpp, whole=whole, overwrite=overwrite, slide_tile=slide_tile)
+                       device=device, masks=masks, mpp=mpp, whole=whole, overwrite=overwrite, slide_tile=slide_tile,
+                       batch_size=batch_size, views=views)
     if failed:
         raise typer.Exit(1)
 

@@ -44,9 +44,9 @@ def test_predict_brings_every_image_to_the_working_resolution(trained, tmp_path,
     seen = []
     real = segmenter_module.sliding_window
 
-    def spy(image, tile, stride, predict_tile):
+    def spy(image, tile, stride, predict_windows, batch_size=1):
         seen.append((tuple(image.shape[1:]), tile, stride))
-        return real(image, tile, stride, predict_tile)
+        return real(image, tile, stride, predict_windows, batch_size)
 
     monkeypatch.setattr(segmenter_module, "sliding_window", spy)
     rng = np.random.default_rng(0)

@@ -1,6 +1,7 @@
 """`textdiff predict`: any image size, bad files skipped, CSV/HDF5 contents, exact stitching."""
 
 import csv
+import dataclasses
 import json
 import os
 import shutil
@@ -15,6 +16,7 @@ from typer.testing import CliRunner
 
 from stages.cli import app
 from textdiff.data.tiles import blend_tiles, gaussian_window, tile_grid, window_starts
+from textdiff.errors import TextDiffError
 from textdiff.predict.images import nucleus_table, sliding_window
 
 runner = CliRunner()
@@ -41,18 +43,25 @@ def test_stitching_a_pixelwise_model_is_exact():
     def pixelwise(x):
         return torch.sigmoid(3 * x[0, 0] - 2 * x[0, 1] + x[0, 2])
 
+    def windows(f):  # the per-window model applied to each window of a batch
+        return lambda x: [f(x[k : k + 1]) for k in range(len(x))]
+
     whole = pixelwise(image[None])
-    tiled = sliding_window(image, tile=32, stride=20, predict_tile=pixelwise)
+    tiled = sliding_window(image, tile=32, stride=20, predict_windows=windows(pixelwise))
     torch.testing.assert_close(tiled, whole, atol=1e-6, rtol=0)
-    small = sliding_window(image[:, :20, :25], tile=32, stride=20, predict_tile=pixelwise)  # padded, cropped
+    batched = sliding_window(image, tile=32, stride=20, predict_windows=windows(pixelwise), batch_size=4)
+    assert torch.equal(batched, tiled)  # batching changes which windows go together, not the blend
+    with pytest.raises(TextDiffError, match="at least 1, got 0"):
+        sliding_window(image, tile=32, stride=20, predict_windows=windows(pixelwise), batch_size=0)
+    small = sliding_window(image[:, :20, :25], tile=32, stride=20, predict_windows=windows(pixelwise))  # padded
     torch.testing.assert_close(small, whole[:20, :25], atol=1e-6, rtol=0)
 
     def two_maps(x):  # a probability and a distance map, as a model with the distance head gives
         return torch.stack([pixelwise(x), torch.sigmoid(x[0, 1])])
 
-    tiny = sliding_window(image[:, :5, :7], tile=32, stride=20, predict_tile=pixelwise)  # mirrored 6x, cropped
+    tiny = sliding_window(image[:, :5, :7], tile=32, stride=20, predict_windows=windows(pixelwise))  # mirrored 6x
     torch.testing.assert_close(tiny, whole[:5, :7], atol=1e-6, rtol=0)
-    both = sliding_window(image[:, :20, :25], tile=32, stride=20, predict_tile=two_maps)  # padded, cropped
+    both = sliding_window(image[:, :20, :25], tile=32, stride=20, predict_windows=windows(two_maps))  # padded
     assert both.shape == (2, 20, 25)
     torch.testing.assert_close(both[0], whole[:20, :25], atol=1e-6, rtol=0)
     torch.testing.assert_close(both[1], torch.sigmoid(image[1, :20, :25]), atol=1e-6, rtol=0)
@@ -384,3 +393,73 @@ def test_a_killed_prediction_resumes_and_a_finished_one_is_skipped(trained, tmp_
     seen.clear()
     redo = runner.invoke(app, ["predict", str(images), "--text", "Few nuclei.", "--out", str(out), "--overwrite"])
     assert redo.exit_code == 0 and len(seen) == 4 and "already segmented" not in redo.output
+
+
+def test_batched_windows_give_the_maps_of_one_window_at_a_time(trained):
+    """--batch-size: a window's maps do not depend on its batch-mates (shared teacher noise, per-image
+    normalisation), so batches of 3 (not a divisor of the window count) give the same maps, glass
+    windows included."""
+    from textdiff.predict.images import build_segmenter
+
+    rng = np.random.default_rng(3)
+    image = rng.integers(40, 200, (150, 130, 3), dtype=np.uint8)
+    image[:45, :] = 255  # a band of glass: its windows are skipped in every batching
+    one, _ = build_segmenter(Path("models/classifier"), torch.device("cpu"), None, None)
+    three, _ = build_segmenter(Path("models/classifier"), torch.device("cpu"), None, None, batch_size=3)
+    text = "The nuclei density is high."
+    (p1, d1), (p3, d3) = one.maps(image, text), three.maps(image, text)
+    assert p1.shape == image.shape[:2] and d1 is not None
+    np.testing.assert_allclose(p3, p1, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(d3, d1, atol=1e-5, rtol=0)
+    assert (p1[:20] == 0).all()  # rows only the glass band's windows cover were not segmented
+
+
+def test_undo_view_inverts_every_dihedral_view():
+    from textdiff.data.views import apply_view
+    from textdiff.predict.images import undo_view
+
+    x = torch.arange(2 * 5 * 7, dtype=torch.float32).reshape(2, 5, 7)
+    for k in range(8):
+        assert torch.equal(undo_view(apply_view(x, k), k), x), k
+
+
+def test_averaging_the_eight_views_makes_the_maps_turn_with_the_image(trained):
+    """views=8: the teacher sees every dihedral view and the maps are averaged, so the result no
+    longer depends on the image's orientation (one window, no resize: exact up to float sums),
+    which one view's maps do."""
+    from textdiff.predict.images import build_segmenter
+
+    segmenter, _ = build_segmenter(Path("models/classifier"), torch.device("cpu"), None, 1.0)
+    rng = np.random.default_rng(5)
+    image = rng.integers(40, 200, (32, 32, 3), dtype=np.uint8)
+    turned = np.ascontiguousarray(np.rot90(image))
+    text = "The nuclei density is high."
+    one, one_turned = segmenter.maps(image, text)[0], segmenter.maps(turned, text)[0]
+    assert np.abs(np.rot90(one) - one_turned).max() > 1e-4  # the teacher is not equivariant
+    segmenter.views = 8
+    (eight, d8), (eight_turned, d8_turned) = segmenter.maps(image, text), segmenter.maps(turned, text)
+    np.testing.assert_allclose(np.rot90(eight), eight_turned, atol=1e-5)
+    np.testing.assert_allclose(np.rot90(d8), d8_turned, atol=1e-5)
+    assert not np.allclose(eight, one, atol=1e-4)
+    with pytest.raises(TextDiffError, match="views must be 1, 2, 4 or 8"):
+        dataclasses.replace(segmenter, views=3)
+
+
+def test_predict_views_averages_the_teachers_views_and_is_its_own_record(trained, tmp_path):
+    """--views 4: other maps than one view's (recorded in predictions.h5), so a later run with
+    another --views redoes the image instead of skipping it; an unsupported count is one line."""
+    folder = trained.data_root / "Test_Folder" / "img"
+    out = tmp_path / "pred"
+    args = ["predict", str(folder), "--out", str(out), "--text", "Many nuclei."]
+    assert runner.invoke(app, args).exit_code == 0
+    with h5py.File(out / "predictions.h5") as h5:
+        one = {k: h5[k][:] for k in h5}
+        assert h5.attrs["views"] == 1
+    result = runner.invoke(app, [*args, "--views", "4"])
+    assert result.exit_code == 0, result.output
+    assert "skipped" not in result.output.lower()
+    with h5py.File(out / "predictions.h5") as h5:
+        assert h5.attrs["views"] == 4 and sorted(h5) == sorted(one)
+        assert all(not np.array_equal(h5[k][:], one[k]) for k in one)
+    bad = runner.invoke(app, [*args, "--views", "3"])
+    assert bad.exit_code != 0 and "views must be 1, 2, 4 or 8" in bad.output and "Traceback" not in bad.output

@@ -41,7 +41,8 @@ def test_a_selection_reads_the_items_it_names_in_its_order(trained):
         for a, b in zip(selected.features(k), source.features(i)):
             assert torch.equal(a, b)
         assert torch.equal(selected.features(k, 0)[0], source.features(i, 0)[0])
-        assert torch.equal(selected.mask(k), source.mask(i)) and torch.equal(selected.distance(k, 0), source.distance(i, 0))
+        assert torch.equal(selected.mask(k), source.mask(i))
+        assert torch.equal(selected.distance(k, 0), source.distance(i, 0))
         assert np.array_equal(selected.full_instances(k), source.full_instances(i))
         assert all(torch.equal(a, b) for a, b in zip(selected.text(k), source.text(i)))
         assert approximate[k] == source.approximate()[i]

@@ -17,6 +17,7 @@ windows of `data.tile` every `data.stride`.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +30,7 @@ from textdiff.data.images import IMAGE_SUFFIXES, image_files
 from textdiff.data.resize import to_working_size
 from textdiff.data.stain import normalize, tissue_pixels
 from textdiff.data.tiles import blend_tiles, tile_grid
+from textdiff.data.views import apply_view
 from textdiff.encoders.image import Featurizer, build_featurizer, images_to_model_range
 from textdiff.encoders.text import TextEncoder
 from textdiff.errors import TextDiffError
@@ -42,9 +44,10 @@ from textdiff.teacher import checkpoint_sha256
 PREDICT_SUFFIXES = tuple(dict.fromkeys(IMAGE_SUFFIXES + (".jpg", ".jpeg") + SLIDE_SUFFIXES))
 
 
-def sliding_window(image: torch.Tensor, tile: int, stride: int, predict_tile) -> torch.Tensor:
-    """Blend `predict_tile([1, 3, tile, tile]) -> [..., tile, tile]` over image [3, H, W] -> [..., H, W]
-    (leading dims, e.g. a probability and a distance map, are blended alike).
+def sliding_window(image: torch.Tensor, tile: int, stride: int, predict_windows, batch_size: int = 1) -> torch.Tensor:
+    """Blend `predict_windows([B, 3, tile, tile]) -> B maps [..., tile, tile] (or None: glass)` over
+    image [3, H, W] -> [..., H, W] (leading dims, e.g. a probability and a distance map, are blended
+    alike). Windows go `batch_size` at a time, so memory is bounded by the batch, not the image.
 
     An image smaller than a tile is mirrored out to it (reflections of reflections where the tile is
     more than twice its size: a 256² crop at 40x is 65² at MoNuSeg's working resolution) and the
@@ -52,12 +55,23 @@ def sliding_window(image: torch.Tensor, tile: int, stride: int, predict_tile) ->
     as torch's "replicate" does, paints streaks the model was never shown (measured on MoNuSeg test
     crops: Dice 66 with streaks, see docs/generalise.md).
     """
+    if batch_size < 1:
+        raise TextDiffError(f"the window batch size must be at least 1, got {batch_size}")
     _, h, w = image.shape
     image = mirror_pad(image, tile)
     H, W = image.shape[1:]
     origins = tile_grid(H, W, tile, stride)
-    probs = [predict_tile(image[None, :, y : y + tile, x : x + tile]) for y, x in origins]
+    probs: list = []
+    for start in range(0, len(origins), batch_size):
+        batch = origins[start : start + batch_size]
+        probs.extend(predict_windows(torch.stack([image[:, y : y + tile, x : x + tile] for y, x in batch])))
     return blend_tiles(probs, origins, H, W, tile)[..., :h, :w]
+
+
+def undo_view(x: torch.Tensor, view: int) -> torch.Tensor:
+    """The inverse of `data.views.apply_view` on [..., H, W]: a view's maps back on the image."""
+    x = torch.rot90(x, k=-(view % 4), dims=(-2, -1))
+    return torch.flip(x, dims=(-1,)) if view >= 4 else x
 
 
 def mirror_pad(image: torch.Tensor, size: int) -> torch.Tensor:
@@ -104,8 +118,12 @@ class Segmenter:
     whole: bool = False  # resize every image to the training size (the paper's protocol), whatever its size
     rule: NucleusRule = field(default_factory=NucleusRule)  # how nuclei are separated (model.json, chosen on val)
     nucleus_area_um2: float = 0.0  # the training nuclei's median area (model.depth; 0: not recorded, no check)
+    batch_size: int = 1  # windows through the teacher and the classifier at once (`--batch-size`)
+    views: int = 1  # test-time augmentation: maps averaged over the first `views` dihedral views (1, 2, 4 or 8)
 
     def __post_init__(self) -> None:
+        if self.views not in (1, 2, 4, 8):
+            raise TextDiffError(f"views must be 1, 2, 4 or 8 (dihedral views averaged), got {self.views}")
         self._text_cache: dict[str, tuple] = {}
 
     def text_inputs(self, text: str):
@@ -131,25 +149,48 @@ class Segmenter:
         `mpp` micrometres per pixel (None: the training source's)."""
         return self.maps(image, text, mpp)[0]
 
-    @torch.no_grad()
     def maps(self, image: np.ndarray, text: str = "", mpp: float | None = None) -> tuple[np.ndarray, np.ndarray | None]:
         """(foreground probability, predicted nucleus distance or None without the head), both
-        [H, W] float32 at the image's own size: what `model.nuclei.separate` reads."""
+        [H, W] float32 at the image's own size: what `model.nuclei.separate` reads; with `views`
+        > 1 the mean over that many dihedral views."""
+        if self.views == 1:
+            return next(self.view_maps(image, text, mpp, [0]))
+        prob_sum, distance_sum = None, None  # running sums: memory is two maps, not two per view
+        for prob, distance in self.view_maps(image, text, mpp, range(self.views)):
+            prob_sum = prob if prob_sum is None else prob_sum + prob
+            if distance is not None:
+                distance_sum = distance if distance_sum is None else distance_sum + distance
+        return prob_sum / self.views, (distance_sum / self.views if distance_sum is not None else None)
+
+    @torch.no_grad()
+    def view_maps(self, image: np.ndarray, text: str, mpp: float | None,
+                  views: Sequence[int]) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
+        """`maps` of each dihedral view in `views`, one after the other (`data.views.apply_view`:
+        the teacher sees the turned image itself, it is not equivariant), turned back onto the image."""
         h, w = image.shape[:2]
         if self.stain:  # as prepare did to every training image, at the source resolution
             image = normalize(image, self.stain)
         tokens, mask, pooled = self.text_inputs(text)
         self.classifier.eval()
 
-        def predict_tile(x: torch.Tensor) -> torch.Tensor | None:
-            if is_glass(x):
-                return None
-            feats = self.extractor(x.to(self.device))
-            out = self.classifier([feats[b].to(self.device) for b in self.blocks], tokens, mask, pooled)
-            prob = torch.softmax(out["logits"].float(), dim=1)[0, 1]
-            if "distance_logits" not in out:
-                return prob
-            return torch.stack([prob, torch.sigmoid(out["distance_logits"].float())[0, 0]])
+        def predict_windows(x: torch.Tensor) -> list[torch.Tensor | None]:
+            """The windows' maps (None for glass), the tissue windows through the teacher and the
+            classifier together: one batch (the teacher's noise is shared, so a window's maps do not
+            depend on its batch-mates)."""
+            out: list[torch.Tensor | None] = [None] * len(x)
+            tissue = [k for k in range(len(x)) if not is_glass(x[k : k + 1])]
+            if not tissue:
+                return out
+            feats = self.extractor(x[tissue].to(self.device))
+            n = len(tissue)
+            text = [t.expand(n, *t.shape[1:]) if t is not None else None for t in (tokens, mask, pooled)]
+            maps = self.classifier([feats[b].to(self.device) for b in self.blocks], *text)
+            prob = torch.softmax(maps["logits"].float(), dim=1)[:, 1]
+            if "distance_logits" in maps:
+                prob = torch.stack([prob, torch.sigmoid(maps["distance_logits"].float())[:, 0]], dim=1)
+            for j, k in enumerate(tissue):
+                out[k] = prob[j]
+            return out
 
         factor = self.factor(mpp)
         if factor is None:
@@ -159,11 +200,15 @@ class Segmenter:
             tile = self.tile if self.mode == "tiles" else self.image_size
             stride = self.stride if self.mode == "tiles" else max(1, (3 * self.image_size) // 4)
         x = images_to_model_range(to_working_size(image, size, self.protocol)[None])[0]
-        blended = sliding_window(x, tile, stride, predict_tile)
-        if blended.dim() == 2:
-            return np.clip(resize_probability(blended, (h, w)), 0, 1).astype(np.float32), None
-        prob, distance = (np.clip(resize_probability(m, (h, w)), 0, 1).astype(np.float32) for m in blended)
-        return prob, distance
+        for k in views:
+            turned = apply_view(x, k).contiguous() if k else x
+            blended = sliding_window(turned, tile, stride, predict_windows, self.batch_size)
+            blended = undo_view(blended, k) if k else blended
+            if blended.dim() == 2:
+                yield np.clip(resize_probability(blended, (h, w)), 0, 1).astype(np.float32), None
+            else:
+                prob, distance = (np.clip(resize_probability(m, (h, w)), 0, 1).astype(np.float32) for m in blended)
+                yield prob, distance
 
 
 def nucleus_table(image_id: str, nuclei: np.ndarray, mpp: float = 0.0) -> list[dict]:
@@ -228,7 +273,8 @@ def find_teacher(card: ModelCard, model_dir: Path, override: Path | None) -> Pat
 
 
 def build_segmenter(model_dir: Path, device: torch.device, teacher_override: Path | None,
-                    scale: float | None, whole: bool = False) -> tuple[Segmenter, ModelCard]:
+                    scale: float | None, whole: bool = False, batch_size: int = 1,
+                    views: int = 1) -> tuple[Segmenter, ModelCard]:
     """Everything a trained model needs to segment new images, rebuilt from its model.json."""
     classifier, card = load_trained(model_dir, device)
     spec = card.spec
@@ -243,5 +289,6 @@ def build_segmenter(model_dir: Path, device: torch.device, teacher_override: Pat
                           tile=spec.tile or spec.image_size, stride=spec.stride or spec.image_size, scale=scale,
                           device=device, protocol=spec.protocol, stain=dict(spec.stain),
                           working_mpp=card.working_mpp, source_mpp=card.source_mpp, whole=whole,
-                          rule=nuclei_rule(read_model_dir(model_dir)), nucleus_area_um2=card.nucleus_area_um2)
+                          rule=nuclei_rule(read_model_dir(model_dir)), nucleus_area_um2=card.nucleus_area_um2,
+                          batch_size=batch_size, views=views)
     return segmenter, card

@@ -32,6 +32,7 @@ import math
 import os
 import shutil
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -322,11 +323,13 @@ def segment_slide(path: Path, segment: Callable[[np.ndarray], np.ndarray | tuple
                     todo.append((ty, tx, has))
         started, pixels = time.perf_counter(), 0.0
         mine = ranks.share(todo)
-        bar = tqdm(mine, desc=f"{stem}", unit="tile", disable=not progress or not ranks.main, dynamic_ncols=True)
+        bar = tqdm(total=len(mine), desc=f"{stem}", unit="tile", disable=not progress or not ranks.main,
+                   dynamic_ncols=True)
         problem = None
         try:
-            pixels = _segment_tiles(bar, slide, path, plan, root, store, segment, working_mpp, (width0, height0), rule,
-                                    on_tile)
+            with bar:
+                pixels = _segment_tiles(mine, bar, slide, path, plan, root, store, segment, working_mpp,
+                                        (width0, height0), rule, on_tile)
         except TextDiffError as err:
             if ranks.world == 1:
                 raise
@@ -349,29 +352,55 @@ def segment_slide(path: Path, segment: Callable[[np.ndarray], np.ndarray | tuple
         slide.close()
 
 
-def _segment_tiles(bar, slide, path: Path, plan: SlidePlan, root: zarr.Group, store: Path, segment: Callable,
-                   working_mpp: float, size0: tuple[int, int], rule: NucleusRule | None,
-                   on_tile: Callable[[int], None] | None) -> float:
-    """Segment the tiles of `bar` ((ty, tx, has tissue) each) into the store; megapixels done."""
+PREFETCH_TILES = 1  # regions read ahead of the one being segmented (>= 1): memory stays 1 + this regions
+
+
+def _segment_tiles(tiles: list[tuple[int, int, bool]], bar, slide, path: Path, plan: SlidePlan, root: zarr.Group,
+                   store: Path, segment: Callable, working_mpp: float, size0: tuple[int, int],
+                   rule: NucleusRule | None, on_tile: Callable[[int], None] | None) -> float:
+    """Segment `tiles` ((ty, tx, has tissue) each) into the store; megapixels done. One reader
+    thread reads the next tissue tile's region while this one is segmented (a slide's decode is
+    I/O and a library's C code, off the GIL), so the model waits for no read but the first."""
     pixels = 0.0
-    for k, (ty, tx, has) in enumerate(bar):
-        if has:
-            region = plan.region_box(ty, tx)
-            core_box = plan.core_box(ty, tx)
-            pixels_in = _reading(path, f"the region of tile ({ty}, {tx})",
-                                 lambda region=region: read_region(slide, plan, region))
-            maps = segment(pixels_in)
-            prob, distance = maps if isinstance(maps, tuple) else (maps, None)
-            cy0, cx0, cy1, cx1 = core_box
-            core_prob = prob[cy0 - region[0] : cy1 - region[0], cx0 - region[1] : cx1 - region[1]]
-            root["probability/0"][cy0:cy1, cx0:cx1] = np.rint(np.clip(core_prob, 0, 1) * 255).astype(np.uint8)
-            rows = nuclei_of(prob, region, core_box, plan.factor, working_mpp, size0, distance, rule)
-            with atomic_file(_tile_file(store, ty, tx)) as tmp:
-                tmp.write_text(json.dumps(rows))
-            pixels += (region[2] - region[0]) * (region[3] - region[1]) / 1e6
-        root["done"][ty, tx] = 1  # last: the tile now counts
-        if on_tile is not None:
-            on_tile(k)
+    order = iter([k for k, (_, _, has) in enumerate(tiles) if has])
+
+    def read(k: int) -> np.ndarray:
+        ty, tx, _ = tiles[k]
+        return _reading(path, f"the region of tile ({ty}, {tx})",
+                        lambda: read_region(slide, plan, plan.region_box(ty, tx)))
+
+    reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="slide-reader")
+    ahead: dict[int, Future] = {}
+
+    def read_next() -> None:
+        k = next(order, None)
+        if k is not None:
+            ahead[k] = reader.submit(read, k)
+
+    try:
+        for _ in range(PREFETCH_TILES):
+            read_next()
+        for k, (ty, tx, has) in enumerate(tiles):
+            if has:
+                region = plan.region_box(ty, tx)
+                core_box = plan.core_box(ty, tx)
+                pixels_in = ahead.pop(k).result()
+                read_next()
+                maps = segment(pixels_in)
+                prob, distance = maps if isinstance(maps, tuple) else (maps, None)
+                cy0, cx0, cy1, cx1 = core_box
+                core_prob = prob[cy0 - region[0] : cy1 - region[0], cx0 - region[1] : cx1 - region[1]]
+                root["probability/0"][cy0:cy1, cx0:cx1] = np.rint(np.clip(core_prob, 0, 1) * 255).astype(np.uint8)
+                rows = nuclei_of(prob, region, core_box, plan.factor, working_mpp, size0, distance, rule)
+                with atomic_file(_tile_file(store, ty, tx)) as tmp:
+                    tmp.write_text(json.dumps(rows))
+                pixels += (region[2] - region[0]) * (region[3] - region[1]) / 1e6
+            root["done"][ty, tx] = 1  # last: the tile now counts
+            bar.update(1)
+            if on_tile is not None:
+                on_tile(k)
+    finally:  # after a failure, a read not yet started is dropped, not waited for
+        reader.shutdown(wait=True, cancel_futures=True)
     return pixels
 
 
