@@ -119,7 +119,8 @@ def predict(
     slide_tile: int = typer.Option(None, "--slide-tile", help="Slides: the core of each tile in working pixels "
                                    "(default 1024; memory grows with its square, processes share tiles)."),
     batch_size: int = typer.Option(1, "--batch-size", min=1, help="Windows through the teacher and classifier at "
-                                   "once (default 1: on a 2-core CPU batches of 4 were 0.77x as fast; a GPU may gain, docs/scale-out.md)."),
+                                   "once (default 1: on a 2-core CPU batches of 4 were 0.77x as fast; a GPU may "
+                                   "gain, docs/scale-out.md)."),
     views: int = typer.Option(1, "--views", help="Test-time augmentation: average the maps of 1, 2, 4 or 8 "
                               "dihedral views, each through the teacher (costs that many times the time)."),
 ) -> None:
