@@ -121,8 +121,9 @@ def predict(
     batch_size: int = typer.Option(1, "--batch-size", min=1, help="Windows through the teacher and classifier at "
                                    "once (default 1: on a 2-core CPU batches of 4 were 0.77x as fast; a GPU may "
                                    "gain, docs/scale-out.md)."),
-    views: int = typer.Option(1, "--views", help="Test-time augmentation: average the maps of 1, 2, 4 or 8 "
-                              "dihedral views, each through the teacher (costs that many times the time)."),
+    views: int = typer.Option(None, "--views", help="Test-time augmentation: average the maps of 1, 2, 4 or 8 "
+                              "dihedral views, each through the teacher (that many times the time; default: "
+                              "the model's evaluated setting, extract.eval_views)."),
 ) -> None:
     """Segment images: masks, pictures, probability maps (HDF5) and a per-nucleus CSV. Resumable: a
     re-run skips what is already done."""

@@ -47,7 +47,8 @@ def _run(params_path: Path, cache_path: Path, model_dir: Path) -> dict:
         if kind == TEXTDIFF:
             model, card = load_trained(model_dir, device)
             result = evaluate_test(model, card, cache, device, params.evaluate.panels, rule)
-            attrs = {"fusion": card.classifier.fusion, "best_epoch": card.best_epoch, "params": json.dumps(card.train)}
+            attrs = {"fusion": card.classifier.fusion, "best_epoch": card.best_epoch, "params": json.dumps(card.train),
+                     "views": result.metrics.get("views", 1)}
         else:
             kind, baseline, spec = load_baseline(model_dir, device)
             result = evaluate_baseline(kind, baseline, spec, cache, device, params.evaluate.panels, rule,
@@ -62,7 +63,9 @@ def _run(params_path: Path, cache_path: Path, model_dir: Path) -> dict:
             h5.attrs.update(attrs)
             for image_id, prob in zip(result.ids, result.probs):
                 ds = h5.create_dataset(image_id, data=prob.astype(np.float32), compression="gzip")
-                ds.attrs["description"] = "foreground probability (softmax class 1), test view 0"
+                views = attrs.get("views", 1)
+                ds.attrs["description"] = ("foreground probability (softmax class 1), " +
+                                           ("test view 0" if views == 1 else f"mean of {views} dihedral views"))
     with atomic_file(INSTANCES_H5) as tmp:
         with h5py.File(tmp, "w") as h5:
             h5.attrs.update(attrs)
@@ -84,7 +87,8 @@ def _run(params_path: Path, cache_path: Path, model_dir: Path) -> dict:
     write_json(METRICS_DIR / "test_per_image.json", {"images": result.per_image})
     write_json(METRICS_DIR / "test.json", result.metrics)
     m = result.metrics
-    print(f"test ({m['num_images']} images): dice {m['dice']:.4f}  iou {m['iou']:.4f}  "
+    views = f", maps averaged over {m['views']} views" if m.get("views", 1) > 1 else ""
+    print(f"test ({m['num_images']} images{views}): dice {m['dice']:.4f}  iou {m['iou']:.4f}  "
           f"dice_pixel {m['dice_pixel']:.4f}  aji {m['aji']:.4f}  pq {m['pq']:.4f}  "
           f"| release scoring: dice {m['dice_release']:.4f}  iou {m['iou_release']:.4f}")
     if "aji_instance" in m:

@@ -12,7 +12,7 @@ from textdiff.predict.run import predict_inputs
 def run(inputs: list[Path], out: Path, text: str | None = None, reports: Path | None = None,
         model: Path = CLASSIFIER_DIR, teacher: Path | None = None, scale: float | None = None,
         device: str = "auto", masks: Path | None = None, mpp: float | None = None, whole: bool = False,
-        overwrite: bool = False, slide_tile: int | None = None, batch_size: int = 1, views: int = 1) -> int:
+        overwrite: bool = False, slide_tile: int | None = None, batch_size: int = 1, views: int | None = None) -> int:
     """Returns the number of inputs that failed (the CLI exits non-zero when it is not 0)."""
     return predict_inputs(inputs, out, text=text, reports=reports, model=model, teacher=teacher, scale=scale,
                           device=device, masks=masks, mpp=mpp, whole=whole, overwrite=overwrite,

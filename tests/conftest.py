@@ -174,7 +174,7 @@ class TinyProject:
             "data": {"root": str(data_root), "instances": f"{data_root}-instances", "image_size": 32, "stain": "none"},
             "teacher": {"checkpoint": str(teacher), "steps": [10, 100], "blocks": [0, 3]},
             "text": {"max_length": 8},
-            "extract": {"views": 1, "batch_size": 2},
+            "extract": {"views": 1, "eval_views": 1, "batch_size": 2},
             "train": {"epochs": 2, "d_model": 16, "heads": 2},
             "evaluate": {"panels": 2},
         }

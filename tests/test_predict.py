@@ -415,8 +415,7 @@ def test_batched_windows_give_the_maps_of_one_window_at_a_time(trained):
 
 
 def test_undo_view_inverts_every_dihedral_view():
-    from textdiff.data.views import apply_view
-    from textdiff.predict.images import undo_view
+    from textdiff.data.views import apply_view, undo_view
 
     x = torch.arange(2 * 5 * 7, dtype=torch.float32).reshape(2, 5, 7)
     for k in range(8):

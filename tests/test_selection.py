@@ -66,6 +66,7 @@ def test_the_whole_test_split_as_a_selection_scores_what_evaluate_wrote(trained)
 
     assert CliRunner().invoke(app, ["evaluate"]).exit_code == 0
     expected = json.loads(Path("metrics/test.json").read_text())
+    assert expected.pop("views") == 1  # a selection scores view 0, as this cache's evaluate did
     cache = FeatureCache(CACHE_PATH)
     selected = SelectedCache(cache, {"test": [("test", i) for i in cache.split("test").ids]})
     model, card = load_trained(CLASSIFIER_DIR, torch.device("cpu"))

@@ -224,6 +224,11 @@ class ExtractParams:
     """Running the teacher once per image, view and timestep into cache/features.zarr."""
 
     views: int = 1
+    # Test-time augmentation: the teacher also sees the first `eval_views` dihedral views of every
+    # val and test image (its features of a turned image are not its features turned), and evaluate,
+    # the validation rule search and `textdiff predict` average the classifier's maps over them.
+    # Measured on the default model (docs/nuclei.md): val AJI +0.9, test AJI +1.9, Dice +1.1 at 8.
+    eval_views: int = 8
     # Extra views rotated by a seeded integer angle in [-20, 19] degrees (nearest, black corners), as
     # the released code augments; train.augment=release draws from them.
     rotations: int = 0
@@ -251,6 +256,7 @@ class ExtractParams:
 
     def check(self) -> None:
         _one_of("extract.views", self.views, (1, 8))
+        _one_of("extract.eval_views", self.eval_views, (1, 2, 4, 8))
         _non_negative("extract.window", self.window)
         _non_negative("extract.window_stride", self.window_stride)
         if self.window_stride > self.window:

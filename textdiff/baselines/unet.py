@@ -48,7 +48,7 @@ def view_pixels(split: CachedSplit, index: int, view: int) -> np.ndarray:
     """The pixels of cached view `view` of item `index`, made exactly as extract made them for
     the teacher: a dihedral view, a rotated copy (its stored angle), or a stain copy (its stored shift)."""
     image = split.image(index)
-    kind, k = split.spec.view_layout.kind(view)
+    kind, k = split.view_layout.kind(view)
     if kind == "dihedral":
         return apply_view(torch.from_numpy(image).permute(2, 0, 1), k).permute(1, 2, 0).numpy()
     if kind == "rotation":

@@ -53,7 +53,17 @@ class Selection(CachedSplit):
         return split._read(name, (i, *rest) if rest else i)
 
     def feature_bytes(self) -> int:
-        return self.items[0][0].feature_bytes()
+        return max(split.feature_bytes() for split, _ in self.items)
+
+    @property
+    def view_layout(self):
+        """The training layout: the views every item has, whichever split it comes from (val and
+        test items may hold test-time views beyond them, which a selection does not average)."""
+        return self.spec.view_layout
+
+    @property
+    def scored_views(self) -> int:
+        return 1
 
 
 class SelectedCache:

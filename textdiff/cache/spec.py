@@ -17,6 +17,7 @@ FORMAT_VERSION = 1  # the zarr layout below
 SPEC_VERSION = 2  # the CacheSpec fields; version 1 (an untyped dict) is read and upgraded
 STORAGE_DTYPES = {"float16": np.float16, "float32": np.float32, "bfloat16": np.uint16}
 MODES = ("resize", "tiles")
+SCORED_SPLITS = ("val", "test")  # the splits scored by view averaging (`eval_views`)
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,10 @@ class CacheSpec:
     # images). Written into the fingerprint only when set, like autocast.
     window: int = 0
     window_stride: int = 0
+    # Dihedral views of every val and test item (test-time augmentation; at least `views`): the maps
+    # scored there are averaged over the first `eval_views`. Written into the fingerprint only when
+    # more than 1, like autocast.
+    eval_views: int = 1
     version: int = SPEC_VERSION
 
     def __post_init__(self) -> None:
@@ -74,6 +79,8 @@ class CacheSpec:
             raise ValueError(f"dtype must be one of {tuple(STORAGE_DTYPES)}, got {self.dtype!r}")
         if self.autocast not in STORAGE_DTYPES:
             raise ValueError(f"autocast must be one of {tuple(STORAGE_DTYPES)}, got {self.autocast!r}")
+        if self.eval_views not in (1, 2, 4, 8):
+            raise ValueError(f"eval_views must be 1, 2, 4 or 8 (the first dihedral views), got {self.eval_views!r}")
         object.__setattr__(self, "steps", tuple(int(t) for t in self.steps))
         object.__setattr__(self, "blocks", tuple(int(b) for b in self.blocks))
 
@@ -83,8 +90,15 @@ class CacheSpec:
 
     @property
     def view_layout(self) -> ViewLayout:
-        """Which cached view is which: the dihedral views, the rotated copies, then the stain copies."""
+        """Which cached view is which in the training split: the dihedral views, the rotated
+        copies, then the stain copies."""
         return ViewLayout(self.views, self.rotations, self.stain_views)
+
+    def split_view_layout(self, split: str) -> ViewLayout:
+        """The view layout of one split: val and test hold `eval_views` dihedral views when that is
+        more than `views` (the test-time views), every other split the training layout."""
+        dihedral = max(self.views, self.eval_views) if split in SCORED_SPLITS else self.views
+        return ViewLayout(dihedral, self.rotations, self.stain_views)
 
     @property
     def total_views(self) -> int:
@@ -111,6 +125,8 @@ class CacheSpec:
             del out["instances"]
         if not out["window"]:
             del out["window"], out["window_stride"]
+        if out["eval_views"] <= 1:
+            del out["eval_views"]
         return out
 
     @classmethod
@@ -152,9 +168,10 @@ class SplitLayout:
         return len(self.ids)
 
 
-def array_shapes(spec: CacheSpec, layout: SplitLayout) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], Any]]:
-    """name -> (shape, chunks, numpy dtype) of every array of one split's group."""
-    n, v, s, size = layout.n, spec.total_views, len(spec.steps), spec.image_size
+def array_shapes(spec: CacheSpec, layout: SplitLayout,
+                 split: str = "train") -> dict[str, tuple[tuple[int, ...], tuple[int, ...], Any]]:
+    """name -> (shape, chunks, numpy dtype) of every array of split `split`'s group."""
+    n, v, s, size = layout.n, spec.split_view_layout(split).total, len(spec.steps), spec.image_size
     length, dim = spec.text_max_length, spec.text_hidden_size
     out = {}
     for b, (c, h, w) in spec.block_shapes().items():

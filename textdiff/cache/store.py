@@ -45,7 +45,8 @@ import numpy as np
 import torch
 import zarr
 
-from textdiff.cache.spec import FORMAT_VERSION, CacheSpec, SplitLayout, TileLayout, array_shapes
+from textdiff.cache.spec import FORMAT_VERSION, SCORED_SPLITS, CacheSpec, SplitLayout, TileLayout, array_shapes
+from textdiff.data.views import ViewLayout
 from textdiff.errors import TextDiffError
 
 _CHUNK_KEYS = {"name": "default", "configuration": {"separator": "/"}}
@@ -123,7 +124,7 @@ def _resume_problem(path: Path, spec: CacheSpec, layouts: dict[str, SplitLayout]
             return f"has no '{split}' group"
         if list(root[split].attrs.get("ids", [])) != layout.ids:
             return f"'{split}' holds other images than data/prepared"
-        for name, (shape, _, _) in array_shapes(spec, layout).items():
+        for name, (shape, _, _) in array_shapes(spec, layout, split).items():
             if name not in root[split] or tuple(root[split][name].shape) != shape:
                 return f"'{split}/{name}' is missing or has another shape"
     return None
@@ -134,7 +135,7 @@ def _create(path: Path, spec: CacheSpec, layouts: dict[str, SplitLayout], proven
     root = zarr.open_group(str(path), mode="w", zarr_format=3)
     for split, layout in layouts.items():
         group = root.create_group(split)
-        for name, (shape, chunks, dtype) in array_shapes(spec, layout).items():
+        for name, (shape, chunks, dtype) in array_shapes(spec, layout, split).items():
             group.create_array(name, shape=shape, chunks=chunks, dtype=dtype, fill_value=0,
                                chunk_key_encoding=_CHUNK_KEYS)
         group.attrs.update({"ids": layout.ids, "texts": layout.texts, "text_complete": False})
@@ -192,7 +193,7 @@ def _split_problems(path: Path, group: zarr.Group, split: str, spec: CacheSpec |
                     layout: SplitLayout | None) -> list[str]:
     problems = []
     ids = list(group.attrs.get("ids", []))
-    expected = array_shapes(spec, layout or _layout_from_attrs(group)) if spec is not None else None
+    expected = array_shapes(spec, layout or _layout_from_attrs(group), split) if spec is not None else None
     if layout is not None and ids != layout.ids:
         problems.append(f"{path}/{split}: holds other image ids than data/prepared")
     for name in list(expected) if expected is not None else list(group.array_keys()):
@@ -256,8 +257,19 @@ class CachedSplit:
         return len(self.group.attrs["ids"])
 
     @property
+    def view_layout(self) -> ViewLayout:
+        """Which of this split's cached views is which (val and test may hold test-time views)."""
+        return self.spec.split_view_layout(self.group.basename)
+
+    @property
     def views(self) -> int:
-        return self.spec.views
+        """The dihedral views cached per item of this split."""
+        return self.view_layout.dihedral
+
+    @property
+    def scored_views(self) -> int:
+        """How many dihedral views the maps scored on this split average (1 = the image itself)."""
+        return min(self.spec.eval_views, self.views) if self.group.basename in SCORED_SPLITS else 1
 
     @property
     def image_size(self) -> int:

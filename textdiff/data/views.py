@@ -25,6 +25,15 @@ def apply_view(x: torch.Tensor, view: int) -> torch.Tensor:
     return torch.rot90(x, k=view % 4, dims=(-2, -1))
 
 
+def undo_view(x: torch.Tensor, view: int) -> torch.Tensor:
+    """The inverse of `apply_view` on [..., H, W]: a view's maps turned back onto the image (test-time
+    augmentation in evaluate and `textdiff predict`)."""
+    if not 0 <= view < NUM_VIEWS:
+        raise ValueError(f"view must be in [0, {NUM_VIEWS}), got {view}")
+    x = torch.rot90(x, k=-(view % 4), dims=(-2, -1))
+    return torch.flip(x, dims=(-1,)) if view >= 4 else x
+
+
 def rotate_like_release(image: np.ndarray, degrees: float) -> np.ndarray:
     """`scipy.ndimage.rotate(order=0, reshape=False)`, the released code's call: nearest neighbour,
     the same size, black (0) where the rotated square leaves the frame. Works on [H, W] and [H, W, C]."""

@@ -102,13 +102,17 @@ def native_scores(pred: np.ndarray, gt: np.ndarray) -> dict[str, float]:
 
 def evaluate_test(model: PixelClassifier, card: ModelCard, cache: FeatureCache, device: torch.device,
                   panels: int, rule: NucleusRule | None = None) -> Evaluation:
-    """Metrics of the classifier on the test split of the cache it was trained on."""
+    """Metrics of the classifier on the test split of the cache it was trained on, its maps averaged
+    over the test-time views the cache holds (`extract.eval_views`; `views` in the metrics)."""
     if card.spec != cache.spec:
         raise TextDiffError("the classifier was trained on another cache; re-run `textdiff train`")
     test = cache.split("test")
     distances: list = []
-    preds, gts, probs = predict_split(model, SampleStore(test), device, keep_probs=True, distances=distances)
-    return score_test(cache, preds, gts, probs, panels, rule, distances, card.source_mpp)
+    preds, gts, probs = predict_split(model, SampleStore(test), device, keep_probs=True, distances=distances,
+                                      views=test.scored_views)
+    result = score_test(cache, preds, gts, probs, panels, rule, distances, card.source_mpp)
+    result.metrics["views"] = test.scored_views
+    return result
 
 
 def evaluate_baseline(kind: str, model: torch.nn.Module | None, spec: CacheSpec, cache: FeatureCache,
@@ -132,7 +136,7 @@ def evaluate_baseline(kind: str, model: torch.nn.Module | None, spec: CacheSpec,
 def score_test(cache: FeatureCache, preds: list[np.ndarray], gts: list[np.ndarray], probs: list[np.ndarray],
                panels: int, rule: NucleusRule | None = None, distances: list[np.ndarray | None] | None = None,
                mpp: float = 0.0) -> Evaluation:
-    """Every metric of view-0 predictions of the test items (windows are stitched first); at the
+    """Every metric of the test items' predictions (windows are stitched first); at the
     source resolution also the nuclei the rule separates, scored against the per-nucleus truth."""
     test = cache.split("test")
     window_probs = probs  # per cached item (windows in tiles mode)

@@ -133,7 +133,8 @@ def plan_cache(params: Params, prepared_dir: Path = PREPARED_DIR) -> CachePlan:
     instances = len(shapes) == 1 and None not in shapes
     common = dict(
         image_size=params.data.tile if tiled else params.data.image_size,
-        views=params.extract.views, rotations=params.extract.rotations, dtype=params.extract.dtype,
+        views=params.extract.views, eval_views=params.extract.eval_views, rotations=params.extract.rotations,
+        dtype=params.extract.dtype,
         text_encoder=encoder_id,
         text_hidden_size=hidden, text_max_length=params.text.max_length,
         data={split: sha256_split(list(d.ids), list(d.texts), d.images, d.masks, d.release_masks,
@@ -249,15 +250,14 @@ def _views_of(images: np.ndarray, masks: np.ndarray, angles: np.ndarray, shifts:
     return torch.stack(x_views, dim=1), _label_views(masks, angles, layout)
 
 
-def _write_batch(arrays: dict[str, ImageChunkWriter], complete: zarr.Array, spec: CacheSpec, index: np.ndarray,
-                 pending: PendingFeatures, m_views: torch.Tensor, images: np.ndarray, writer: BackgroundWriter,
-                 d_views: torch.Tensor | None = None) -> None:
+def _write_batch(arrays: dict[str, ImageChunkWriter], complete: zarr.Array, spec: CacheSpec, views: int,
+                 index: np.ndarray, pending: PendingFeatures, m_views: torch.Tensor, images: np.ndarray,
+                 writer: BackgroundWriter, d_views: torch.Tensor | None = None) -> None:
     """One batch's images into their chunks (at once where the writer has workers; zarr's bytes,
     written without zarr's per-chunk overhead, see chunk_files), then the images' completion flags,
     each only after all the batch's arrays are on disk."""
     try:
         feats = pending.wait()
-        views = spec.total_views
 
         def put(write: ImageChunkWriter, i: int, value: torch.Tensor | np.ndarray) -> None:
             write(i, to_storage(value, spec.dtype) if torch.is_tensor(value) else value)
@@ -289,6 +289,7 @@ def extract_split(group: zarr.Group, spec: CacheSpec, images: np.ndarray, masks:
     (one image per chunk) and completion flags.
     """
     todo = np.flatnonzero(group["complete"][:] == 0)
+    layout = spec.split_view_layout(group.basename)  # val and test may hold test-time views
     # The rotated views' angles, as rank 0 stored them (before any rank got here).
     angles = np.asarray(group["rotation_angles"][:]) if spec.rotations else np.zeros((len(images), 0), np.int16)
     shifts = np.asarray(group["stain_shifts"][:]) if spec.stain_views else None
@@ -305,13 +306,13 @@ def extract_split(group: zarr.Group, spec: CacheSpec, images: np.ndarray, masks:
           BackgroundWriter(threaded=device.type == "cuda", workers=workers) as writer):
         for index in batches:
             x_views, m_views = _views_of(images[index], masks[index], angles[index],
-                                         shifts[index] if shifts is not None else None, spec.view_layout)
-            d_views = (_label_views(distance[index], angles[index], spec.view_layout)
+                                         shifts[index] if shifts is not None else None, layout)
+            d_views = (_label_views(distance[index], angles[index], layout)
                        if spec.instances and distance is not None else None)
             x = x_views.flatten(0, 1).to(device)
             pending = submit(x) if submit is not None else PendingFeatures(featurizer(x))
-            writer.submit(partial(_write_batch, arrays, complete, spec, index, pending, m_views, images, writer,
-                                  d_views))
+            writer.submit(partial(_write_batch, arrays, complete, spec, layout.total, index, pending, m_views, images,
+                                  writer, d_views))
             bar.update(len(index))
     seconds = time.perf_counter() - started
     return {"done": mine, "skipped": int(group["complete"].shape[0] - len(todo)), "seconds": seconds}

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from textdiff.cache.samples import SampleStore, batch_of
+from textdiff.data.views import undo_view
 from textdiff.model.classifier import PixelClassifier
 
 
@@ -30,19 +31,44 @@ def distance_map(out: dict) -> np.ndarray | None:
 
 @torch.no_grad()
 def predict_split(model: PixelClassifier, data: SampleStore, device: torch.device, keep_probs: bool = False,
-                  distances: list | None = None) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]]:
-    """Argmax masks, ground truths (and foreground probabilities) of view 0 of every image; a list
-    passed as `distances` receives each image's predicted distance map (None without the head)."""
+                  distances: list | None = None,
+                  views: int = 1) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]]:
+    """Masks, ground truths (and foreground probabilities) of every image; a list passed as
+    `distances` receives each image's predicted distance map (None without the head).
+
+    With `views` > 1 (test-time augmentation) the classifier reads the teacher's features of each
+    of the first `views` cached dihedral views, one view at a time (as `textdiff predict` runs
+    them), and its probabilities and distances, turned back onto the image, are averaged; the mask
+    is then `probability > 0.5`. With one view it is the argmax of view 0, exactly as before."""
     model.eval()
     preds, gts, probs = [], [], []
     for p in range(len(data)):
-        feats, mask, tokens, text_mask, pooled = batch_of([data.get(p)], [0], [0], device)
-        out = model(feats, tokens, text_mask, pooled)
-        logits = out["logits"].float()
-        preds.append(logits.argmax(1)[0].cpu().numpy().astype(np.uint8))
-        gts.append(mask[0].cpu().numpy().astype(np.uint8))
+        if views == 1:
+            feats, mask, tokens, text_mask, pooled = batch_of([data.get(p)], [0], [0], device)
+            out = model(feats, tokens, text_mask, pooled)
+            logits = out["logits"].float()
+            preds.append(logits.argmax(1)[0].cpu().numpy().astype(np.uint8))
+            gts.append(mask[0].cpu().numpy().astype(np.uint8))
+            if keep_probs:
+                probs.append(torch.softmax(logits, 1)[0, 1].cpu().numpy())
+            if distances is not None:
+                distances.append(distance_map(out))
+            continue
+        prob_sum, distance_sum = None, None
+        for v in range(views):
+            feats, mask, tokens, text_mask, pooled = batch_of([data.get_view(p, v)], [0], [0], device)
+            if v == 0:
+                gts.append(mask[0].cpu().numpy().astype(np.uint8))
+            out = model(feats, tokens, text_mask, pooled)
+            prob = undo_view(torch.softmax(out["logits"].float(), 1)[0, 1], v)
+            prob_sum = prob if prob_sum is None else prob_sum + prob
+            if "distance_logits" in out:
+                distance = undo_view(torch.sigmoid(out["distance_logits"].float())[0, 0], v)
+                distance_sum = distance if distance_sum is None else distance_sum + distance
+        prob = (prob_sum / views).cpu().numpy()
+        preds.append((prob > 0.5).astype(np.uint8))
         if keep_probs:
-            probs.append(torch.softmax(logits, 1)[0, 1].cpu().numpy())
+            probs.append(prob)
         if distances is not None:
-            distances.append(distance_map(out))
+            distances.append((distance_sum / views).cpu().numpy() if distance_sum is not None else None)
     return preds, gts, probs

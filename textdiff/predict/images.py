@@ -30,7 +30,7 @@ from textdiff.data.images import IMAGE_SUFFIXES, image_files
 from textdiff.data.resize import to_working_size
 from textdiff.data.stain import normalize, tissue_pixels
 from textdiff.data.tiles import blend_tiles, tile_grid
-from textdiff.data.views import apply_view
+from textdiff.data.views import apply_view, undo_view
 from textdiff.encoders.image import Featurizer, build_featurizer, images_to_model_range
 from textdiff.encoders.text import TextEncoder
 from textdiff.errors import TextDiffError
@@ -66,12 +66,6 @@ def sliding_window(image: torch.Tensor, tile: int, stride: int, predict_windows,
         batch = origins[start : start + batch_size]
         probs.extend(predict_windows(torch.stack([image[:, y : y + tile, x : x + tile] for y, x in batch])))
     return blend_tiles(probs, origins, H, W, tile)[..., :h, :w]
-
-
-def undo_view(x: torch.Tensor, view: int) -> torch.Tensor:
-    """The inverse of `data.views.apply_view` on [..., H, W]: a view's maps back on the image."""
-    x = torch.rot90(x, k=-(view % 4), dims=(-2, -1))
-    return torch.flip(x, dims=(-1,)) if view >= 4 else x
 
 
 def mirror_pad(image: torch.Tensor, size: int) -> torch.Tensor:
@@ -274,10 +268,12 @@ def find_teacher(card: ModelCard, model_dir: Path, override: Path | None) -> Pat
 
 def build_segmenter(model_dir: Path, device: torch.device, teacher_override: Path | None,
                     scale: float | None, whole: bool = False, batch_size: int = 1,
-                    views: int = 1) -> tuple[Segmenter, ModelCard]:
-    """Everything a trained model needs to segment new images, rebuilt from its model.json."""
+                    views: int | None = None) -> tuple[Segmenter, ModelCard]:
+    """Everything a trained model needs to segment new images, rebuilt from its model.json; `views`
+    None = the test-time views its test scores were measured with (`extract.eval_views`)."""
     classifier, card = load_trained(model_dir, device)
     spec = card.spec
+    views = spec.eval_views if views is None else views
     if spec.tiled and scale is not None and not card.working_mpp:
         raise TextDiffError("--scale applies to resize-mode models; this one works at native resolution (tiles)")
     teacher = None if spec.teacher_kind == "rgb" else find_teacher(card, model_dir, teacher_override)

@@ -147,7 +147,8 @@ def segment_slide_input(segmenter: Segmenter, path: Path, sentence: str, out: Pa
 def predict_inputs(inputs: list[Path], out: Path, text: str | None = None, reports: Path | None = None,
         model: Path = CLASSIFIER_DIR, teacher: Path | None = None, scale: float | None = None,
         device: str = "auto", masks: Path | None = None, mpp: float | None = None, whole: bool = False,
-        overwrite: bool = False, slide_tile: int | None = None, batch_size: int = 1, views: int = 1) -> int:
+        overwrite: bool = False, slide_tile: int | None = None, batch_size: int = 1,
+        views: int | None = None) -> int:
     """Returns the number of images that failed (the CLI exits non-zero when it is not 0). Images
     and slides already segmented into `out` by this model, with the same text and settings, are
     skipped (textdiff.predict.records); `overwrite` redoes them."""
@@ -198,19 +199,23 @@ def deal_inputs(paths: list[Path], ranks: Ranks) -> list[int]:
 def _predict_as(ranks: Ranks, paths: list[Path], out: Path, text: str | None, report_rows, reports: Path | None,
                 model_dir: Path, dev, teacher: Path | None, scale: float | None, masks: Path | None,
                 mpp: float | None, whole: bool, overwrite: bool, slide_tile: int | None = None,
-                batch_size: int = 1, views: int = 1) -> int:
+                batch_size: int = 1, views: int | None = None) -> int:
     """predict_inputs for one process of the job (the only one outside torchrun): it segments its
     share of the inputs; rank 0 then writes predictions.h5, nuclei.csv and the summary from every
     rank's records, in the inputs' order, so the outputs are one process's."""
     segmenter, card = build_segmenter(model_dir, dev, teacher, scale, whole, batch_size, views)
+    if views is None and segmenter.views > 1 and ranks.main:
+        print(f"test-time augmentation: each image goes through the teacher in {segmenter.views} dihedral views "
+              f"and the maps are averaged, as the model was evaluated (extract.eval_views); --views 1 is "
+              f"{segmenter.views}x faster")
     if not card.working_mpp and scale is None and not whole and card.spec.mode == "resize":
         print(f"{model_dir}/model.json records no working resolution (trained before data.mpp existed): "
               "images are resized whole, as with --resize-whole")
     assumed: list[str] = []
     unscored: list[str] = []  # --masks was given but holds no <id>.png for these
     model_identity = {f.name: sha256_file(f) for f in (model_dir / "model.json", model_dir / "model.pt")}
-    if views > 1:  # averaged views are other maps: a record of one view is not this run's
-        model_identity["views"] = views
+    if segmenter.views > 1:  # averaged views are other maps: a record of one view is not this run's
+        model_identity["views"] = segmenter.views
     if segmenter.encoder is not None and text is None and report_rows is None:
         raise TextDiffError(f"the model in {model_dir} reads the report text "
                             f"(fusion {card.classifier.fusion}): pass --text \"...\" or "

@@ -19,7 +19,9 @@ from textdiff.model.nuclei import RuleChoice
 
 def validation_maps(kind: str, model: torch.nn.Module | None, cache: FeatureCache,
                     device: torch.device) -> tuple[list[np.ndarray], list[np.ndarray | None]]:
-    """(foreground probabilities, predicted distances or None) of view 0 of every val item."""
+    """(foreground probabilities, predicted distances or None) of every val item: the classifier's
+    averaged over the split's test-time views, as evaluate scores the test split; the baselines' of
+    view 0."""
     val = cache.split("val")
     if kind == "classic":
         bgr = cache.spec.protocol == "release"
@@ -27,7 +29,8 @@ def validation_maps(kind: str, model: torch.nn.Module | None, cache: FeatureCach
     if kind == "unet":
         return predict_pixels(model, val, device)[2], [None] * len(val)
     distances: list = []
-    _, _, probs = predict_split(model, SampleStore(val), device, keep_probs=True, distances=distances)
+    _, _, probs = predict_split(model, SampleStore(val), device, keep_probs=True, distances=distances,
+                                views=val.scored_views)
     return probs, distances
 
 
