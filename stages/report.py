@@ -3,13 +3,14 @@ the label-efficiency curves: metrics/label_efficiency.md, .png and one CSV per m
 
 from __future__ import annotations
 
+import csv
 import json
 import subprocess
 from pathlib import Path
 
 from textdiff.atomic import atomic_file
 from textdiff.errors import TextDiffError
-from textdiff.report.ablation import markdown_table, rows_from_exp_show
+from textdiff.report.ablation import CSV_COLUMNS, csv_rows, markdown_table, rows_from_exp_show
 from textdiff.report.curves import aggregate, markdown, plot, runs_from_exp_show, write_csvs
 
 CURVES_MD = Path("metrics/label_efficiency.md")
@@ -48,7 +49,12 @@ def run(out: Path = Path("metrics/ablation.md"), exp_json: Path | None = None, a
     table = "# Ablation (test split)\n\n" + markdown_table(rows)
     with atomic_file(out) as tmp:
         tmp.write_text(table)
+    with atomic_file(out.with_suffix(".csv")) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(CSV_COLUMNS))
+        writer.writeheader()
+        writer.writerows(csv_rows(rows))
     print(table, end="")
+    print(f"wrote {out} and {out.with_suffix('.csv')} ({len(rows)} runs)")
     return table
 
 

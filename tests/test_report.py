@@ -73,3 +73,42 @@ def test_release_switches_are_their_own_rows():
     table = markdown_table(rows)
     assert "| TextDiff | pixels cross-attend" in table and "| 77.88 | 78.57 |" in table
     assert "| TextDiff, release classifier, release data |" in table
+
+
+def _seeded(name, fusion, lam, seed, dice, aji_instance):
+    record = _record(name, fusion, lam, dice, dice - 0.1, 0.5)
+    record["data"]["params"]["params.yaml"]["data"]["train"]["seed"] = seed
+    record["data"]["metrics"]["metrics/test.json"]["data"].update({"aji_instance": aji_instance, "pq_instance": 0.5,
+                                                                   "dice_native": dice + 0.01})
+    return record
+
+
+def test_seeds_of_one_variation_are_kept_apart_and_averaged():
+    from textdiff.report.ablation import CSV_COLUMNS, csv_rows
+
+    runs = [_seeded("td-40", "cross_attention", 0.0, 40, 0.78, 0.60),
+            _seeded("td-41", "cross_attention", 0.0, 41, 0.80, 0.62),
+            _seeded("td-42", "cross_attention", 0.0, 42, 0.79, 0.58), _seeded("z1-40", "none", 0.0, 40, 0.76, 0.55),
+            _seeded("e2-40", "cross_attention", 0.1, 40, 0.785, 0.59)]
+    rows = rows_from_exp_show(runs)
+    assert len(rows) == 5  # three seeds of TextDiff are three runs, not one kept and two dropped
+    table = markdown_table(rows)
+    textdiff = next(line for line in table.splitlines() if line.startswith("| TextDiff |"))
+    assert "| 79.00 ± 1.00 |" in textdiff  # Dice: mean and sample std of 78, 80, 79
+    assert "| 60.00 ± 2.00 |" in textdiff and "| 40, 41, 42 |" in textdiff and "td-40, td-41, td-42" in textdiff
+    assert "| 76.00 |" in next(line for line in table.splitlines() if line.startswith("| ζ1 |"))
+    out = csv_rows(rows)
+    assert [tuple(r) for r in out] == [CSV_COLUMNS] * 5
+    assert [(r["variation"], r["seed"]) for r in out] == [("zeta1", 40), ("textdiff", 40), ("textdiff", 41),
+                                                          ("textdiff", 42), ("ext2", 40)]
+    assert out[1]["dice"] == 0.78 and out[1]["aji_instance"] == 0.6 and out[1]["experiment"] == "td-40"
+    assert out[0]["dice_release"] == ""  # not measured in that run: empty, not 0
+
+
+def test_controls_have_their_own_csv_names():
+    from textdiff.report.ablation import variation_key
+
+    row = {"fusion": "cross_attention", "contrastive_weight": 0.0, "teacher_kind": "rgb"}
+    assert variation_key(row) == "control_rgb_textdiff"
+    row = {"fusion": "hierarchical", "contrastive_weight": 0.0, "random_teacher": True, "classifier": "release"}
+    assert variation_key(row) == "control_random_teacher_ext1_release_classifier"

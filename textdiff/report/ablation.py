@@ -1,14 +1,20 @@
-"""The ablation table: DVC experiments' params and test metrics -> markdown.
+"""The ablation table: DVC experiments' params and test metrics -> markdown and CSV.
 
 Rows follow the paper's ablation layout (variation, description, Dice, IoU, AJI), plus the Dice
-against the released code's dilated ground truth (the paper's scoring); a row's variation is named
-from its params, so the table stays right whatever the experiments were called.
+against the released code's dilated ground truth (the paper's scoring) and the per-nucleus scores;
+a row's variation is named from its params, so the table stays right whatever the experiments were
+called. One seed per variation says little when variations differ by tenths: runs of one variation
+with different `train.seed` are kept apart (one CSV row each) and the markdown shows their mean ±
+standard deviation.
 """
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Iterator
 from typing import Any
+
+from textdiff.params import TrainParams
 
 DESCRIPTIONS = {
     "none": ("ζ1", "image only: diffusion features, no text"),
@@ -17,6 +23,11 @@ DESCRIPTIONS = {
     "hierarchical": ("Ext. 1", "hierarchical: an independent cross-attention block per scale"),
 }
 
+
+KEYS = {"none": "zeta1", "concat": "zeta2", "cross_attention": "textdiff", "hierarchical": "ext1"}
+METRICS = ("dice", "dice_release", "iou", "aji", "pq", "dice_native", "aji_instance", "pq_instance")
+CSV_COLUMNS = ("variation", "label", "seed", "dice", "iou", "aji", "pq", "dice_native", "aji_instance", "pq_instance",
+               "dice_release", "experiment")
 
 UNFINISHED = ("queued", "running", "failed")  # an executor state whose record shows its parent's metrics
 
@@ -64,13 +75,11 @@ def rows_from_exp_show(exp_show: Any, params_file: str = "params.yaml",
             and pretrain.get("steps") == 0,
             "protocol": data_params.get("protocol", "project"),
             "classifier": train.get("classifier", "project"),
-            "dice": metrics.get("dice"),
-            "dice_release": metrics.get("dice_release"),
-            "iou": metrics.get("iou"),
-            "aji": metrics.get("aji"),
+            "seed": int(train.get("seed", TrainParams.seed)),
+            **{m: metrics.get(m) for m in METRICS},
         }
-        key = variation(row)
-        if key in seen:  # the same variation twice (e.g. across commits): keep the newest run
+        key = (variation(row), row["seed"])
+        if key in seen:  # the same variation and seed twice (e.g. across commits): keep the newest run
             old = seen[key]
             if row["timestamp"] > old["timestamp"]:
                 rows[rows.index(old)] = row
@@ -98,25 +107,68 @@ def variation(row: dict) -> tuple[str, str]:
     return label, text
 
 
+def variation_key(row: dict) -> str:
+    """The variation's short name for the CSV: zeta1, zeta2, textdiff, ext1, ext2 (the paper's
+    ablation), with a prefix or suffix for the controls and the release switches."""
+    key = KEYS.get(row["fusion"], row["fusion"])
+    if row["contrastive_weight"] > 0:
+        key = "ext2" if row["fusion"] == "cross_attention" else f"{key}+ext2"
+    if row.get("teacher_kind") == "rgb":
+        key = f"control_rgb_{key}"
+    elif row.get("random_teacher"):
+        key = f"control_random_teacher_{key}"
+    if row.get("classifier", "project") == "release":
+        key += "_release_classifier"
+    if row.get("protocol", "project") == "release":
+        key += "_release_data"
+    return key
+
+
 def _pct(value: Any) -> str:
     return "–" if value is None else f"{100 * float(value):.2f}"
 
 
-def markdown_table(rows: list[dict]) -> str:
+def _mean_std(values: list) -> str:
+    """A cell: the value (one seed), or mean ± sample standard deviation over the seeds, in %."""
+    known = [100 * float(v) for v in values if v is not None]
+    if not known:
+        return "–"
+    if len(known) == 1:
+        return f"{known[0]:.2f}"
+    return f"{statistics.fmean(known):.2f} ± {statistics.stdev(known):.2f}"
+
+
+def _rank(r: dict) -> tuple:
     order = {"none": 0, "concat": 1, "cross_attention": 2, "hierarchical": 3}
+    control = r.get("teacher_kind") == "rgb" or r.get("random_teacher", False)
+    release = (r.get("protocol", "project") == "release", r.get("classifier", "project") == "release")
+    return (control, release, r["contrastive_weight"] > 0, order.get(r["fusion"], 9), r["name"])
 
-    def rank(r: dict) -> tuple:
-        control = r.get("teacher_kind") == "rgb" or r.get("random_teacher", False)
-        release = (r.get("protocol", "project") == "release", r.get("classifier", "project") == "release")
-        return (control, release, r["contrastive_weight"] > 0, order.get(r["fusion"], 9), r["name"])
 
-    rows = sorted(rows, key=rank)
+def markdown_table(rows: list[dict]) -> str:
+    """One line per variation; where several seeds ran, each score is their mean ± std."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for row in sorted(rows, key=_rank):
+        groups.setdefault(variation(row), []).append(row)
     lines = [
-        "| Variation | Description | Dice (%) | Dice vs release GT (%) | IoU (%) | AJI (%) | Experiment |",
-        "|---|---|---:|---:|---:|---:|---|",
+        "| Variation | Description | Dice (%) | Dice vs release GT (%) | IoU (%) | AJI (%) | AJI nuclei (%) "
+        "| PQ nuclei (%) | Seeds | Experiment |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
-    for row in rows:
-        label, text = variation(row)
-        lines.append(f"| {label} | {text} | {_pct(row['dice'])} | {_pct(row.get('dice_release'))} | {_pct(row['iou'])} "
-                     f"| {_pct(row['aji'])} | {row['name']} |")
+    for (label, text), group in groups.items():
+        group = sorted(group, key=lambda r: r["seed"])
+        cells = " | ".join(_mean_std([r.get(m) for r in group])
+                           for m in ("dice", "dice_release", "iou", "aji", "aji_instance", "pq_instance"))
+        seeds = ", ".join(str(r["seed"]) for r in group)
+        lines.append(f"| {label} | {text} | {cells} | {seeds} | {', '.join(r['name'] for r in group)} |")
     return "\n".join(lines) + "\n"
+
+
+def csv_rows(rows: list[dict]) -> list[dict]:
+    """metrics/ablation.csv: one row per run (variation and seed), the scores as fractions."""
+    out = []
+    for row in sorted(rows, key=lambda r: (_rank(r), r["seed"])):
+        out.append({"variation": variation_key(row), "label": variation(row)[0], "seed": row["seed"],
+                    **{m: "" if row.get(m) is None else round(float(row[m]), 6) for m in METRICS},
+                    "experiment": row["name"]})
+    return [{k: r[k] for k in CSV_COLUMNS} for r in out]
