@@ -36,10 +36,12 @@ def main() -> None:
     ap.add_argument("--scale", type=float, default=None)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--batch-size", type=int, nargs="*", default=[1], help="windows per teacher/classifier call")
+    ap.add_argument("--views", type=int, default=None, help="test-time views per image (default: the model's, as "
+                    "textdiff predict; the time grows with them)")
     args = ap.parse_args()
 
     device = resolve_device(args.device)
-    segmenter, card = build_segmenter(CLASSIFIER_DIR, device, None, args.scale)
+    segmenter, card = build_segmenter(CLASSIFIER_DIR, device, None, args.scale, views=args.views)
     root = resolve_data_root(load_params("params.yaml").data.root)
     paths = list_images(root, "test")[: args.images + 1]
     images = [read_image(p)[0] for p in paths]
@@ -60,8 +62,8 @@ def main() -> None:
         worst = max([worst, *(float(abs(m - maps[0]).max()) for m in maps[1:])])
     mp = images[1].shape[0] * images[1].shape[1] / 1e6
     print(f"{len(images) - 1} images of {images[1].shape[1]}x{images[1].shape[0]}, mode {segmenter.mode}, "
-          f"scale {args.scale}, fusion {card.classifier.fusion}, {device_name(device)}, "
-          f"classifier {card.classifier.autocast}")
+          f"scale {args.scale}, {segmenter.views} view(s) per image, fusion {card.classifier.fusion}, "
+          f"{device_name(device)}, classifier {card.classifier.autocast}")
     base = statistics.median(times[args.batch_size[0]])
     for b, ts in times.items():
         med = statistics.median(ts)
