@@ -5,11 +5,13 @@ through `labeled_subset`), the validation split, the per-nucleus ground truth an
 knobs are chosen on val by mean instance AJI, never on test. What is Cellpose's own: its training
 loop, schedule and augmentation (`baselines.cellpose.fit`), and its resolution: it trains and
 predicts on the source images (`data.sources`), as its authors and the MoNuSeg challenge ran it.
-At the working size (256² for 1000² sources) a nucleus is about 6 px across: the true label maps
-themselves, shrunk to 256² and brought back (nearest neighbour), score only AJI 0.62-0.68 and PQ
-0.53-0.64 against the originals (four test images), a ceiling at the level of the peer being
-measured. Nor would the working size be cheaper: cellpose rescales every image so that its nuclei
-are `diam_mean` (30 px) across, so its network sees about as many pixels either way.
+Why not the cached working-size images: the issue's peer (AJI 63.1) is Cellpose at the source
+resolution, which is how its authors run it. At 256² (for 1000² sources) a nucleus is about 6 px
+across; cellpose would enlarge those images ~5x to its 30-px nuclei, so its network would see as
+many pixels as at the source size (no saving) but interpolated ones, and its labels would have to
+be brought back to 1000² by an upsampling of ours: a perfect 256² label map scores AJI 0.64 / PQ
+0.57 brought back by nearest neighbour (cellpose's own mask resize), 0.92 / 0.90 with a bilinear
+foreground and each pixel given its nearest label (mean of four test images' true maps).
 
 The diameter cellpose rescales by at inference is the median equivalent diameter of the labelled
 training nuclei (its size model, which needs pretrained weights, is never used). Cellpose has no
