@@ -176,6 +176,26 @@ def test_cellpose_trains_from_scratch_and_is_evaluated(tiny_project, monkeypatch
     assert result.exit_code != 0 and "cellpose baseline" in result.output and "Traceback" not in result.output
 
 
+def test_the_source_images_are_those_prepare_read(tiny_project):
+    """Native pixels come from the files the manifest names, stain-normalised as prepare did; a file
+    edited since prepare is refused in one line rather than mixed with the cache of the old one."""
+    from PIL import Image
+
+    from textdiff.data.prepared import load_prepared
+    from textdiff.data.sources import source_images
+
+    prepared = load_prepared(PREPARED_DIR, "train")
+    images = source_images(PREPARED_DIR, "train", prepared.ids)
+    assert [im.shape for im in images] == [(40, 40, 3)] * len(prepared)
+    source = tiny_project.data_root / "Train_Folder" / "img" / f"{prepared.ids[0]}.png"
+    assert np.array_equal(images[0], np.asarray(Image.open(source).convert("RGB")))  # data.stain: none here
+    Image.fromarray(255 - images[0]).save(source)
+    with pytest.raises(TextDiffError, match=r"img_train_0.png: changed since `textdiff prepare` read it"):
+        source_images(PREPARED_DIR, "train", prepared.ids)
+    with pytest.raises(TextDiffError, match="no image 'elsewhere' in split 'train'"):
+        source_images(PREPARED_DIR, "train", ["elsewhere"])
+
+
 def test_a_cache_without_instances_is_refused_before_any_work(tiny_project):
     tiny_project.write_params(**RGB, data={**tiny_project.base["data"], "instances": ""})
     prepare.run(tiny_project.params_path)
