@@ -216,8 +216,8 @@ def test_without_the_package_one_line_says_how_to_install_it(tiny_project, monke
 
     monkeypatch.setattr("textdiff.baselines.cellpose.metadata.version", missing)
     line = _one_line_failure(runner.invoke(app, ["train"]))
-    assert 'pip install "cellpose<4"' in line
+    assert 'pip install --no-deps "cellpose>=3.1,<4"' in line
     assert not Path("models/classifier").exists()
     monkeypatch.setattr("textdiff.baselines.cellpose.metadata.version", lambda name: "4.0.1")
     line = _one_line_failure(runner.invoke(app, ["train"]))
-    assert "version 4.0.1" in line and 'pip install "cellpose<4"' in line
+    assert "version 4.0.1" in line and 'pip install --no-deps "cellpose>=3.1,<4"' in line

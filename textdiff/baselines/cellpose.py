@@ -35,7 +35,7 @@ from textdiff.cache.spec import CacheSpec
 from textdiff.errors import TextDiffError
 from textdiff.model.card import card_problem, load_weights, read_model_dir, save_model_dir
 
-INSTALL = 'pip install "cellpose<4"'
+INSTALL = 'pip install --no-deps "cellpose>=3.1,<4" (its dependencies come with pip install -e ".[dev]")'
 NCHAN = 3  # RGB in: hematoxylin's blue-purple is what tells a nucleus from cytoplasm
 MIN_SIZE = 15  # px: cellpose's own default; smaller masks are dropped
 MAX_SIZE_FRACTION = 0.4  # cellpose's own default: a mask over 40 % of the image is dropped
