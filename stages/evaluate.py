@@ -11,11 +11,12 @@ import h5py
 import numpy as np
 
 from textdiff.atomic import atomic_dir, atomic_file, write_json
+from textdiff.baselines.cellpose import load_cellpose
 from textdiff.baselines.unet import load_baseline
 from textdiff.cache.store import FeatureCache
 from textdiff.errors import TextDiffError
 from textdiff.evaluation.panels import panel, panel_caption, save_png
-from textdiff.evaluation.scoring import evaluate_baseline, evaluate_test, summary_rows
+from textdiff.evaluation.scoring import evaluate_baseline, evaluate_cellpose, evaluate_test, summary_rows
 from textdiff.locks import hold
 from textdiff.model.card import TEXTDIFF, load_trained, nuclei_rule, read_model_dir
 from textdiff.params import load_params
@@ -27,28 +28,35 @@ from textdiff.paths import (
     METRICS_DIR,
     PANEL_DIR,
     PREDICTIONS_H5,
+    PREPARED_DIR,
     SUMMARY_CSV,
 )
 from textdiff.runtime.device import resolve_device
 
 
-def run(params_path: Path, cache_path: Path = CACHE_PATH, model_dir: Path = CLASSIFIER_DIR) -> dict:
+def run(params_path: Path, cache_path: Path = CACHE_PATH, model_dir: Path = CLASSIFIER_DIR,
+        prepared_dir: Path = PREPARED_DIR) -> dict:
     with hold(EVALUATE_LOCK, f"the test metrics in {METRICS_DIR}"):
-        return _run(params_path, cache_path, model_dir)
+        return _run(params_path, cache_path, model_dir, prepared_dir)
 
 
-def _run(params_path: Path, cache_path: Path, model_dir: Path) -> dict:
+def _run(params_path: Path, cache_path: Path, model_dir: Path, prepared_dir: Path) -> dict:
     params = load_params(params_path)
     device = resolve_device(params.evaluate.device)
     cache = FeatureCache(cache_path)
     files = read_model_dir(model_dir)
     kind, rule = files.kind, nuclei_rule(files)
+    rule_json = rule.to_json()
     try:
         if kind == TEXTDIFF:
             model, card = load_trained(model_dir, device)
             result = evaluate_test(model, card, cache, device, params.evaluate.panels, rule)
             attrs = {"fusion": card.classifier.fusion, "best_epoch": card.best_epoch, "params": json.dumps(card.train),
                      "views": result.metrics.get("views", 1)}
+        elif kind == "cellpose":  # its own nuclei, from the source images
+            model, cellpose_rule, spec = load_cellpose(model_dir, device)
+            result = evaluate_cellpose(model, cellpose_rule, spec, cache, prepared_dir, device, params.evaluate.panels)
+            attrs, rule_json = {"baseline": kind}, cellpose_rule.to_json()
         else:
             kind, baseline, spec = load_baseline(model_dir, device)
             result = evaluate_baseline(kind, baseline, spec, cache, device, params.evaluate.panels, rule,
@@ -56,16 +64,14 @@ def _run(params_path: Path, cache_path: Path, model_dir: Path) -> dict:
             attrs = {"baseline": kind}
     except TextDiffError as err:
         raise TextDiffError(f"{model_dir}/model.json: {err}") from None
-    attrs["nuclei_rule"] = json.dumps(rule.to_json())
+    attrs["nuclei_rule"] = json.dumps(rule_json)
     attrs["cache_fingerprint"] = json.dumps(cache.spec.to_json())
     with atomic_file(PREDICTIONS_H5) as tmp:
         with h5py.File(tmp, "w") as h5:
             h5.attrs.update(attrs)
             for image_id, prob in zip(result.ids, result.probs):
                 ds = h5.create_dataset(image_id, data=prob.astype(np.float32), compression="gzip")
-                views = attrs.get("views", 1)
-                ds.attrs["description"] = ("foreground probability (softmax class 1), " +
-                                           ("test view 0" if views == 1 else f"mean of {views} dihedral views"))
+                ds.attrs["description"] = result.probs_are
     with atomic_file(INSTANCES_H5) as tmp:
         with h5py.File(tmp, "w") as h5:
             h5.attrs.update(attrs)

@@ -52,6 +52,7 @@ def test_methods_are_named_from_params():
     assert method_of({"teacher": {"kind": "rgb"}}) == "rgb"
     assert method_of({"baseline": {"kind": "unet"}, "train": {"fusion": "none"}}) == "unet"
     assert method_of({"baseline": {"kind": "classic"}}) == "classic"
+    assert method_of({"baseline": {"kind": "cellpose"}}) is None  # never counted as TextDiff
     assert method_of({"train": {"fusion": "hierarchical"}}) is None
 
 

@@ -352,15 +352,32 @@ class TrainParams:
 class BaselineParams:
     """What the train and evaluate stages score instead of TextDiff (read from the same cache, so
     the teacher never re-runs): `classic` = hematoxylin + Otsu, no learning; `unet` = MONAI's UNet
-    from scratch on the same labelled images, schedule, augmentation and selection (train.*)."""
+    from scratch on the same labelled images, schedule, augmentation and selection (train.*);
+    `cellpose` = Cellpose 3 from scratch on the same labelled images at their source resolution,
+    by its own training loop and schedule (the `cellpose_*` keys: its command line's defaults for
+    training from scratch, but the number of epochs)."""
 
-    kind: str = "none"  # none (TextDiff) | classic | unet
+    kind: str = "none"  # none (TextDiff) | classic | unet | cellpose
     channels: tuple[int, ...] = (16, 32, 64, 128, 256)  # the U-Net's widths, one level each
     res_units: int = 2
     lr: float = 1e-3  # Adam, for the U-Net (from scratch, it needs more than the classifier's 1e-4)
+    # Cellpose's own loop: epochs of one random 224-px crop per labelled image. 102, as the issue's
+    # peer ran (35 min on this 2-core CPU): above 100 cellpose's schedule halves the rate ten times
+    # over the last 50 epochs, at 100 or fewer it never anneals (its command line's default is 500).
+    cellpose_epochs: int = 102
+    cellpose_lr: float = 0.2  # SGD with momentum 0.9: cellpose's command-line default from scratch
+    cellpose_weight_decay: float = 1e-5
+    cellpose_batch_size: int = 8
+    # The nucleus diameter (px) cellpose rescales every image to, in training and at inference.
+    cellpose_diam_mean: float = 30.0
 
     def check(self) -> None:
-        _one_of("baseline.kind", self.kind, ("none", "classic", "unet"))
+        _one_of("baseline.kind", self.kind, ("none", "classic", "unet", "cellpose"))
+        _positive("baseline.cellpose_epochs", self.cellpose_epochs)
+        _positive("baseline.cellpose_lr", self.cellpose_lr)
+        _non_negative("baseline.cellpose_weight_decay", self.cellpose_weight_decay)
+        _positive("baseline.cellpose_batch_size", self.cellpose_batch_size)
+        _positive("baseline.cellpose_diam_mean", self.cellpose_diam_mean)
         if len(self.channels) < 2:
             raise ValueError(f"baseline.channels needs at least 2 levels, got {list(self.channels)}")
         for c in self.channels:

@@ -18,15 +18,18 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
+from textdiff.baselines.cellpose import CellposeRule, predict_nuclei
 from textdiff.baselines.classic import hematoxylin_otsu
 from textdiff.baselines.unet import predict_pixels
 from textdiff.cache.samples import SampleStore
 from textdiff.cache.spec import CacheSpec
 from textdiff.cache.store import CachedSplit, FeatureCache
+from textdiff.data.sources import source_images
 from textdiff.data.tiles import blend_tiles, paste_tiles
 from textdiff.errors import TextDiffError
 from textdiff.evaluation.instances import native_maps, scored_truths
@@ -61,6 +64,7 @@ class Evaluation:
     metrics: dict[str, float]
     nuclei: list[np.ndarray] | None = None  # per image the separated nuclei at the source size (int32 labels)
     truths: list[np.ndarray | None] | None = None  # per image its per-nucleus truth (None: none, or approximate)
+    probs_are: str = "foreground probability (softmax class 1), test view 0"  # what `probs` hold
 
 
 def stitch_windows(split: CachedSplit, window_probs: list[np.ndarray], panels: int):
@@ -112,6 +116,8 @@ def evaluate_test(model: PixelClassifier, card: ModelCard, cache: FeatureCache, 
                                       views=test.scored_views)
     result = score_test(cache, preds, gts, probs, panels, rule, distances, card.source_mpp)
     result.metrics["views"] = test.scored_views
+    if test.scored_views > 1:
+        result.probs_are = f"foreground probability (softmax class 1), mean of {test.scored_views} dihedral views"
     return result
 
 
@@ -133,11 +139,51 @@ def evaluate_baseline(kind: str, model: torch.nn.Module | None, spec: CacheSpec,
     return score_test(cache, preds, gts, probs, panels, rule, None, mpp)
 
 
+COVERED = "fraction of the pixel covered by the model's own nuclei (labels > 0, area-resampled), test view 0"
+
+
+def working_coverage(split: CachedSplit, nuclei: list[np.ndarray]) -> list[np.ndarray]:
+    """Per cached item, the fraction of each working pixel that native `nuclei` (one label map per
+    source image) cover: the image shrunk by area (resize mode) or the window cut out (tiles)."""
+    import cv2
+
+    covered = [(labels > 0).astype(np.float32) for labels in nuclei]
+    if not split.spec.tiled:
+        side = split.spec.image_size
+        return [cv2.resize(c, (side, side), interpolation=cv2.INTER_AREA) for c in covered]
+    _, index, origins = split.tile_layout()
+    side = split.spec.image_size
+    return [covered[int(k)][y:y + side, x:x + side] for k, (y, x) in zip(index, origins)]
+
+
+def evaluate_cellpose(model, rule: CellposeRule, spec: CacheSpec, cache: FeatureCache, prepared_dir: Path,
+                      device: torch.device, panels: int) -> Evaluation:
+    """The Cellpose baseline's own nuclei on the test source images, scored as they are (no
+    watershed of ours); its binary prediction is their foreground, at the source size, and at the
+    working size the fraction of each pixel they cover, thresholded at 0.5."""
+    if spec != cache.spec:
+        raise TextDiffError("the cellpose baseline was made on another cache; re-run `textdiff train`")
+    test = cache.split("test")
+    ids = test.tile_layout()[0] if test.spec.tiled else test.ids
+    images = source_images(prepared_dir, "test", ids)
+    nuclei = predict_nuclei(model, images, rule, device,
+                            progress=lambda k: print(f"cellpose: test image {k + 1}/{len(images)}", flush=True))
+    probs = working_coverage(test, nuclei)
+    preds = [(p > 0.5).astype(np.uint8) for p in probs]
+    gts = [test.mask(i, 0).numpy().astype(np.uint8) for i in range(len(test))]
+    result = score_test(cache, preds, gts, probs, panels, instances=nuclei)
+    result.probs_are = COVERED
+    return result
+
+
 def score_test(cache: FeatureCache, preds: list[np.ndarray], gts: list[np.ndarray], probs: list[np.ndarray],
                panels: int, rule: NucleusRule | None = None, distances: list[np.ndarray | None] | None = None,
-               mpp: float = 0.0) -> Evaluation:
-    """Every metric of the test items' predictions (windows are stitched first); at the
-    source resolution also the nuclei the rule separates, scored against the per-nucleus truth."""
+               mpp: float = 0.0, instances: list[np.ndarray] | None = None) -> Evaluation:
+    """Every metric of the test items' predictions (windows are stitched first); at the source
+    resolution also the nuclei the rule separates, scored against the per-nucleus truth.
+    `instances`: per source image the nuclei a model predicted itself at the source resolution
+    (Cellpose), scored as they are instead of separated by the rule; their foreground is then the
+    native binary prediction."""
     test = cache.split("test")
     window_probs = probs  # per cached item (windows in tiles mode)
     if cache.spec.tiled:  # score whole images at native resolution, not windows
@@ -152,7 +198,9 @@ def score_test(cache: FeatureCache, preds: list[np.ndarray], gts: list[np.ndarra
     native_dist = native_maps(test, distances) if full and has_head else None
     truths = scored_truths(test) if full else [None] * len(ids)
     rule = rule or NucleusRule()
-    separating = native_probs is not None and mpp > 0
+    if instances is not None:
+        native_probs = [(labels > 0).astype(np.float32) for labels in instances]
+    separating = instances is not None or (native_probs is not None and mpp > 0)
 
     def score_one(k: int) -> tuple[dict, np.ndarray | None]:
         p, g = preds[k], gts[k]
@@ -165,7 +213,8 @@ def score_test(cache: FeatureCache, preds: list[np.ndarray], gts: list[np.ndarra
             row.update(native_scores(native, test.full_mask(k)))
         labels = None
         if separating:
-            labels = separate(native_probs[k], native_dist[k] if native_dist is not None else None, rule, mpp)
+            labels = (instances[k] if instances is not None
+                      else separate(native_probs[k], native_dist[k] if native_dist is not None else None, rule, mpp))
             row["nuclei"] = int(labels.max())
             if truths[k] is not None:
                 row.update(instance_scores(labels, truths[k]))

@@ -31,7 +31,7 @@ from textdiff.teacher.checkpoint import torch_load_reason
 CARD_FILE = "model.json"
 WEIGHTS_FILE = "model.pt"
 TEXTDIFF = "textdiff"
-KINDS = (TEXTDIFF, "classic", "unet")  # what model.json's `kind` may say (absent: textdiff)
+KINDS = (TEXTDIFF, "classic", "unet", "cellpose")  # what model.json's `kind` may say (absent: textdiff)
 
 
 @dataclass(frozen=True)

@@ -33,6 +33,8 @@ def method_of(params: dict) -> str | None:
     baseline = (params.get("baseline") or {}).get("kind", "none")
     if baseline in ("classic", "unet"):
         return baseline
+    if baseline != "none":  # cellpose: its own loop and epochs, no `train.steps` budget to compare across N (yet)
+        return None
     train, teacher = params.get("train") or {}, params.get("teacher") or {}
     fusion = train.get("fusion", "cross_attention")
     if teacher.get("kind", "adm") == "rgb":

@@ -1,1 +1,2 @@
-"""The train stage: one loop for every trained model (the classifier and the U-Net baseline)."""
+"""The train stage: one loop for every trained model (the classifier and the U-Net baseline), and
+Cellpose's own loop for the Cellpose baseline (`cellpose.py`)."""
