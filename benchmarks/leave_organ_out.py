@@ -99,7 +99,9 @@ def run_organ(organ: str, cache: FeatureCache, organs: dict, params, device: tor
     mpp = params.data.mpp
     started = time.perf_counter()
     held = regroup(cache, organs, organ, ("train", "val", "test"))
-    test_only = regroup(cache, organs, organ, ("test",))
+    # The organ's test-split images, where it has any (stomach's two images are both training images).
+    in_test = any(organs[i][0] == "test" for i in held.split("test").ids)
+    test_only = regroup(cache, organs, organ, ("test",)) if in_test else None
     row: dict = {"organ": organ, "ids": held.split("test").ids,
                  "train_images": len(held.split("train")), "val_images": len(held.split("val"))}
     trained_on_it = any(organs[i][0] != "test" for i in row["ids"])
@@ -108,7 +110,7 @@ def run_organ(organ: str, cache: FeatureCache, organs: dict, params, device: tor
         model = load_classifier(result.state, result.config, device)
         choice = choose_nuclei_rule(TEXTDIFF, model, held, device, mpp)
         row["held_out_model"] = score_model(model, held, device, choice.rule if choice else None, mpp)
-        if len(test_only.split("test")):  # the same images as the default model's row below
+        if test_only is not None:  # the same images as the default model's row below
             row["held_out_test"] = score_model(model, test_only, device, choice.rule if choice else None, mpp)
         row["best_epoch"], row["val_dice"] = result.best_epoch, round(result.best_val_dice, 5)
         row["autocast"] = result.config.autocast
@@ -118,7 +120,7 @@ def run_organ(organ: str, cache: FeatureCache, organs: dict, params, device: tor
         row["rule"] = default_rule.to_json()
     anchor_rule = choose_nuclei_rule("classic", None, held, device, mpp)  # val is the same for both rows
     row["anchor"] = score_anchor(held, device, mpp, anchor_rule)
-    if len(test_only.split("test")):
+    if test_only is not None:
         row["default_model_test"] = score_model(default_model, test_only, device, default_rule, mpp)
         row["anchor_test"] = score_anchor(test_only, device, mpp, anchor_rule)
     row["seconds"] = round(time.perf_counter() - started, 1)
