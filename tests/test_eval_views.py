@@ -16,7 +16,7 @@ from textdiff.cache.samples import SampleStore, batch_of
 from textdiff.cache.spec import CacheSpec
 from textdiff.cache.store import FeatureCache
 from textdiff.data.prepared import load_prepared
-from textdiff.data.views import apply_view, undo_view
+from textdiff.data.views import apply_view, mean_of_views, undo_view
 from textdiff.encoders.image import images_to_model_range
 from textdiff.model.card import load_trained
 from textdiff.model.inference import predict_split, resize_probability
@@ -54,6 +54,28 @@ def test_val_and_test_hold_the_teachers_views_and_train_one(tiny_project):
                                               apply_view(torch.from_numpy(prepared.masks[i]), view).numpy())
     assert tuple(cache.split("train").group["block_0"].shape[:2]) == (3, 1)
     assert tuple(cache.split("test").group["distance"].shape[:2]) == (2, 8)
+
+    # training's per-epoch validation holds view 0 of each val image only, and it is view 0
+    full, first = SampleStore(cache.split("val")), SampleStore(cache.split("val"), views=1)
+    sample = first.get(0)
+    assert all(f.shape[0] == 1 for f in sample.features) and sample.mask.shape[0] == 1
+    assert sample.distance is not None and sample.distance.shape[0] == 1
+    for a, b in zip(first.get_view(0, 0).features, full.get_view(0, 0).features):
+        assert torch.equal(a, b)
+    with pytest.raises(IndexError, match="beyond the 1"):
+        first.get_view(0, 1)
+
+
+def test_the_mean_of_views_is_the_plain_mean_for_arrays_and_tensors():
+    rng = np.random.default_rng(0)
+    probs, dists = rng.random((3, 4, 5)), rng.random((3, 4, 5))
+    prob, dist = mean_of_views(zip(probs, dists))
+    np.testing.assert_allclose(prob, probs.mean(0))
+    np.testing.assert_allclose(dist, dists.mean(0))
+    prob, dist = mean_of_views((torch.from_numpy(p), None) for p in probs)
+    assert dist is None and torch.allclose(prob, torch.from_numpy(probs.mean(0)))
+    with pytest.raises(ValueError, match="no views"):
+        mean_of_views([])
 
 
 def test_a_cache_without_test_time_views_keeps_its_fingerprint():

@@ -27,13 +27,19 @@ PRELOAD_BYTES = 6 * 2**30  # keep a split in RAM below this: zarr decompression 
 
 
 class SampleStore:
-    """One split's samples, in RAM when small enough, else read from zarr on demand."""
+    """One split's samples, in RAM when small enough, else read from zarr on demand.
 
-    def __init__(self, split: CachedSplit, indices: list[int] | None = None):
+    `views` holds only an image's first views (None: all it has): training's per-epoch validation
+    reads view 0 of val images that also hold 8 test-time views, and must not keep 8x their
+    features in RAM for nothing."""
+
+    def __init__(self, split: CachedSplit, indices: list[int] | None = None, views: int | None = None):
         self.split = split
         self.indices = list(range(len(split))) if indices is None else list(indices)
-        self.cached: dict[int, FeatureSample] | None = (
-            {} if split.feature_bytes() * len(self.indices) < PRELOAD_BYTES else None)
+        self.views = views
+        total = split.view_layout.total  # a selection's layout is training's: its estimate stays whole
+        per_image = split.feature_bytes() * min(views or total, total) // total
+        self.cached: dict[int, FeatureSample] | None = {} if per_image * len(self.indices) < PRELOAD_BYTES else None
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -41,6 +47,8 @@ class SampleStore:
     def get_view(self, position: int, view: int) -> FeatureSample:
         """One view of one image, as a one-view sample: a split too large for RAM reads only that
         view from zarr (with 8 dihedral views and rotated copies, an image is 12x its own size)."""
+        if self.views is not None and view >= self.views:
+            raise IndexError(f"view {view} is beyond the {self.views} this store holds")
         if self.cached is not None:
             full = self.get(position)
             return FeatureSample([f[view : view + 1] for f in full.features], full.mask[view : view + 1],
@@ -57,8 +65,10 @@ class SampleStore:
         if self.cached is not None and i in self.cached:
             return self.cached[i]
         tokens, text_mask, pooled = self.split.text(i)
-        distance = self.split.distance(i) if self.split.has_instances else None
-        sample = FeatureSample(self.split.features(i), self.split.mask(i), tokens, text_mask, pooled, distance)
+        held = None if self.views is None else slice(0, self.views)
+        distance = self.split.distance(i, held) if self.split.has_instances else None
+        sample = FeatureSample(self.split.features(i, held), self.split.mask(i, held), tokens, text_mask, pooled,
+                               distance)
         if self.cached is not None:
             self.cached[i] = sample
         return sample

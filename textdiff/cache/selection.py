@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from textdiff.cache.store import CachedSplit, FeatureCache
+from textdiff.data.views import ViewLayout
 from textdiff.errors import TextDiffError
 
 
@@ -56,7 +57,7 @@ class Selection(CachedSplit):
         return max(split.feature_bytes() for split, _ in self.items)
 
     @property
-    def view_layout(self):
+    def view_layout(self) -> ViewLayout:
         """The training layout: the views every item has, whichever split it comes from (val and
         test items may hold test-time views beyond them, which a selection does not average)."""
         return self.spec.view_layout

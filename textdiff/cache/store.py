@@ -290,8 +290,9 @@ class CachedSplit:
             raise TextDiffError(f"{where}: cannot read item {item} ({type(err).__name__}: {reason}); the cache is "
                                 "damaged: delete it and run `textdiff extract`") from None
 
-    def features(self, index: int, view: int | None = None) -> list[torch.Tensor]:
-        """Per block: [views, steps, C, H, W] (or [steps, C, H, W] for one view), stored dtype."""
+    def features(self, index: int, view: int | slice | None = None) -> list[torch.Tensor]:
+        """Per block: [views, steps, C, H, W] (or [steps, C, H, W] for one view index; a slice of
+        views keeps the axis), stored dtype."""
         key = index if view is None else (index, view)
         return [from_storage(self._read(f"block_{b}", key), self.spec.dtype) for b in self.spec.blocks]
 
@@ -299,7 +300,7 @@ class CachedSplit:
         """Bytes of one image's features (all views, steps and blocks) as stored."""
         return sum(int(np.prod(self.group[f"block_{b}"].shape[1:])) * 2 for b in self.spec.blocks)
 
-    def mask(self, index: int, view: int | None = None) -> torch.Tensor:
+    def mask(self, index: int, view: int | slice | None = None) -> torch.Tensor:
         m = self._read("masks", index if view is None else (index, view))
         return torch.from_numpy(np.ascontiguousarray(m))
 
@@ -318,7 +319,7 @@ class CachedSplit:
     def has_instances(self) -> bool:
         return self.spec.instances
 
-    def distance(self, index: int, view: int | None = None) -> torch.Tensor:
+    def distance(self, index: int, view: int | slice | None = None) -> torch.Tensor:
         """The instance target of item `index` ([views, H, W], or [H, W] for one view), float16."""
         return torch.from_numpy(np.ascontiguousarray(self._read("distance", index if view is None else (index, view))))
 

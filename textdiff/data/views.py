@@ -8,10 +8,14 @@ rather than flipped features of the original (the teacher is not equivariant).
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 import torch
+
+Map = TypeVar("Map", np.ndarray, torch.Tensor)
 
 NUM_VIEWS = 8
 
@@ -32,6 +36,21 @@ def undo_view(x: torch.Tensor, view: int) -> torch.Tensor:
         raise ValueError(f"view must be in [0, {NUM_VIEWS}), got {view}")
     x = torch.rot90(x, k=-(view % 4), dims=(-2, -1))
     return torch.flip(x, dims=(-1,)) if view >= 4 else x
+
+
+def mean_of_views(maps: Iterable[tuple[Map, Map | None]]) -> tuple[Map, Map | None]:
+    """The mean (probability, distance or None) over views' maps already turned back onto the image
+    (`undo_view`), kept as running sums so that memory is two maps, not two per view. One home for
+    evaluate's and `textdiff predict`'s test-time averaging, so the two cannot drift apart."""
+    prob_sum, distance_sum, n = None, None, 0
+    for prob, distance in maps:
+        prob_sum = prob if prob_sum is None else prob_sum + prob
+        if distance is not None:
+            distance_sum = distance if distance_sum is None else distance_sum + distance
+        n += 1
+    if prob_sum is None:
+        raise ValueError("no views to average")
+    return prob_sum / n, (distance_sum / n if distance_sum is not None else None)
 
 
 def rotate_like_release(image: np.ndarray, degrees: float) -> np.ndarray:

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from textdiff.cache.samples import SampleStore, batch_of
-from textdiff.data.views import undo_view
+from textdiff.data.views import mean_of_views, undo_view
 from textdiff.model.classifier import PixelClassifier
 
 
@@ -30,6 +30,19 @@ def distance_map(out: dict) -> np.ndarray | None:
 
 
 @torch.no_grad()
+def view_maps(model: PixelClassifier, data: SampleStore, position: int, view: int,
+              device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The classifier's (probability, distance or None) of one cached view of one image, turned
+    back onto the image."""
+    feats, _, tokens, text_mask, pooled = batch_of([data.get_view(position, view)], [0], [0], device)
+    out = model(feats, tokens, text_mask, pooled)
+    prob = undo_view(torch.softmax(out["logits"].float(), 1)[0, 1], view)
+    if "distance_logits" not in out:
+        return prob, None
+    return prob, undo_view(torch.sigmoid(out["distance_logits"].float())[0, 0], view)
+
+
+@torch.no_grad()
 def predict_split(model: PixelClassifier, data: SampleStore, device: torch.device, keep_probs: bool = False,
                   distances: list | None = None,
                   views: int = 1) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]]:
@@ -44,7 +57,7 @@ def predict_split(model: PixelClassifier, data: SampleStore, device: torch.devic
     preds, gts, probs = [], [], []
     for p in range(len(data)):
         if views == 1:
-            feats, mask, tokens, text_mask, pooled = batch_of([data.get(p)], [0], [0], device)
+            feats, mask, tokens, text_mask, pooled = batch_of([data.get_view(p, 0)], [0], [0], device)
             out = model(feats, tokens, text_mask, pooled)
             logits = out["logits"].float()
             preds.append(logits.argmax(1)[0].cpu().numpy().astype(np.uint8))
@@ -54,21 +67,12 @@ def predict_split(model: PixelClassifier, data: SampleStore, device: torch.devic
             if distances is not None:
                 distances.append(distance_map(out))
             continue
-        prob_sum, distance_sum = None, None
-        for v in range(views):
-            feats, mask, tokens, text_mask, pooled = batch_of([data.get_view(p, v)], [0], [0], device)
-            if v == 0:
-                gts.append(mask[0].cpu().numpy().astype(np.uint8))
-            out = model(feats, tokens, text_mask, pooled)
-            prob = undo_view(torch.softmax(out["logits"].float(), 1)[0, 1], v)
-            prob_sum = prob if prob_sum is None else prob_sum + prob
-            if "distance_logits" in out:
-                distance = undo_view(torch.sigmoid(out["distance_logits"].float())[0, 0], v)
-                distance_sum = distance if distance_sum is None else distance_sum + distance
-        prob = (prob_sum / views).cpu().numpy()
+        gts.append(data.get_view(p, 0).mask[0].numpy().astype(np.uint8))
+        prob, distance = mean_of_views(view_maps(model, data, p, v, device) for v in range(views))
+        prob = prob.cpu().numpy()
         preds.append((prob > 0.5).astype(np.uint8))
         if keep_probs:
             probs.append(prob)
         if distances is not None:
-            distances.append((distance_sum / views).cpu().numpy() if distance_sum is not None else None)
+            distances.append(distance.cpu().numpy() if distance is not None else None)
     return preds, gts, probs

@@ -30,7 +30,7 @@ from textdiff.data.images import IMAGE_SUFFIXES, image_files
 from textdiff.data.resize import to_working_size
 from textdiff.data.stain import normalize, tissue_pixels
 from textdiff.data.tiles import blend_tiles, tile_grid
-from textdiff.data.views import apply_view, undo_view
+from textdiff.data.views import apply_view, mean_of_views, undo_view
 from textdiff.encoders.image import Featurizer, build_featurizer, images_to_model_range
 from textdiff.encoders.text import TextEncoder
 from textdiff.errors import TextDiffError
@@ -149,12 +149,7 @@ class Segmenter:
         > 1 the mean over that many dihedral views."""
         if self.views == 1:
             return next(self.view_maps(image, text, mpp, [0]))
-        prob_sum, distance_sum = None, None  # running sums: memory is two maps, not two per view
-        for prob, distance in self.view_maps(image, text, mpp, range(self.views)):
-            prob_sum = prob if prob_sum is None else prob_sum + prob
-            if distance is not None:
-                distance_sum = distance if distance_sum is None else distance_sum + distance
-        return prob_sum / self.views, (distance_sum / self.views if distance_sum is not None else None)
+        return mean_of_views(self.view_maps(image, text, mpp, range(self.views)))
 
     @torch.no_grad()
     def view_maps(self, image: np.ndarray, text: str, mpp: float | None,

@@ -362,7 +362,7 @@ def train_classifier(cache: FeatureCache, params: TrainParams, device: torch.dev
     train_split, val_split = cache.split("train"), cache.split("val")
     check_text(params.fusion, train_split.texts)
     indices = labeled_subset(len(train_split), params.num_labeled, params.seed)
-    train_data, val_data = SampleStore(train_split, indices), SampleStore(val_split)
+    train_data, val_data = SampleStore(train_split, indices), SampleStore(val_split, views=1)  # selection reads view 0
     config = classifier_config(cache, params, device)
 
     def forward(model: torch.nn.Module, items: Batch) -> tuple[dict, torch.Tensor, torch.Tensor | None]:
