@@ -6,8 +6,9 @@
     textdiff report --curves                        # metrics/label_efficiency.md, .png, per-method CSVs
 
 Methods: TextDiff (teacher + report), the same with `train.fusion: none`, the raw-RGB control
-(`teacher.kind: rgb`), the MONAI U-Net from scratch (`baseline.kind: unet`) and hematoxylin + Otsu
-(`baseline.kind: classic`, no labels: one run). N in {1, 2, 4, 8} with three seeds each (the seed picks
+(`teacher.kind: rgb`), the MONAI U-Net from scratch (`baseline.kind: unet`), Cellpose 3 from scratch
+(`baseline.kind: cellpose`, its own loop at 24 crops per epoch at every N: the full set's budget) and
+hematoxylin + Otsu (`baseline.kind: classic`, no labels: one run). N in {1, 2, 4, 8} with three seeds each (the seed picks
 the nested labelled subset and the initialisation), N = 24 (all) with one. Every run trains for the
 same `train.steps` (default 480 = the default pipeline's 20 epochs x 24 images), validating every 24
 steps on the whole val split (6 labelled images: with N = 1 the selection sees more labels than the
@@ -26,6 +27,8 @@ METHODS = {
     "image_only": ["train.fusion=none"],
     "rgb": ["teacher.kind=rgb"],
     "unet": ["baseline.kind=unet"],
+    # Cellpose by its own loop and epochs; 24 crops per epoch at every N, the full set's budget.
+    "cellpose": ["baseline.kind=cellpose", "baseline.cellpose_crops_per_epoch=24"],
 }
 
 

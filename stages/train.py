@@ -104,6 +104,7 @@ def _train_cellpose(params: Params, cache: FeatureCache, device: torch.device, o
     peak_rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     write_json(METRICS_DIR / "train.json", {
         "baseline": "cellpose", "num_train": result.num_train, "epochs": epochs,
+        "crops_per_epoch": params.baseline.cellpose_crops_per_epoch or result.num_train,
         "train_loss": round(result.losses.train[-1], 6), "diameter_px": round(rule.diameter, 3),
         "cellprob_threshold": rule.cellprob_threshold, "flow_threshold": rule.flow_threshold,
         "seconds": round(seconds, 1), "seconds_per_epoch": round(result.train_seconds / epochs, 2),

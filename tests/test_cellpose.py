@@ -121,7 +121,8 @@ def test_cellpose_trains_from_scratch_and_is_evaluated(tiny_project, monkeypatch
 
     tiny_project.write_params(**RGB)
     assert runner.invoke(app, ["extract"]).exit_code == 0
-    tiny_project.write_params(**RGB, baseline=TINY_CELLPOSE, train={"num_labeled": 2, "seed": 3})
+    tiny_project.write_params(**RGB, baseline={**TINY_CELLPOSE, "cellpose_crops_per_epoch": 3},
+                              train={"num_labeled": 2, "seed": 3})
     result = runner.invoke(app, ["train"])
     assert result.exit_code == 0, result.output
     card = json.loads(Path("models/classifier/model.json").read_text())
@@ -138,6 +139,7 @@ def test_cellpose_trains_from_scratch_and_is_evaluated(tiny_project, monkeypatch
     assert card["val_aji_instance"] == best["aji_instance"]
     stats = json.loads(Path("metrics/train.json").read_text())
     assert stats["baseline"] == "cellpose" and stats["num_train"] == 2 and stats["epochs"] == 2
+    assert stats["crops_per_epoch"] == 3  # more crops than labelled images: the label grid's fixed budget
 
     result = runner.invoke(app, ["evaluate"])
     assert result.exit_code == 0, result.output

@@ -12,17 +12,18 @@ import pytest
 from typer.testing import CliRunner
 
 from stages.cli import app
-from textdiff.report.curves import aggregate, markdown, method_of, runs_from_exp_show
+from textdiff.report.curves import aggregate, markdown, method_of, runs_from_exp_show, write_csvs
 
 runner = CliRunner()
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _run(name, n, seed, dice, aji, steps=480, **params):
+def _run(name, n, seed, dice, aji, steps=480, nuclei=None, **params):
     p = {"train": {"num_labeled": n, "seed": seed, "steps": steps, **params.pop("train", {})}, **params}
+    test = {"dice": dice, "aji": aji, **({"aji_instance": nuclei[0], "pq_instance": nuclei[1]} if nuclei else {})}
     return {"rev": name + "0" * 30, "name": name, "data": {
         "params": {"params.yaml": {"data": p}},
-        "metrics": {"metrics/test.json": {"data": {"dice": dice, "aji": aji}},
+        "metrics": {"metrics/test.json": {"data": test},
                     "metrics/train.json": {"data": {"num_train": n or 24}}}}}
 
 
@@ -52,7 +53,8 @@ def test_methods_are_named_from_params():
     assert method_of({"teacher": {"kind": "rgb"}}) == "rgb"
     assert method_of({"baseline": {"kind": "unet"}, "train": {"fusion": "none"}}) == "unet"
     assert method_of({"baseline": {"kind": "classic"}}) == "classic"
-    assert method_of({"baseline": {"kind": "cellpose"}}) is None  # never counted as TextDiff
+    assert method_of({"baseline": {"kind": "cellpose"}}) is None  # by epochs of its own: not comparable across N
+    assert method_of({"baseline": {"kind": "cellpose", "cellpose_crops_per_epoch": 24}}) == "cellpose"
     assert method_of({"train": {"fusion": "hierarchical"}}) is None
 
 
@@ -68,6 +70,27 @@ def test_seeds_reduce_to_mean_and_sample_std_and_classic_spans_every_n():
     table = markdown(aggregate(runs))
     assert "| N = 1 | N = 24 |" in table and "61.00 ± 1.00 / 30.00 ± 0.00 (3)" in table
     assert table.index("TextDiff") < table.index("U-Net") < table.index("hematoxylin")
+
+
+def test_separated_nuclei_get_their_own_table_and_columns_where_runs_scored_them(tmp_path):
+    cellpose = {"kind": "cellpose", "cellpose_crops_per_epoch": 24}
+    runs = runs_from_exp_show([{"rev": "base", "name": None, "data": {"params": {}, "metrics": {}}, "experiments": [
+        {"revs": [_run("t1a", 1, 40, 0.60, 0.30, nuclei=(0.40, 0.35))]},
+        {"revs": [_run("t1b", 1, 41, 0.62, 0.32, nuclei=(0.44, 0.37))]},
+        {"revs": [_run("c1", 1, 40, 0.50, 0.20, nuclei=(0.30, 0.25), baseline=cellpose)]},
+        {"revs": [_run("old", 2, 40, 0.70, 0.40)]},  # before instances: Dice and AJI only
+    ]}])
+    summary = aggregate(runs)
+    table = markdown(summary)
+    assert "Separated nuclei" in table and "42.00 ± 2.83 / 36.00 ± 1.41 (2)" in table
+    assert "| Cellpose 3 from scratch (its own loop) |" in table and "30.00 / 25.00 (1)" in table
+    assert "70.00 / 40.00 (1)" in table and "– / – (1)" in table  # N = 2: no per-nucleus scores
+    write_csvs(summary, tmp_path)
+    rows = list(csv.DictReader(open(tmp_path / "textdiff.csv")))
+    assert float(rows[0]["aji_instance"]) == pytest.approx(42.0) and rows[1]["aji_instance"] == ""
+    assert (tmp_path / "cellpose.csv").exists()
+    without = markdown(aggregate([r for r in runs if r["name"] == "old"]))
+    assert "Separated nuclei" not in without
 
 
 def test_report_curves_writes_table_plot_and_csvs(tmp_path, monkeypatch):
@@ -100,5 +123,6 @@ def test_grid_script_lists_the_runs():
     out = subprocess.run([sys.executable, str(REPO / "benchmarks" / "label_grid.py")], capture_output=True,
                          text=True, check=True).stdout
     lines = [line for line in out.splitlines() if line.startswith("dvc exp run")]
-    assert len(lines) == 4 * (4 * 3 + 1) + 1  # 4 trained methods x (4 counts x 3 seeds + N=24) + classic
+    assert len(lines) == 5 * (4 * 3 + 1) + 1  # 5 trained methods x (4 counts x 3 seeds + N=24) + classic
+    assert any("-n le-cellpose-n1-s40" in line and "baseline.cellpose_crops_per_epoch=24" in line for line in lines)
     assert any("-n le-unet-n8-s42" in line and "baseline.kind=unet" in line for line in lines)

@@ -365,6 +365,10 @@ class BaselineParams:
     # peer ran (35 min on this 2-core CPU): above 100 cellpose's schedule halves the rate ten times
     # over the last 50 epochs, at 100 or fewer it never anneals (its command line's default is 500).
     cellpose_epochs: int = 102
+    # Crops per epoch; 0 = one per labelled image (cellpose's own). The label grid sets the full
+    # set's 24 so that every N trains on as many crops as N = 24 does, as train.steps does for the
+    # other models: with N = 1, 102 epochs of one crop each would be 102 crops against 2,448.
+    cellpose_crops_per_epoch: int = 0
     cellpose_lr: float = 0.2  # SGD with momentum 0.9: cellpose's command-line default from scratch
     cellpose_weight_decay: float = 1e-5
     cellpose_batch_size: int = 8
@@ -374,6 +378,7 @@ class BaselineParams:
     def check(self) -> None:
         _one_of("baseline.kind", self.kind, ("none", "classic", "unet", "cellpose"))
         _positive("baseline.cellpose_epochs", self.cellpose_epochs)
+        _non_negative("baseline.cellpose_crops_per_epoch", self.cellpose_crops_per_epoch)
         _positive("baseline.cellpose_lr", self.cellpose_lr)
         _non_negative("baseline.cellpose_weight_decay", self.cellpose_weight_decay)
         _positive("baseline.cellpose_batch_size", self.cellpose_batch_size)

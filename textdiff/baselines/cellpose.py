@@ -156,11 +156,13 @@ class Losses:
 
 
 def fit(model, images: list[np.ndarray], labels: list[np.ndarray], val_images: list[np.ndarray],
-        val_labels: list[np.ndarray], epochs: int, lr: float, weight_decay: float, batch_size: int) -> Losses:
+        val_labels: list[np.ndarray], epochs: int, lr: float, weight_decay: float, batch_size: int,
+        crops_per_epoch: int = 0) -> Losses:
     """cellpose's own loop (`train.train_seg`) on `images` ([H, W, 3] uint8) and their per-nucleus
     `labels`, as its command line trains from scratch: SGD with momentum 0.9, per-channel percentile
     normalisation, every image rescaled so its nuclei have `diam_mean` px, 224-px crops. Every
-    labelled image is kept (`min_train_masks=0`), however few nuclei it has."""
+    labelled image is kept (`min_train_masks=0`), however few nuclei it has. `crops_per_epoch` > 0
+    draws that many crops per epoch (cellpose's `nimg_per_epoch`), 0 one per image."""
     cp = import_cellpose()
     with tempfile.TemporaryDirectory(prefix="textdiff-cellpose-") as tmp, offline(), echoed("cellpose.train"):
         _, train_losses, val_losses = cp.train.train_seg(
@@ -170,7 +172,7 @@ def fit(model, images: list[np.ndarray], labels: list[np.ndarray], val_images: l
             test_labels=[np.asarray(lab, np.int32) for lab in val_labels] or None,
             channels=None, channel_axis=None, rgb=True, normalize=True, learning_rate=lr, weight_decay=weight_decay,
             SGD=True, n_epochs=epochs, batch_size=batch_size, min_train_masks=0, save_path=tmp, save_every=epochs,
-            model_name="cellpose")
+            nimg_per_epoch=crops_per_epoch or None, model_name="cellpose")
     model.diam_labels = float(model.net.diam_labels.item())
     measured = [e for e in range(epochs) if e == 5 or e % 10 == 0] if val_images else []
     return Losses([float(x) for x in train_losses], {e: float(val_losses[e]) for e in measured})

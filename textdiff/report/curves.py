@@ -1,10 +1,13 @@
-"""Label-efficiency curves: test Dice and AJI against the number of labelled training images.
+"""Label-efficiency curves: test Dice and AJI, and the per-nucleus AJI and PQ where the runs have
+them, against the number of labelled training images.
 
 The runs are ordinary DVC experiments (`benchmarks/label_grid.py` queues the grid); this module
 reads `dvc exp show --json`, names each run's method from its params (never from the experiment's
 name, so a renamed run is still placed right), and reduces the seeds of one (method, N) to mean and
 standard deviation. Runs trained by epochs are left out: with 1 label an epoch is one step, so only
 runs with a fixed `train.steps` budget are comparable across N (and only runs of one budget).
+Cellpose trains by its own loop: its runs are on the curves when they draw a fixed number of crops
+per epoch (`baseline.cellpose_crops_per_epoch` > 0, as the grid queues them), its analogue.
 """
 
 from __future__ import annotations
@@ -24,8 +27,13 @@ METHODS = {  # key -> label, in the order of the table and the legend
     "image_only": "teacher features, no text (fusion: none)",
     "rgb": "raw-RGB control (same classifier)",
     "unet": "U-Net from scratch (MONAI)",
+    "cellpose": "Cellpose 3 from scratch (its own loop)",
     "classic": "hematoxylin + Otsu (no labels)",
 }
+# What a curve shows: Dice and AJI of the 256² masks against the binary truth (every run), then the
+# separated nuclei at the source size against the per-nucleus truth (runs on a cache with instances).
+CURVE_METRICS = ("dice", "aji", "aji_instance", "pq_instance")
+METRIC_LABELS = {"dice": "Dice", "aji": "AJI (binary truth)", "aji_instance": "nuclei AJI", "pq_instance": "nuclei PQ"}
 
 
 def method_of(params: dict) -> str | None:
@@ -33,7 +41,9 @@ def method_of(params: dict) -> str | None:
     baseline = (params.get("baseline") or {}).get("kind", "none")
     if baseline in ("classic", "unet"):
         return baseline
-    if baseline != "none":  # cellpose: its own loop and epochs, no `train.steps` budget to compare across N (yet)
+    if baseline == "cellpose":  # its own loop: comparable across N only with a fixed crop budget per epoch
+        return "cellpose" if (params.get("baseline") or {}).get("cellpose_crops_per_epoch", 0) > 0 else None
+    if baseline != "none":
         return None
     train, teacher = params.get("train") or {}, params.get("teacher") or {}
     fusion = train.get("fusion", "cross_attention")
@@ -43,7 +53,8 @@ def method_of(params: dict) -> str | None:
 
 
 def runs_from_exp_show(exp_show: Any, params_file: str = "params.yaml") -> list[dict]:
-    """One row per finished run: method, N (labelled images), seed, steps, dice, aji (fractions)."""
+    """One row per finished run: method, N (labelled images), seed, steps and the `CURVE_METRICS`
+    (fractions; NaN where a run has none, e.g. no per-nucleus truth)."""
     rows = []
     for record in _walk(exp_show):
         data = record["data"]
@@ -60,7 +71,7 @@ def runs_from_exp_show(exp_show: Any, params_file: str = "params.yaml") -> list[
         n = int(train_metrics.get("num_train") or train.get("num_labeled") or 0)
         rows.append({"name": record["name"] or str(record["rev"])[:7], "method": method, "n": n,
                      "seed": int(train.get("seed", 0)), "steps": int(train.get("steps", 0)),
-                     "dice": float(test["dice"]), "aji": float(test.get("aji", float("nan")))})
+                     **{m: float(test.get(m, float("nan"))) for m in CURVE_METRICS}})
     return _dedupe(rows)
 
 
@@ -87,34 +98,51 @@ def aggregate(rows: list[dict], label_counts: list[int] | None = None) -> list[d
     for method in METHODS:
         for n in sorted({n for m, n in groups if m == method}):
             sel = groups[(method, n)]
-            dice, aji = np.array([r["dice"] for r in sel]), np.array([r["aji"] for r in sel])
-            out.append({"method": method, "n": n, "runs": len(sel), "dice": float(dice.mean()),
-                        "dice_std": float(dice.std(ddof=1)) if len(sel) > 1 else 0.0,
-                        "aji": float(aji.mean()), "aji_std": float(aji.std(ddof=1)) if len(sel) > 1 else 0.0})
+            summary = {"method": method, "n": n, "runs": len(sel)}
+            for metric in CURVE_METRICS:
+                values = np.array([r.get(metric, np.nan) for r in sel], dtype=float)
+                values = values[np.isfinite(values)]
+                summary[metric] = float(values.mean()) if len(values) else float("nan")
+                summary[f"{metric}_std"] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
+            out.append(summary)
     return out
 
 
+def _shown(summary: list[dict]) -> list[str]:
+    """The metrics some (method, N) has a value of: per-nucleus ones only where the runs scored them."""
+    return [m for m in CURVE_METRICS if any(np.isfinite(s.get(m, np.nan)) for s in summary)]
+
+
 def markdown(summary: list[dict]) -> str:
-    """Methods as rows, N as columns: Dice and AJI in %, mean ± std over seeds (runs)."""
+    """Methods as rows, N as columns, mean ± std over seeds (runs): Dice / AJI in %, then, where the
+    runs scored separated nuclei, a second table of nuclei AJI / PQ."""
     counts = sorted({s["n"] for s in summary})
     lookup = {(s["method"], s["n"]): s for s in summary}
-    lines = ["| method | " + " | ".join(f"N = {n}" for n in counts) + " |",
-             "|---|" + "---:|" * len(counts)]
-    for method, label in METHODS.items():
-        if not any(m == method for m, _ in lookup):
-            continue
-        cells = []
-        for n in counts:
-            s = lookup.get((method, n))
-            if s is None:
-                cells.append("")
+
+    def value(s: dict, metric: str) -> str:
+        if not np.isfinite(s[metric]):
+            return "–"
+        return f"{100 * s[metric]:.2f}" + (f" ± {100 * s[f'{metric}_std']:.2f}" if s["runs"] > 1 else "")
+
+    def table(pair: tuple[str, str]) -> str:
+        lines = ["| method | " + " | ".join(f"N = {n}" for n in counts) + " |",
+                 "|---|" + "---:|" * len(counts)]
+        for method, label in METHODS.items():
+            if not any(m == method for m, _ in lookup):
                 continue
-            spread = f" ± {100 * s['dice_std']:.2f}" if s["runs"] > 1 else ""
-            aspread = f" ± {100 * s['aji_std']:.2f}" if s["runs"] > 1 else ""
-            cells.append(f"{100 * s['dice']:.2f}{spread} / {100 * s['aji']:.2f}{aspread} ({s['runs']})")
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    return ("Test Dice / AJI (%), mean ± std over seeds (runs), 256², by the number N of labelled "
-            "training images.\n\n" + "\n".join(lines) + "\n")
+            cells = []
+            for n in counts:
+                s = lookup.get((method, n))
+                cells.append("" if s is None else f"{value(s, pair[0])} / {value(s, pair[1])} ({s['runs']})")
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        return "\n".join(lines) + "\n"
+
+    text = ("Test Dice / AJI (%), mean ± std over seeds (runs), 256², by the number N of labelled "
+            "training images.\n\n" + table(("dice", "aji")))
+    if "aji_instance" in _shown(summary):
+        text += ("\nSeparated nuclei: test AJI / PQ (%) at the source size against the per-nucleus truth, "
+                 "mean ± std over seeds (runs).\n\n" + table(("aji_instance", "pq_instance")))
+    return text
 
 
 def write_csvs(summary: list[dict], folder: Path) -> list[Path]:
@@ -126,11 +154,12 @@ def write_csvs(summary: list[dict], folder: Path) -> list[Path]:
         if not sel:
             continue
         buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=["n", "dice", "dice_std", "aji", "aji_std", "runs"])
+        columns = [k for m in CURVE_METRICS for k in (m, f"{m}_std")]
+        writer = csv.DictWriter(buffer, fieldnames=["n", *columns, "runs"])
         writer.writeheader()
         for s in sel:
             writer.writerow({"n": s["n"], "runs": s["runs"],
-                             **{k: round(100 * s[k], 3) for k in ("dice", "dice_std", "aji", "aji_std")}})
+                             **{k: round(100 * s[k], 3) if np.isfinite(s[k]) else "" for k in columns}})
         path = folder / f"{method}.csv"
         path.write_text(buffer.getvalue())
         written.append(path)
@@ -138,16 +167,19 @@ def write_csvs(summary: list[dict], folder: Path) -> list[Path]:
 
 
 def plot(summary: list[dict], path: Path) -> None:
-    """Dice and AJI against N (log scale), one line per method, error bars = std over seeds."""
+    """Each shown metric against N (log scale), one panel each, one line per method, error bars =
+    std over seeds."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for metric, ax in zip(("dice", "aji"), axes):
+    shown = _shown(summary) or ["dice"]
+    fig, axes = plt.subplots(1, len(shown), figsize=(5.5 * len(shown), 4.2), squeeze=False)
+    axes = axes[0]
+    for metric, ax in zip(shown, axes):
         for method, label in METHODS.items():
-            sel = [s for s in summary if s["method"] == method]
+            sel = [s for s in summary if s["method"] == method and np.isfinite(s[metric])]
             if not sel:
                 continue
             ax.errorbar([s["n"] for s in sel], [100 * s[metric] for s in sel],
@@ -157,7 +189,7 @@ def plot(summary: list[dict], path: Path) -> None:
         counts = sorted({s["n"] for s in summary})
         ax.set_xticks(counts, [str(n) for n in counts])
         ax.set_xlabel("labelled training images (N)")
-        ax.set_ylabel(f"test {metric.upper() if metric == 'aji' else 'Dice'} (%)")
+        ax.set_ylabel(f"test {METRIC_LABELS[metric]} (%)")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.suptitle("Label efficiency on MoNuSeg (test split, 256², mean ± std over seeds)")
@@ -166,4 +198,4 @@ def plot(summary: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-__all__ = ["METHODS", "aggregate", "markdown", "method_of", "plot", "runs_from_exp_show", "write_csvs"]
+__all__ = ["CURVE_METRICS", "METHODS", "aggregate", "markdown", "method_of", "plot", "runs_from_exp_show", "write_csvs"]

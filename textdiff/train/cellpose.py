@@ -173,7 +173,7 @@ def train_cellpose(cache: FeatureCache, prepared_dir: Path, params: TrainParams,
     model = build_cellpose(config, device)
     started = time.perf_counter()
     losses = fit(model, images, labels, val_images, val_labels, baseline.cellpose_epochs, baseline.cellpose_lr,
-                 baseline.cellpose_weight_decay, baseline.cellpose_batch_size)
+                 baseline.cellpose_weight_decay, baseline.cellpose_batch_size, baseline.cellpose_crops_per_epoch)
     train_seconds = time.perf_counter() - started
     # Taken now: on a CPU, cellpose's inference turns the network's layers into MKL-DNN ones in place.
     state = {k: v.detach().cpu().clone() for k, v in model.net.state_dict().items()}
