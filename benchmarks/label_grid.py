@@ -8,8 +8,8 @@
 Methods: TextDiff (teacher + report), the same with `train.fusion: none`, the raw-RGB control
 (`teacher.kind: rgb`), the MONAI U-Net from scratch (`baseline.kind: unet`), Cellpose 3 from scratch
 (`baseline.kind: cellpose`, its own loop at 24 crops per epoch at every N: the full set's budget) and
-hematoxylin + Otsu (`baseline.kind: classic`, no labels: one run). N in {1, 2, 4, 8} with three seeds each (the seed picks
-the nested labelled subset and the initialisation), N = 24 (all) with one. Every run trains for the
+hematoxylin + Otsu (`baseline.kind: classic`, no labels: one run). N in {1, 2, 4, 8} with three seeds
+each (the seed picks the nested labelled subset and the initialisation), N = 24 (all) with one. Every run trains for the
 same `train.steps` (default 480 = the default pipeline's 20 epochs x 24 images), validating every 24
 steps on the whole val split (6 labelled images: with N = 1 the selection sees more labels than the
 training does; say so when you quote N = 1). The teacher's cache is shared: a grid re-extracts only
