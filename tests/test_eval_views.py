@@ -64,6 +64,13 @@ def test_val_and_test_hold_the_teachers_views_and_train_one(tiny_project):
         assert torch.equal(a, b)
     with pytest.raises(IndexError, match="beyond the 1"):
         first.get_view(0, 1)
+    on_disk = SampleStore(cache.split("val"))
+    on_disk.cached = None  # as a split too large for RAM: the mask alone is read from zarr
+    for v in (0, 5):
+        assert torch.equal(on_disk.mask(0, v), full.get_view(0, v).mask[0])
+        assert torch.equal(full.mask(0, v), full.get_view(0, v).mask[0])
+    with pytest.raises(IndexError, match="beyond the 1"):
+        first.mask(0, 1)
 
 
 def test_the_mean_of_views_is_the_plain_mean_for_arrays_and_tensors():

@@ -60,6 +60,14 @@ class SampleStore:
         return FeatureSample([f[None] for f in self.split.features(i, view)], self.split.mask(i, view)[None],
                              tokens, text_mask, pooled, distance)
 
+    def mask(self, position: int, view: int = 0) -> torch.Tensor:
+        """One view's mask [H, W] alone: a split too large for RAM reads no features for it."""
+        if self.views is not None and view >= self.views:
+            raise IndexError(f"view {view} is beyond the {self.views} this store holds")
+        if self.cached is not None:
+            return self.get(position).mask[view]
+        return self.split.mask(self.indices[position], view)
+
     def get(self, position: int) -> FeatureSample:
         i = self.indices[position]
         if self.cached is not None and i in self.cached:

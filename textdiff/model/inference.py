@@ -67,7 +67,7 @@ def predict_split(model: PixelClassifier, data: SampleStore, device: torch.devic
             if distances is not None:
                 distances.append(distance_map(out))
             continue
-        gts.append(data.get_view(p, 0).mask[0].numpy().astype(np.uint8))
+        gts.append(data.mask(p, 0).numpy().astype(np.uint8))
         prob, distance = mean_of_views(view_maps(model, data, p, v, device) for v in range(views))
         prob = prob.cpu().numpy()
         preds.append((prob > 0.5).astype(np.uint8))

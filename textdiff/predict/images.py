@@ -147,8 +147,6 @@ class Segmenter:
         """(foreground probability, predicted nucleus distance or None without the head), both
         [H, W] float32 at the image's own size: what `model.nuclei.separate` reads; with `views`
         > 1 the mean over that many dihedral views."""
-        if self.views == 1:
-            return next(self.view_maps(image, text, mpp, [0]))
         return mean_of_views(self.view_maps(image, text, mpp, range(self.views)))
 
     @torch.no_grad()

@@ -38,11 +38,12 @@ METRIC_LABELS = {"dice": "Dice", "aji": "AJI (binary truth)", "aji_instance": "n
 
 def method_of(params: dict) -> str | None:
     """Which curve a run belongs to (None: a variant that is on none of them)."""
-    baseline = (params.get("baseline") or {}).get("kind", "none")
+    section = params.get("baseline") or {}
+    baseline = section.get("kind", "none")
     if baseline in ("classic", "unet"):
         return baseline
     if baseline == "cellpose":  # its own loop: comparable across N only with a fixed crop budget per epoch
-        return "cellpose" if (params.get("baseline") or {}).get("cellpose_crops_per_epoch", 0) > 0 else None
+        return "cellpose" if section.get("cellpose_crops_per_epoch", 0) > 0 else None
     if baseline != "none":
         return None
     train, teacher = params.get("train") or {}, params.get("teacher") or {}
