@@ -4,14 +4,14 @@ averaged, against each one alone (issue 30's lever 4; a candidate for issue 34's
     python benchmarks/ensemble.py --models models/classifier ../seed41/models/classifier ../seed42/models/classifier
 
 Each model directory is what `textdiff train` writes (e.g. in a git work tree whose params.yaml
-differs only in `train.seed`, its cache a link to this one). Every model's foreground
-probabilities and distance maps of the val and test splits are computed as evaluate computes
-them (`predict_split`, averaged over the cache's test-time views); the ensemble's are the mean over
-its members (`mean_of_views`, the same averaging the views go through). For each single model and
-each ensemble, the nucleus rule is chosen on val (`choose_val_rule`, as `textdiff train` chooses
-it) and the test split is scored by evaluate's own `score_test`, so a single model's row is its
-`metrics/test.json`. Prints the table (mean ± std over the single models beside it) and the
-device; writes <out>/ensemble.json.
+differs only in `train.seed`, its cache a link to this one). Every model's foreground probabilities
+and distance maps of the val and test splits are computed as evaluate computes them
+(`predict_split`, averaged over the cache's test-time views); the ensemble's are the mean over its
+members (`mean_of_views`, the same averaging the views go through). For each single model and each
+ensemble, the nucleus rule is chosen on val (`choose_val_rule`, as `textdiff train` chooses it; its
+val AJI and PQ are the search's own) and the test split is scored by evaluate's own `score_test`, so
+a single model's row is its `metrics/test.json`. Prints the table (mean ± std over the single models
+beside it) and the device; writes <out>/ensemble.json.
 """
 
 from __future__ import annotations
@@ -31,12 +31,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from textdiff.cache.samples import SampleStore  # noqa: E402
 from textdiff.cache.store import FeatureCache  # noqa: E402
 from textdiff.data.views import mean_of_views  # noqa: E402
-from textdiff.evaluation.instances import choose_val_rule, native_maps, scored_truths  # noqa: E402
-from textdiff.evaluation.metrics import instance_scores, iou_dice_textdiff  # noqa: E402
+from textdiff.evaluation.instances import choose_val_rule  # noqa: E402
+from textdiff.evaluation.metrics import iou_dice_textdiff  # noqa: E402
 from textdiff.evaluation.scoring import score_test  # noqa: E402
 from textdiff.model.card import load_trained  # noqa: E402
 from textdiff.model.inference import predict_split  # noqa: E402
-from textdiff.model.nuclei import separate  # noqa: E402
 from textdiff.paths import CACHE_PATH  # noqa: E402
 from textdiff.runtime.device import device_name, resolve_device  # noqa: E402
 
@@ -70,17 +69,11 @@ def averaged(members: list[dict], split: str) -> tuple[list[np.ndarray], list[np
     return probs, distances
 
 
-def val_scores(cache: FeatureCache, probs, distances, rule, mpp: float) -> dict:
-    """Mean val Dice (working size) and nuclei AJI / PQ (native, true maps only) under `rule`."""
+def val_dice(cache: FeatureCache, probs: list[np.ndarray]) -> float:
+    """Mean val Dice at the working size (the rule search already holds val AJI and PQ)."""
     val = cache.split("val")
-    dice = float(np.mean([iou_dice_textdiff((p > 0.5).astype(np.uint8), val.mask(k, 0).numpy().astype(np.uint8))[0]
+    return float(np.mean([iou_dice_textdiff((p > 0.5).astype(np.uint8), val.mask(k, 0).numpy().astype(np.uint8))[0]
                           for k, p in enumerate(probs)]))
-    truths = scored_truths(val)
-    native_p, native_d = native_maps(val, probs), native_maps(val, distances)
-    scored = [instance_scores(separate(native_p[k], native_d[k], rule, mpp), t)
-              for k, t in enumerate(truths) if t is not None]
-    return {"dice": dice, "aji_instance": float(np.mean([s["aji_instance"] for s in scored])),
-            "pq_instance": float(np.mean([s["pq_instance"] for s in scored]))}
 
 
 def main() -> None:
@@ -100,18 +93,21 @@ def main() -> None:
         seconds.append(time.perf_counter() - started)
         print(f"{model_dir}: seed {members[-1]['seed']}, maps in {seconds[-1]:.0f} s", flush=True)
     mpp = members[0]["mpp"]
+    test = cache.split("test")
+    gts = [test.mask(k, 0).numpy().astype(np.uint8) for k in range(len(test))]
     rows = []
     groups = [c for r in range(1, len(members) + 1) for c in itertools.combinations(range(len(members)), r)]
     for group in groups:
         chosen = [members[i] for i in group]
         val_p, val_d = averaged(chosen, "val")
         choice = choose_val_rule(cache.split("val"), val_p, val_d, mpp)
+        if choice is None:
+            raise SystemExit(f"{args.cache}: its val split holds no true per-nucleus maps to choose a nucleus rule on")
         test_p, test_d = averaged(chosen, "test")
         preds = [(p > 0.5).astype(np.uint8) for p in test_p]
-        gts = [cache.split("test").mask(k, 0).numpy().astype(np.uint8) for k in range(len(preds))]
         result = score_test(cache, preds, gts, test_p, 0, choice.rule, test_d, mpp)
         row = {"seeds": [m["seed"] for m in chosen], "rule": choice.rule.to_json(),
-               "val": val_scores(cache, val_p, val_d, choice.rule, mpp),
+               "val": {"dice": val_dice(cache, val_p), "aji_instance": choice.score, "pq_instance": choice.pq},
                "test": {k: result.metrics[k] for k in (*TEST_KEYS, "nuclei")}}
         rows.append(row)
         print(f"seeds {row['seeds']}: val AJI {100 * row['val']['aji_instance']:.2f}, test AJI "
@@ -141,7 +137,7 @@ def main() -> None:
          "device": device_name(device), "threads": torch.get_num_threads(), "torch": torch.__version__},
         indent=1) + "\n")
     print("\n".join(lines))
-    print(f"maps: median {np.median(seconds):.0f} s per model (val + test, {cache.split('test').scored_views} views) "
+    print(f"maps: median {np.median(seconds):.0f} s per model (val + test, {test.scored_views} views) "
           f"on {device_name(device)}; wrote {args.out}/ensemble.json")
 
 
