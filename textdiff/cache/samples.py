@@ -44,11 +44,14 @@ class SampleStore:
     def __len__(self) -> int:
         return len(self.indices)
 
+    def _check_view(self, view: int) -> None:
+        if self.views is not None and view >= self.views:
+            raise IndexError(f"view {view} is beyond the {self.views} this store holds")
+
     def get_view(self, position: int, view: int) -> FeatureSample:
         """One view of one image, as a one-view sample: a split too large for RAM reads only that
         view from zarr (with 8 dihedral views and rotated copies, an image is 12x its own size)."""
-        if self.views is not None and view >= self.views:
-            raise IndexError(f"view {view} is beyond the {self.views} this store holds")
+        self._check_view(view)
         if self.cached is not None:
             full = self.get(position)
             return FeatureSample([f[view : view + 1] for f in full.features], full.mask[view : view + 1],
@@ -62,8 +65,7 @@ class SampleStore:
 
     def mask(self, position: int, view: int = 0) -> torch.Tensor:
         """One view's mask [H, W] alone: a split too large for RAM reads no features for it."""
-        if self.views is not None and view >= self.views:
-            raise IndexError(f"view {view} is beyond the {self.views} this store holds")
+        self._check_view(view)
         if self.cached is not None:
             return self.get(position).mask[view]
         return self.split.mask(self.indices[position], view)

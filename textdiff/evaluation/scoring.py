@@ -124,18 +124,24 @@ def evaluate_test(model: PixelClassifier, card: ModelCard, cache: FeatureCache, 
 def evaluate_baseline(kind: str, model: torch.nn.Module | None, spec: CacheSpec, cache: FeatureCache,
                       device: torch.device, panels: int, rule: NucleusRule | None = None,
                       mpp: float = 0.0) -> Evaluation:
-    """The same scoring for a baseline: the U-Net's probabilities, or the classic mask (as 0/1
-    probabilities, so tiles are blended and thresholded like any model's)."""
+    """The same scoring for a baseline: the U-Net's probabilities (and distances), averaged over the
+    test-time views as the classifier's are, or the classic mask (as 0/1 probabilities, so tiles are
+    blended and thresholded like any model's)."""
     if spec != cache.spec:
         raise TextDiffError(f"the {kind} baseline was made on another cache; re-run `textdiff train`")
     test = cache.split("test")
     if kind == "unet":
-        preds, gts, probs = predict_pixels(model, test, device)
-    else:
-        bgr = cache.spec.protocol == "release"
-        preds = [hematoxylin_otsu(test.image(i), bgr=bgr) for i in range(len(test))]
-        gts = [test.mask(i, 0).numpy().astype(np.uint8) for i in range(len(test))]
-        probs = [p.astype(np.float32) for p in preds]
+        distances: list = []
+        preds, gts, probs = predict_pixels(model, test, device, views=test.scored_views, distances=distances)
+        result = score_test(cache, preds, gts, probs, panels, rule, distances, mpp)
+        result.metrics["views"] = test.scored_views
+        if test.scored_views > 1:
+            result.probs_are = f"foreground probability (softmax class 1), mean of {test.scored_views} dihedral views"
+        return result
+    bgr = cache.spec.protocol == "release"
+    preds = [hematoxylin_otsu(test.image(i), bgr=bgr) for i in range(len(test))]
+    gts = [test.mask(i, 0).numpy().astype(np.uint8) for i in range(len(test))]
+    probs = [p.astype(np.float32) for p in preds]
     return score_test(cache, preds, gts, probs, panels, rule, None, mpp)
 
 

@@ -20,14 +20,16 @@ from textdiff.model.nuclei import RuleChoice
 def validation_maps(kind: str, model: torch.nn.Module | None, cache: FeatureCache,
                     device: torch.device) -> tuple[list[np.ndarray], list[np.ndarray | None]]:
     """(foreground probabilities, predicted distances or None) of every val item: the classifier's
-    averaged over the split's test-time views, as evaluate scores the test split; the baselines' of
-    view 0."""
+    and the U-Net's averaged over the split's test-time views, as evaluate scores the test split;
+    the classic baseline's of the image itself."""
     val = cache.split("val")
     if kind == "classic":
         bgr = cache.spec.protocol == "release"
         return [hematoxylin_otsu(val.image(i), bgr=bgr).astype(np.float32) for i in range(len(val))], [None] * len(val)
     if kind == "unet":
-        return predict_pixels(model, val, device)[2], [None] * len(val)
+        distances: list = []
+        probs = predict_pixels(model, val, device, views=val.scored_views, distances=distances)[2]
+        return probs, distances
     distances: list = []
     _, _, probs = predict_split(model, SampleStore(val), device, keep_probs=True, distances=distances,
                                 views=val.scored_views)

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from textdiff.baselines.unet import UNetConfig, build_unet, pixel_batch, predict_pixels
+from textdiff.baselines.unet import UNetConfig, build_unet, pixel_batch, predict_pixels, unet_outputs
 from textdiff.cache.samples import SampleStore, batch_of, distance_batch
 from textdiff.cache.spec import CacheSpec
 from textdiff.cache.store import FeatureCache
@@ -383,14 +383,18 @@ def train_classifier(cache: FeatureCache, params: TrainParams, device: torch.dev
 def train_unet(cache: FeatureCache, params: TrainParams, baseline: BaselineParams, device: torch.device,
                on_epoch: Callable[[EpochRecord], None] | None = None, progress: bool = True,
                ranks: Ranks = Ranks(), checkpoint: Checkpoint | None = None) -> TrainingResult:
-    """The U-Net on the same labelled images, views, schedule and selection as the classifier."""
+    """The U-Net on the same labelled images, views, schedule, selection and instance target
+    (`train.target`) as the classifier."""
+    check_target(params.target, cache.spec)
     train_split, val_split = cache.split("train"), cache.split("val")
     indices = labeled_subset(len(train_split), params.num_labeled, params.seed)
-    config = UNetConfig(tuple(baseline.channels), baseline.res_units)
+    config = UNetConfig(tuple(baseline.channels), baseline.res_units,
+                        distance_head=resolved_target(params.target, cache.spec) == "distance")
 
-    def forward(model: torch.nn.Module, items: Batch) -> tuple[dict, torch.Tensor, None]:
-        x, mask = pixel_batch(train_split, [(indices[p], v, j) for p, v, j in items], device)
-        return {"logits": model(x)}, mask, None
+    def forward(model: torch.nn.Module, items: Batch) -> tuple[dict, torch.Tensor, torch.Tensor | None]:
+        x, mask, distance = pixel_batch(train_split, [(indices[p], v, j) for p, v, j in items], device,
+                                        with_distance=config.distance_head)
+        return unet_outputs(model(x)), mask, distance
 
     def validate(model: torch.nn.Module) -> tuple[float, float]:
         preds, gts, _ = predict_pixels(model, val_split, device)
