@@ -96,7 +96,12 @@ def test_seeds_of_one_variation_are_kept_apart_and_averaged():
     textdiff = next(line for line in table.splitlines() if line.startswith("| TextDiff |"))
     assert "| 79.00 ± 1.00 |" in textdiff  # Dice: mean and sample std of 78, 80, 79
     assert "| 60.00 ± 2.00 |" in textdiff and "| 40, 41, 42 |" in textdiff and "td-40, td-41, td-42" in textdiff
-    assert "| 76.00 |" in next(line for line in table.splitlines() if line.startswith("| ζ1 |"))
+    zeta1 = next(line for line in table.splitlines() if line.startswith("| ζ1 |"))
+    assert "| 76.00 |" in zeta1
+    assert "| -2.00 | -5.00 | 40 |" in zeta1  # paired with TextDiff's seed 40 (78, 60), not its mean (79, 60)
+    assert "| – | – | 40, 41, 42 |" in textdiff  # TextDiff is the reference
+    ext2 = next(line for line in table.splitlines() if line.startswith("| Ext. 2 |"))
+    assert "| +0.50 | -1.00 | 40 |" in ext2
     out = csv_rows(rows)
     assert [tuple(r) for r in out] == [CSV_COLUMNS] * 5
     assert [(r["variation"], r["seed"]) for r in out] == [("zeta1", 40), ("textdiff", 40), ("textdiff", 41),
@@ -112,3 +117,17 @@ def test_controls_have_their_own_csv_names():
     assert variation_key(row) == "control_rgb_textdiff"
     row = {"fusion": "hierarchical", "contrastive_weight": 0.0, "random_teacher": True, "classifier": "release"}
     assert variation_key(row) == "control_random_teacher_ext1_release_classifier"
+
+
+def test_baselines_are_their_own_rows_and_label_curve_runs_are_left_out():
+    base = _seeded("td-40", "cross_attention", 0.0, 40, 0.80, 0.61)
+    unet = _seeded("unet-40", "cross_attention", 0.0, 40, 0.78, 0.52)
+    unet["data"]["params"]["params.yaml"]["data"]["baseline"] = {"kind": "unet"}
+    grid = _seeded("grid-n4", "cross_attention", 0.0, 40, 0.75, 0.44)
+    grid["data"]["params"]["params.yaml"]["data"]["train"].update({"num_labeled": 4, "steps": 480})
+    rows = rows_from_exp_show([base, unet, grid])
+    assert sorted(r["name"] for r in rows) == ["td-40", "unet-40"]  # the N = 4 run is not TextDiff's seed 40
+    table = markdown_table(rows)
+    textdiff = next(line for line in table.splitlines() if line.startswith("| TextDiff |"))
+    assert "| 80.00 |" in textdiff
+    assert "| Baseline: unet | MONAI U-Net" in table and "| -2.00 | -9.00 | 40 |" in table

@@ -61,6 +61,8 @@ def rows_from_exp_show(exp_show: Any, params_file: str = "params.yaml",
         if not metrics or "dice" not in metrics:
             continue
         train = params.get("train") or {}
+        if train.get("num_labeled") or train.get("steps"):
+            continue  # a label-efficiency run (a subset, a fixed step budget): `textdiff report --curves`
         teacher = params.get("teacher") or {}
         pretrain = params.get("pretrain") or {}
         data_params = params.get("data") or {}
@@ -75,6 +77,7 @@ def rows_from_exp_show(exp_show: Any, params_file: str = "params.yaml",
             and pretrain.get("steps") == 0,
             "protocol": data_params.get("protocol", "project"),
             "classifier": train.get("classifier", "project"),
+            "baseline": (params.get("baseline") or {}).get("kind", "none"),
             "seed": int(train.get("seed", TrainParams.seed)),
             **{m: metrics.get(m) for m in METRICS},
         }
@@ -90,7 +93,13 @@ def rows_from_exp_show(exp_show: Any, params_file: str = "params.yaml",
     return rows
 
 
+BASELINES = {"classic": "hematoxylin + Otsu, no learning", "unet": "MONAI U-Net from scratch on the pixels",
+             "cellpose": "Cellpose 3 from scratch"}
+
+
 def variation(row: dict) -> tuple[str, str]:
+    if row.get("baseline", "none") != "none":
+        return f"Baseline: {row['baseline']}", BASELINES.get(row["baseline"], row["baseline"])
     if row.get("teacher_kind") == "rgb":
         label, text = "Control (c)", f"raw RGB pixels instead of teacher features; classifier: {row['fusion']}"
         return label, text
@@ -110,6 +119,8 @@ def variation(row: dict) -> tuple[str, str]:
 def variation_key(row: dict) -> str:
     """The variation's short name for the CSV: zeta1, zeta2, textdiff, ext1, ext2 (the paper's
     ablation), with a prefix or suffix for the controls and the release switches."""
+    if row.get("baseline", "none") != "none":
+        return f"baseline_{row['baseline']}"
     key = KEYS.get(row["fusion"], row["fusion"])
     if row["contrastive_weight"] > 0:
         key = "ext2" if row["fusion"] == "cross_attention" else f"{key}+ext2"
@@ -140,27 +151,43 @@ def _mean_std(values: list) -> str:
 
 def _rank(r: dict) -> tuple:
     order = {"none": 0, "concat": 1, "cross_attention": 2, "hierarchical": 3}
-    control = r.get("teacher_kind") == "rgb" or r.get("random_teacher", False)
+    control = r.get("teacher_kind") == "rgb" or r.get("random_teacher", False) or r.get("baseline", "none") != "none"
     release = (r.get("protocol", "project") == "release", r.get("classifier", "project") == "release")
     return (control, release, r["contrastive_weight"] > 0, order.get(r["fusion"], 9), r["name"])
 
 
+def _paired(group: list[dict], reference: dict[int, dict], metric: str) -> str:
+    """A cell: the variation minus TextDiff at the same `train.seed`, in points, mean ± std over
+    the seeds both ran. Pairing by seed takes out what a seed does to every variation alike (the
+    classifier's initialisation and batch order), so a difference smaller than either row's spread
+    can still be read; "–" without a shared seed, and on TextDiff's own row."""
+    diffs = [float(r[metric]) - float(reference[r["seed"]][metric]) for r in group
+             if r["seed"] in reference and r.get(metric) is not None and reference[r["seed"]].get(metric) is not None]
+    if not diffs or all(r is reference.get(r["seed"]) for r in group):
+        return "–"
+    cell = _mean_std(diffs)
+    return cell if cell.startswith("-") else f"+{cell}"
+
+
 def markdown_table(rows: list[dict]) -> str:
-    """One line per variation; where several seeds ran, each score is their mean ± std."""
+    """One line per variation; where several seeds ran, each score is their mean ± std, and the
+    last score columns are the paired difference from TextDiff (`_paired`)."""
     groups: dict[tuple[str, str], list[dict]] = {}
     for row in sorted(rows, key=_rank):
         groups.setdefault(variation(row), []).append(row)
+    reference = {r["seed"]: r for r in rows if variation_key(r) == "textdiff"}
     lines = [
         "| Variation | Description | Dice (%) | Dice vs release GT (%) | IoU (%) | AJI (%) | AJI nuclei (%) "
-        "| PQ nuclei (%) | Seeds | Experiment |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| PQ nuclei (%) | Δ Dice vs TextDiff, same seed | Δ AJI nuclei vs TextDiff, same seed | Seeds | Experiment |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for (label, text), group in groups.items():
         group = sorted(group, key=lambda r: r["seed"])
         cells = " | ".join(_mean_std([r.get(m) for r in group])
                            for m in ("dice", "dice_release", "iou", "aji", "aji_instance", "pq_instance"))
+        deltas = " | ".join(_paired(group, reference, m) for m in ("dice", "aji_instance"))
         seeds = ", ".join(str(r["seed"]) for r in group)
-        lines.append(f"| {label} | {text} | {cells} | {seeds} | {', '.join(r['name'] for r in group)} |")
+        lines.append(f"| {label} | {text} | {cells} | {deltas} | {seeds} | {', '.join(r['name'] for r in group)} |")
     return "\n".join(lines) + "\n"
 
 
