@@ -124,10 +124,24 @@ def test_baselines_are_their_own_rows_and_label_curve_runs_are_left_out():
     unet = _seeded("unet-40", "cross_attention", 0.0, 40, 0.78, 0.52)
     unet["data"]["params"]["params.yaml"]["data"]["baseline"] = {"kind": "unet"}
     grid = _seeded("grid-n4", "cross_attention", 0.0, 40, 0.75, 0.44)
-    grid["data"]["params"]["params.yaml"]["data"]["train"].update({"num_labeled": 4, "steps": 480})
+    grid["data"]["params"]["params.yaml"]["data"]["train"].update({"num_labeled": 24, "steps": 480})
     rows = rows_from_exp_show([base, unet, grid])
-    assert sorted(r["name"] for r in rows) == ["td-40", "unet-40"]  # the N = 4 run is not TextDiff's seed 40
+    assert sorted(r["name"] for r in rows) == ["td-40", "unet-40"]  # a grid run is not TextDiff's seed 40
     table = markdown_table(rows)
     textdiff = next(line for line in table.splitlines() if line.startswith("| TextDiff |"))
     assert "| 80.00 |" in textdiff
     assert "| Baseline: unet | MONAI U-Net" in table and "| -2.00 | -9.00 | 40 |" in table
+
+
+def test_past_commits_are_history_but_their_experiments_are_runs():
+    """--all-commits lists old commits with whatever params and metrics they held; only the
+    workspace, branch tips and experiments are runs."""
+    head = _seeded("main", "cross_attention", 0.0, 40, 0.80, 0.61)
+    old = _seeded("x", "cross_attention", 0.0, 40, 0.80, 0.61)
+    old["name"] = None
+    old["data"]["params"]["params.yaml"]["data"]["teacher"] = {"kind": "rgb"}  # committed mid-experiment
+    chain = _seeded("y", "none", 0.0, 40, 0.80, 0.61)  # a commit of the experiment's history, not a run
+    chain["name"] = None
+    old["experiments"] = [{"revs": [_seeded("zeta1-40", "none", 0.0, 40, 0.79, 0.60), chain]}]
+    rows = rows_from_exp_show([{"rev": "workspace", "name": None, "data": {"params": {}, "metrics": {}}}, head, old])
+    assert sorted(r["name"] for r in rows) == ["main", "zeta1-40"]

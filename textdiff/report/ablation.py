@@ -35,7 +35,9 @@ UNFINISHED = ("queued", "running", "failed")  # an executor state whose record s
 def _walk(node: Any) -> Iterator[dict]:
     """Every finished record with params+metrics in `dvc exp show --json` output (baseline and
     experiments). A queued, running or failed experiment is listed with its own params but its
-    parent commit's metrics files, so it would pose as a finished run of its params: left out."""
+    parent commit's metrics files, so it would pose as a finished run of its params: left out. An
+    experiment is its first rev; the revs after it are commits of its history (one may hold the
+    experiment's params beside the parent's metrics), not runs."""
     if isinstance(node, list):
         for item in node:
             yield from _walk(item)
@@ -45,24 +47,39 @@ def _walk(node: Any) -> Iterator[dict]:
         data = node.get("data")
         if isinstance(data, dict) and "params" in data and not node.get("error"):
             yield {"rev": node.get("rev"), "name": node.get("name") or data.get("name"), "data": data}
-        for key in ("experiments", "revs"):
-            if node.get(key):
-                yield from _walk(node[key])
+        if node.get("experiments"):
+            yield from _walk(node["experiments"])
+        if node.get("revs"):
+            yield from _walk(node["revs"][0])
+
+
+def finished_runs(exp_show: Any) -> Iterator[dict]:
+    """The runs in `dvc exp show --json` output: the workspace, branch tips, and every experiment
+    of any commit listed. With `--all-commits` every past commit is listed too, with the params and
+    metrics files it happened to hold: history, not runs (a commit made while an experiment's
+    params were in the workspace would pose as a run of them with the default's metrics)."""
+    for entry in exp_show if isinstance(exp_show, list) else [exp_show]:
+        if not isinstance(entry, dict):
+            continue
+        if entry.get("rev") == "workspace" or entry.get("name"):
+            yield from _walk(entry)
+        else:
+            yield from _walk(entry.get("experiments") or [])
 
 
 def rows_from_exp_show(exp_show: Any, params_file: str = "params.yaml",
                        metrics_file: str = "metrics/test.json") -> list[dict]:
     rows: list[dict] = []
     seen: dict[tuple, dict] = {}
-    for record in _walk(exp_show):
+    for record in finished_runs(exp_show):
         data = record["data"]
         params = ((data.get("params") or {}).get(params_file) or {}).get("data") or {}
         metrics = ((data.get("metrics") or {}).get(metrics_file) or {}).get("data") or {}
         if not metrics or "dice" not in metrics:
             continue
         train = params.get("train") or {}
-        if train.get("num_labeled") or train.get("steps"):
-            continue  # a label-efficiency run (a subset, a fixed step budget): `textdiff report --curves`
+        if train.get("steps"):
+            continue  # a label-efficiency run (a fixed step budget at every N): `textdiff report --curves`
         teacher = params.get("teacher") or {}
         pretrain = params.get("pretrain") or {}
         data_params = params.get("data") or {}

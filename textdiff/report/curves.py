@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from textdiff.report.ablation import _walk
+from textdiff.report.ablation import finished_runs
 
 METHODS = {  # key -> label, in the order of the table and the legend
     "textdiff": "TextDiff (teacher + report)",
@@ -57,7 +57,7 @@ def runs_from_exp_show(exp_show: Any, params_file: str = "params.yaml") -> list[
     """One row per finished run: method, N (labelled images), seed, steps and the `CURVE_METRICS`
     (fractions; NaN where a run has none, e.g. no per-nucleus truth)."""
     rows = []
-    for record in _walk(exp_show):
+    for record in finished_runs(exp_show):
         data = record["data"]
         params = ((data.get("params") or {}).get(params_file) or {}).get("data") or {}
         metrics = data.get("metrics") or {}
