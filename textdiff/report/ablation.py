@@ -178,9 +178,11 @@ def _paired(group: list[dict], reference: dict[int, dict], metric: str) -> str:
     the seeds both ran. Pairing by seed takes out what a seed does to every variation alike (the
     classifier's initialisation and batch order), so a difference smaller than either row's spread
     can still be read; "–" without a shared seed, and on TextDiff's own row."""
+    if variation_key(group[0]) == "textdiff":
+        return "–"
     diffs = [float(r[metric]) - float(reference[r["seed"]][metric]) for r in group
              if r["seed"] in reference and r.get(metric) is not None and reference[r["seed"]].get(metric) is not None]
-    if not diffs or all(r is reference.get(r["seed"]) for r in group):
+    if not diffs:
         return "–"
     cell = _mean_std(diffs)
     return cell if cell.startswith("-") else f"+{cell}"
