@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import json
 import sys
 import time
@@ -97,6 +98,9 @@ def score_anchor(selected: SelectedCache, device: torch.device, mpp: float, choi
 def run_organ(organ: str, cache: FeatureCache, organs: dict, params, device: torch.device,
               default_model, default_rule) -> dict:
     mpp = params.data.mpp
+    # Without the refinement by the image (`refine_um`): a regrouped split mixes images of every
+    # split, which the manifest's source lookup does not, and the table's rows predate it.
+    default_rule = dataclasses.replace(default_rule, refine_um=0.0)
     started = time.perf_counter()
     held = regroup(cache, organs, organ, ("train", "val", "test"))
     # The organ's test-split images, where it has any (stomach's two images are both training images).

@@ -50,7 +50,7 @@ def _run(params_path: Path, cache_path: Path, model_dir: Path, prepared_dir: Pat
     try:
         if kind == TEXTDIFF:
             model, card = load_trained(model_dir, device)
-            result = evaluate_test(model, card, cache, device, params.evaluate.panels, rule)
+            result = evaluate_test(model, card, cache, device, params.evaluate.panels, rule, prepared_dir)
             attrs = {"fusion": card.classifier.fusion, "best_epoch": card.best_epoch, "params": json.dumps(card.train),
                      "views": result.metrics.get("views", 1)}
         elif kind == "cellpose":  # its own nuclei, from the source images
@@ -60,7 +60,7 @@ def _run(params_path: Path, cache_path: Path, model_dir: Path, prepared_dir: Pat
         else:
             kind, baseline, spec = load_baseline(model_dir, device)
             result = evaluate_baseline(kind, baseline, spec, cache, device, params.evaluate.panels, rule,
-                                       params.data.mpp)
+                                       params.data.mpp, prepared_dir)
             attrs = {"baseline": kind}
     except TextDiffError as err:
         raise TextDiffError(f"{model_dir}/model.json: {err}") from None

@@ -56,9 +56,10 @@ def _run_ranks(params: Params, cache_path: Path, out_dir: Path, prepared_dir: Pa
         close_ranks(ranks)
 
 
-def _nuclei_rule(kind: str, model, cache: FeatureCache, device: torch.device, mpp: float) -> RuleChoice | None:
+def _nuclei_rule(kind: str, model, cache: FeatureCache, device: torch.device, mpp: float,
+                 prepared_dir: Path) -> RuleChoice | None:
     started = time.perf_counter()
-    choice = choose_nuclei_rule(kind, model, cache, device, mpp)
+    choice = choose_nuclei_rule(kind, model, cache, device, mpp, prepared_dir)
     if choice is None:
         print("nuclei: no per-nucleus ground truth on val; the default nucleus rule is recorded")
     else:
@@ -66,7 +67,7 @@ def _nuclei_rule(kind: str, model, cache: FeatureCache, device: torch.device, mp
         print(f"nuclei: rule chosen on val (mean AJI {choice.score:.4f}, PQ {choice.pq:.4f}; "
               f"{len(choice.tried)} tries, "
               f"{time.perf_counter() - started:.0f}s): seeds {r.seeds}, marker {r.marker}, "
-              f"min area {r.min_area_um2} um2")
+              f"min area {r.min_area_um2} um2, refined by the image within {r.refine_um} um")
     return choice
 
 
@@ -145,7 +146,7 @@ def _train(params: Params, ranks: Ranks, device: torch.device, cache_path: Path,
             if not ranks.main:
                 shutil.rmtree(live_dir, ignore_errors=True)
                 return
-            choice = _nuclei_rule("classic", None, cache, device, params.data.mpp)
+            choice = _nuclei_rule("classic", None, cache, device, params.data.mpp, prepared_dir)
             save_baseline(out_dir, "classic", cache.spec, section_dict(params.train), **_rule_fields(choice))
             write_json(METRICS_DIR / "train.json", {"baseline": "classic", "num_train": 0, "seconds": 0.0,
                                                     **_rule_metrics(choice)})
@@ -168,12 +169,12 @@ def _train(params: Params, ranks: Ranks, device: torch.device, cache_path: Path,
     if params.baseline.kind == "unet":
         model = build_unet(result.config)
         model.load_state_dict(result.state)
-        choice = _nuclei_rule("unet", model.to(device).eval(), cache, device, params.data.mpp)
+        choice = _nuclei_rule("unet", model.to(device).eval(), cache, device, params.data.mpp, prepared_dir)
         save_baseline(out_dir, "unet", cache.spec, section_dict(params.train), result.state, result.config, result,
                       **_rule_fields(choice))
     else:
         choice = _nuclei_rule(TEXTDIFF, load_classifier(result.state, result.config, device), cache, device,
-                              params.data.mpp)
+                              params.data.mpp, prepared_dir)
         card = ModelCard(classifier=result.config, spec=cache.spec, train=section_dict(params.train),
                          best_epoch=result.best_epoch, best_val_dice=result.best_val_dice,
                          best_val_iou=result.best_val_iou, train_ids=result.train_ids, cache=str(cache_path),

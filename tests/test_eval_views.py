@@ -9,6 +9,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from typer.testing import CliRunner
 
 from stages.cli import app
@@ -18,8 +19,9 @@ from textdiff.cache.store import FeatureCache
 from textdiff.data.prepared import load_prepared
 from textdiff.data.views import apply_view, mean_of_views, undo_view
 from textdiff.encoders.image import images_to_model_range
-from textdiff.model.card import load_trained
+from textdiff.model.card import load_trained, nuclei_rule, read_model_dir
 from textdiff.model.inference import predict_split, resize_probability
+from textdiff.model.refine import refine_probability
 from textdiff.teacher import Diffusion, FeatureExtractor, load_teacher
 
 runner = CliRunner()
@@ -140,4 +142,8 @@ def test_evaluate_predict_and_the_rule_search_see_the_same_averaged_maps(tiny_pr
     with h5py.File(out / "predictions.h5") as h5:
         assert h5.attrs["views"] == 8
         live = h5[test.ids[0]][:]
-    np.testing.assert_allclose(live, resize_probability(evaluated_maps[test.ids[0]], live.shape), atol=2e-3)
+    rgb = np.asarray(Image.open(image).convert("RGB"))
+    rule = nuclei_rule(read_model_dir(Path("models/classifier")))  # refine_um as val chose it: refined alike
+    upsampled = refine_probability(resize_probability(evaluated_maps[test.ids[0]], live.shape), rgb, rule.refine_um,
+                                   card.source_mpp)
+    np.testing.assert_allclose(live, upsampled, atol=2e-3)

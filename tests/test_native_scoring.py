@@ -9,12 +9,15 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from typer.testing import CliRunner
 
 from stages.cli import app
 from textdiff.data.images import read_mask
 from textdiff.data.prepared import load_prepared, read_manifest
 from textdiff.evaluation.metrics import aji, boundary_f1, iou_dice_textdiff
+from textdiff.model.nuclei import NucleusRule
+from textdiff.model.refine import refine_probability
 
 runner = CliRunner()
 
@@ -44,10 +47,15 @@ def test_evaluate_scores_at_native_resolution_as_predict_upsamples(tiny_project)
     for key in ("dice_native", "iou_native", "aji_native", "pq_native", "bf1_native"):
         assert metrics[key] == pytest.approx(np.mean([r[key] for r in rows])), key
     native = load_prepared("data/prepared", "test").native_masks
+    card = json.loads(Path("models/classifier/model.json").read_text())
+    rule = NucleusRule.from_json(card["nuclei"])  # refine_um: chosen on val, maybe 0
     with h5py.File("metrics/predictions.h5") as h5:
         for k, row in enumerate(rows):  # recomputed here from the stored 32-px probabilities
             prob = torch.from_numpy(h5[row["id"]][:])[None, None]
             up = F.interpolate(prob, size=(40, 40), mode="bilinear", align_corners=False)[0, 0].numpy()
+            image = np.asarray(Image.open(tiny_project.data_root / "Test_Folder" / "img" / f"{row['id']}.tif")
+                               .convert("RGB"))
+            up = refine_probability(up, image, rule.refine_um, card["source_mpp"])  # as predict refines
             pred = (up > 0.5).astype(np.uint8)
             dice, iou = iou_dice_textdiff(pred, native[k])
             assert row["dice_native"] == pytest.approx(dice) and row["iou_native"] == pytest.approx(iou)

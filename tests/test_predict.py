@@ -128,6 +128,7 @@ def test_tiled_prediction_equals_single_pass_where_it_fits(trained):
     from textdiff.predict.images import build_segmenter
 
     segmenter, _ = build_segmenter(Path("models/classifier"), torch.device("cpu"), None, None)
+    segmenter.rule = dataclasses.replace(segmenter.rule, refine_um=0.0)  # the maps as the windows give them
     image = np.asarray(
         Image.open(trained.data_root / "Train_Folder/img/img_train_0.png").convert("RGB").resize((32, 32)))
     single = segmenter.probabilities(image, "Few nuclei.", mpp=segmenter.working_mpp)  # at the working resolution
@@ -190,10 +191,13 @@ def test_glass_gets_no_nuclei_however_the_classifier_reacts_to_it(trained):
     both = np.concatenate([tissue, glass], axis=1)  # 64 x 128 at the working resolution
     segmenter.mode, segmenter.tile, segmenter.stride = "tiles", 32, 32
     segmenter.stain = {}  # whole-image stain normalisation would see two different images; the guard is per window
+    segmenter.rule = dataclasses.replace(segmenter.rule, refine_um=4 * segmenter.working_mpp)  # 4 px
     prob = segmenter.probabilities(both, "Few nuclei.", mpp=segmenter.working_mpp)
-    assert prob[:, 64:].max() == 0.0
-    np.testing.assert_allclose(prob[:, :64], segmenter.probabilities(tissue, "Few nuclei.", mpp=segmenter.working_mpp),
-                               atol=1e-6)
+    assert prob[:, 64:].max() == 0.0  # the refinement by the image does not spread the tissue onto glass
+    raw = segmenter.maps(both, "Few nuclei.", mpp=segmenter.working_mpp, refine=False)[0]
+    assert raw[:, 64:].max() == 0.0 and not np.allclose(raw, prob, atol=1e-4)
+    np.testing.assert_allclose(raw[:, :64], segmenter.maps(tissue, "Few nuclei.", mpp=segmenter.working_mpp,
+                                                           refine=False)[0], atol=1e-6)
     model_range = lambda im: torch.from_numpy(im).permute(2, 0, 1)[None].float() / 127.5 - 1  # noqa: E731
     assert is_glass(model_range(glass)) and not is_glass(model_range(tissue))
 
@@ -462,3 +466,21 @@ def test_predict_views_averages_the_teachers_views_and_is_its_own_record(trained
         assert all(not np.array_equal(h5[k][:], one[k]) for k in one)
     bad = runner.invoke(app, [*args, "--views", "3"])
     assert bad.exit_code != 0 and "views must be 1, 2, 4 or 8" in bad.output and "Traceback" not in bad.output
+
+
+def test_predict_refines_the_foreground_by_the_image_as_its_rule_says(trained):
+    """A rule with `refine_um` (chosen on val) refines the probability by the image it was given,
+    the very function evaluate applies to the source image; slides ask for the raw maps."""
+    from textdiff.model.nuclei import NucleusRule
+    from textdiff.model.refine import refine_probability
+    from textdiff.predict.images import build_segmenter
+
+    segmenter, _ = build_segmenter(Path("models/classifier"), torch.device("cpu"), None, None)
+    segmenter.rule = NucleusRule("edt", 0.5, refine_um=1.0)
+    image = np.asarray(
+        Image.open(trained.data_root / "Train_Folder/img/img_train_0.png").convert("RGB").resize((48, 48)))
+    raw, distance = segmenter.maps(image, "Few nuclei.", mpp=0.25, refine=False)
+    refined, same_distance = segmenter.maps(image, "Few nuclei.", mpp=0.25)
+    np.testing.assert_array_equal(refined, refine_probability(raw, image, 1.0, 0.25))
+    assert not np.allclose(refined, raw, atol=1e-4)
+    assert (distance is None and same_distance is None) or np.array_equal(distance, same_distance)

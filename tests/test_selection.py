@@ -24,7 +24,7 @@ from textdiff.evaluation.scoring import score_test  # noqa: E402
 from textdiff.model.card import load_trained, nuclei_rule, read_model_dir  # noqa: E402
 from textdiff.model.inference import predict_split  # noqa: E402
 from textdiff.params import load_params  # noqa: E402
-from textdiff.paths import CACHE_PATH, CLASSIFIER_DIR  # noqa: E402
+from textdiff.paths import CACHE_PATH, CLASSIFIER_DIR, PREPARED_DIR  # noqa: E402
 from textdiff.train.training import train_classifier  # noqa: E402
 
 
@@ -74,7 +74,7 @@ def test_the_whole_test_split_as_a_selection_scores_what_evaluate_wrote(trained)
     preds, gts, probs = predict_split(model, SampleStore(selected.split("test")), torch.device("cpu"),
                                       keep_probs=True, distances=distances)
     got = score_test(selected, preds, gts, probs, 0, nuclei_rule(read_model_dir(CLASSIFIER_DIR)), distances,
-                     card.source_mpp).metrics
+                     card.source_mpp, prepared_dir=PREPARED_DIR).metrics
     assert got == pytest.approx(expected)
 
 

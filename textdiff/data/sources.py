@@ -35,8 +35,9 @@ def source_path(manifest: dict, split: str, image_id: str, prepared_dir: Path) -
     return path, entry["image_sha256"]
 
 
-def source_images(prepared_dir: Path, split: str, ids: Sequence[str]) -> list[np.ndarray]:
-    """The source images `ids` of `split` as RGB uint8 [H, W, 3], stain-normalised as prepare did."""
+def source_images(prepared_dir: Path, split: str, ids: Sequence[str], normalise: bool = True) -> list[np.ndarray]:
+    """The source images `ids` of `split` as RGB uint8 [H, W, 3], stain-normalised as prepare did
+    (`normalise=False`: as the files hold them, as `textdiff predict` reads a user's image)."""
     manifest = read_manifest(prepared_dir)
     reference = manifest.get("stain") or {}
     images = []
@@ -49,7 +50,7 @@ def source_images(prepared_dir: Path, split: str, ids: Sequence[str]) -> list[np
         if sha256 != expected:
             raise TextDiffError(f"{path}: changed since `textdiff prepare` read it (sha256 differs); run "
                                 "`dvc repro -f prepare`")
-        images.append(normalize(image, reference) if reference else image)
+        images.append(normalize(image, reference) if reference and normalise else image)
     return images
 
 

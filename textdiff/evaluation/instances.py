@@ -45,8 +45,10 @@ def scored_truths(split: CachedSplit) -> list[np.ndarray | None]:
 
 
 def choose_val_rule(val: CachedSplit, probs: list[np.ndarray], distances: list[np.ndarray | None],
-                    mpp: float) -> RuleChoice | None:
-    """The nucleus rule of best mean validation AJI (None when val has no true instances)."""
+                    mpp: float, images: list[np.ndarray] | None = None) -> RuleChoice | None:
+    """The nucleus rule of best mean validation AJI (None when val has no true instances);
+    `images`, the source images (RGB, their own size) in the order of `native_maps`, let the search
+    try the image-guided refinement of the foreground."""
     truths = scored_truths(val)
     keep = [k for k, t in enumerate(truths) if t is not None]
     if not keep or not val.spec.full_size:
@@ -55,4 +57,9 @@ def choose_val_rule(val: CachedSplit, probs: list[np.ndarray], distances: list[n
     has_head = all(d is not None for d in distances)
     native_dist = native_maps(val, distances) if has_head else [None] * len(native_probs)
     return choose_rule([native_probs[k] for k in keep], [native_dist[k] for k in keep], [truths[k] for k in keep],
-                       mpp)
+                       mpp, [images[k] for k in keep] if images is not None else None)
+
+
+def source_ids(split: CachedSplit) -> list[str]:
+    """The ids of the source images behind a split's items, in the order of `native_maps`."""
+    return split.tile_layout()[0] if split.spec.tiled else list(split.ids)

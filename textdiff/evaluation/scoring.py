@@ -32,7 +32,7 @@ from textdiff.cache.store import CachedSplit, FeatureCache
 from textdiff.data.sources import source_images
 from textdiff.data.tiles import blend_tiles, paste_tiles
 from textdiff.errors import TextDiffError
-from textdiff.evaluation.instances import native_maps, scored_truths
+from textdiff.evaluation.instances import native_maps, scored_truths, source_ids
 from textdiff.evaluation.metrics import (
     INSTANCE_KEYS,
     boundary_f1,
@@ -46,6 +46,7 @@ from textdiff.model.card import ModelCard
 from textdiff.model.classifier import PixelClassifier
 from textdiff.model.inference import predict_split, resize_probability
 from textdiff.model.nuclei import NucleusRule, separate
+from textdiff.model.refine import refine_probability
 from textdiff.runtime.device import usable_cpus
 
 SUMMARY_METRICS = ("dice", "aji")  # the summary plot's columns, per test image
@@ -105,7 +106,7 @@ def native_scores(pred: np.ndarray, gt: np.ndarray) -> dict[str, float]:
 
 
 def evaluate_test(model: PixelClassifier, card: ModelCard, cache: FeatureCache, device: torch.device,
-                  panels: int, rule: NucleusRule | None = None) -> Evaluation:
+                  panels: int, rule: NucleusRule | None = None, prepared_dir: Path | None = None) -> Evaluation:
     """Metrics of the classifier on the test split of the cache it was trained on, its maps averaged
     over the test-time views the cache holds (`extract.eval_views`; `views` in the metrics)."""
     if card.spec != cache.spec:
@@ -114,7 +115,8 @@ def evaluate_test(model: PixelClassifier, card: ModelCard, cache: FeatureCache, 
     distances: list = []
     preds, gts, probs = predict_split(model, SampleStore(test), device, keep_probs=True, distances=distances,
                                       views=test.scored_views)
-    result = score_test(cache, preds, gts, probs, panels, rule, distances, card.source_mpp)
+    result = score_test(cache, preds, gts, probs, panels, rule, distances, card.source_mpp,
+                        prepared_dir=prepared_dir)
     result.metrics["views"] = test.scored_views
     if test.scored_views > 1:
         result.probs_are = f"foreground probability (softmax class 1), mean of {test.scored_views} dihedral views"
@@ -123,7 +125,7 @@ def evaluate_test(model: PixelClassifier, card: ModelCard, cache: FeatureCache, 
 
 def evaluate_baseline(kind: str, model: torch.nn.Module | None, spec: CacheSpec, cache: FeatureCache,
                       device: torch.device, panels: int, rule: NucleusRule | None = None,
-                      mpp: float = 0.0) -> Evaluation:
+                      mpp: float = 0.0, prepared_dir: Path | None = None) -> Evaluation:
     """The same scoring for a baseline: the U-Net's probabilities (and distances), averaged over the
     test-time views as the classifier's are, or the classic mask (as 0/1 probabilities, so tiles are
     blended and thresholded like any model's)."""
@@ -133,7 +135,7 @@ def evaluate_baseline(kind: str, model: torch.nn.Module | None, spec: CacheSpec,
     if kind == "unet":
         distances: list = []
         preds, gts, probs = predict_pixels(model, test, device, views=test.scored_views, distances=distances)
-        result = score_test(cache, preds, gts, probs, panels, rule, distances, mpp)
+        result = score_test(cache, preds, gts, probs, panels, rule, distances, mpp, prepared_dir=prepared_dir)
         result.metrics["views"] = test.scored_views
         if test.scored_views > 1:
             result.probs_are = f"foreground probability (softmax class 1), mean of {test.scored_views} dihedral views"
@@ -142,7 +144,7 @@ def evaluate_baseline(kind: str, model: torch.nn.Module | None, spec: CacheSpec,
     preds = [hematoxylin_otsu(test.image(i), bgr=bgr) for i in range(len(test))]
     gts = [test.mask(i, 0).numpy().astype(np.uint8) for i in range(len(test))]
     probs = [p.astype(np.float32) for p in preds]
-    return score_test(cache, preds, gts, probs, panels, rule, None, mpp)
+    return score_test(cache, preds, gts, probs, panels, rule, None, mpp, prepared_dir=prepared_dir)
 
 
 COVERED = "fraction of the pixel covered by the model's own nuclei (labels > 0, area-resampled), test view 0"
@@ -184,26 +186,39 @@ def evaluate_cellpose(model, rule: CellposeRule, spec: CacheSpec, cache: Feature
 
 def score_test(cache: FeatureCache, preds: list[np.ndarray], gts: list[np.ndarray], probs: list[np.ndarray],
                panels: int, rule: NucleusRule | None = None, distances: list[np.ndarray | None] | None = None,
-               mpp: float = 0.0, instances: list[np.ndarray] | None = None) -> Evaluation:
+               mpp: float = 0.0, instances: list[np.ndarray] | None = None,
+               prepared_dir: Path | None = None) -> Evaluation:
     """Every metric of the test items' predictions (windows are stitched first); at the source
-    resolution also the nuclei the rule separates, scored against the per-nucleus truth.
+    resolution also the nuclei the rule separates, scored against the per-nucleus truth. A rule
+    that refines the foreground by the image (`refine_um`) reads the source images `prepared_dir`'s
+    manifest names, as `textdiff predict` refines by the image it was given.
     `instances`: per source image the nuclei a model predicted itself at the source resolution
     (Cellpose), scored as they are instead of separated by the rule; their foreground is then the
     native binary prediction."""
     test = cache.split("test")
+    rule = rule or NucleusRule()
+    full = test.spec.full_size
+    refine = instances is None and full and rule.refine_um > 0 and mpp > 0
+    if refine and prepared_dir is None:
+        raise TextDiffError("the nucleus rule refines the foreground by the source images; scoring needs "
+                            "the prepared data that names them")
+    sources = source_images(prepared_dir, "test", source_ids(test), normalise=False) if refine else None
+
+    def refined(maps: list[np.ndarray]) -> list[np.ndarray]:
+        return [refine_probability(m, im, rule.refine_um, mpp) for m, im in zip(maps, sources)] if refine else maps
+
     window_probs = probs  # per cached item (windows in tiles mode)
-    if cache.spec.tiled:  # score whole images at native resolution, not windows
+    if cache.spec.tiled:  # score whole images at native resolution, not windows (refined: what predict gives)
         ids, probs, gts, images = stitch_windows(test, probs, panels)
+        probs = refined(probs)
         preds = [(p > 0.5).astype(np.uint8) for p in probs]
     else:
         ids, images = test.ids, [test.image(k) for k in range(min(panels, len(test)))]
-    full = test.spec.full_size
     # At the source resolution (tiles: the stitched maps are that already).
-    native_probs = probs if cache.spec.tiled else native_maps(test, window_probs) if full else None
+    native_probs = probs if cache.spec.tiled else refined(native_maps(test, window_probs)) if full else None
     has_head = bool(distances) and all(d is not None for d in distances)
     native_dist = native_maps(test, distances) if full and has_head else None
     truths = scored_truths(test) if full else [None] * len(ids)
-    rule = rule or NucleusRule()
     if instances is not None:
         native_probs = [(labels > 0).astype(np.float32) for labels in instances]
     separating = instances is not None or (native_probs is not None and mpp > 0)

@@ -13,10 +13,13 @@ A binary mask merges touching nuclei. The separation here is a marker-controlled
   distance transform, markers its h-maxima of height `marker` micrometres (a plain watershed).
 
 Foreground that no marker reaches keeps its own label (a nucleus is never dropped for lack of a
-seed); then nuclei smaller than `min_area_um2` are removed. Sizes are in micrometres, so one rule
-holds at any magnification the image is given at (`mpp`: micrometres per pixel of the maps).
-The knobs are chosen on validation images (`choose_rule`: the marker by AJI, the size limit by PQ),
-never on test, and stored in model.json.
+seed); then nuclei smaller than `min_area_um2` are removed. Before any of it, where the rule says
+so (`refine_um` > 0), the probability map at the image's own size is refined by the image's
+hematoxylin edges (`model.refine`): the binary mask and the nuclei both come from that map.
+Sizes are in micrometres, so one rule holds at any magnification the image is given at (`mpp`:
+micrometres per pixel of the maps).
+The knobs are chosen on validation images (`choose_rule`: the marker by AJI, then the refinement
+by AJI, then the size limit by PQ), never on test, and stored in model.json.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ SEEDS = ("distance", "edt")
 # limit, by val PQ).
 MARKERS = {"distance": (0.02, 0.03, 0.05, 0.08, 0.12), "edt": (0.25, 0.5, 0.75, 1.0, 1.5)}
 MIN_AREAS_UM2 = (0.0, 4.0, 8.0, 16.0, 24.0)
+REFINES_UM = (0.0, 0.5, 0.75, 1.0)  # the guided filter's radius (model.refine); 0 = the map as upsampled
 MAX_LABELS = 65535  # what a uint16 label image (`<id>_instances.png`) holds
 
 
@@ -47,11 +51,12 @@ class NucleusRule:
     marker: float = 0.5  # h-maxima height: of the predicted map (distance), in micrometres (edt)
     min_area_um2: float = 0.0
     foreground: float = 0.5  # the mask's own threshold: the nuclei cover exactly the binary mask (minus small ones)
+    refine_um: float = 0.0  # radius of the image-guided refinement of the foreground (model.refine); 0 = off
 
     def __post_init__(self) -> None:
         if self.seeds not in SEEDS:
             raise TextDiffError(f"unknown nucleus seeds {self.seeds!r}; valid: {', '.join(SEEDS)}")
-        if self.marker <= 0 or self.min_area_um2 < 0 or not 0 < self.foreground < 1:
+        if self.marker <= 0 or self.min_area_um2 < 0 or not 0 < self.foreground < 1 or self.refine_um < 0:
             raise TextDiffError(f"invalid nucleus rule {self}")
 
     def to_json(self) -> dict:
@@ -127,13 +132,16 @@ class RuleChoice:
 
 
 def choose_rule(probs: Sequence[np.ndarray], distances: Sequence[np.ndarray | None], truths: Sequence[np.ndarray],
-                mpp: float) -> RuleChoice:
+                mpp: float, images: Sequence[np.ndarray] | None = None) -> RuleChoice:
     """The rule validation images score best: each seed kind the maps allow and its markers at no
-    size limit, by mean AJI (how well touching nuclei are split); then the size limit at that
-    marker, by mean PQ. The size limit is PQ's knob because a small false fragment costs PQ a whole
-    false positive but AJI only its few pixels: AJI alone never removes them (on MoNuSeg val it
-    kept 0 um2 where PQ takes 8). `distances` holds None for a model without the distance head."""
+    size limit, by mean AJI (how well touching nuclei are split); then, given the images themselves
+    (RGB uint8 at the maps' size), the radius of the image-guided refinement at that marker, by mean
+    AJI; then the size limit, by mean PQ. The size limit is PQ's knob because a small false fragment
+    costs PQ a whole false positive but AJI only its few pixels: AJI alone never removes them (on
+    MoNuSeg val it kept 0 um2 where PQ takes 8). `distances` holds None for a model without the
+    distance head."""
     from textdiff.evaluation.metrics import instance_scores
+    from textdiff.model.refine import refine_probability
 
     if not probs:
         raise TextDiffError("choosing the nucleus rule needs at least one validation image with true instances")
@@ -151,17 +159,31 @@ def choose_rule(probs: Sequence[np.ndarray], distances: Sequence[np.ndarray | No
         tried.append((rule, aji, pq))
         return aji, pq
 
+    def best_of(rules: list[NucleusRule], maps: dict[float, Sequence[np.ndarray]], pool) -> tuple[NucleusRule, list]:
+        """The rule of best mean AJI, and its label maps; every (rule, image) at once."""
+        jobs = {rule: [pool.submit(separated_and_scored, rule, p, d, t)
+                       for p, d, t in zip(maps[rule.refine_um], distances, truths)] for rule in rules}
+        results = {rule: [job.result() for job in jobs[rule]] for rule in rules}
+        best = max(rules, key=lambda r: mean_of([s for _, s in results[r]], r)[0])
+        return best, [lab for lab, _ in results[best]]
+
     # Every (marker, image) at once on a thread pool: h-maxima, watershed and the scores release the
     # GIL for most of their time (1.9x on 2 cores; the search was most of a short run's training).
     # Each task is independent, so the choice is the sequential search's, bit for bit.
+    maps: dict[float, Sequence[np.ndarray]] = {0.0: probs}
     with ThreadPoolExecutor(max_workers=usable_cpus()) as pool:
-        jobs = {rule: [pool.submit(separated_and_scored, rule, p, d, t) for p, d, t in zip(probs, distances, truths)]
-                for rule in markers}
-        results = {rule: [job.result() for job in jobs[rule]] for rule in markers}
-        best = max(markers, key=lambda r: mean_of([s for _, s in results[r]], r)[0])
-        labels = [lab for lab, _ in results[best]]
-        results.clear()  # the other markers' label maps
-        jobs.clear()
+        best, labels = best_of(markers, maps, pool)
+        if images is not None:
+            if len(images) != len(probs):
+                raise TextDiffError(f"choosing the nucleus rule: {len(images)} images for {len(probs)} maps")
+            radii = [r for r in REFINES_UM if r > 0 and round(r / mpp) >= 1]
+            for r in radii:
+                maps[r] = list(pool.map(lambda pi, r=r: refine_probability(pi[0], pi[1], r, mpp), zip(probs, images)))
+            refined = [dataclasses.replace(best, refine_um=r) for r in radii]
+            if refined:
+                winner, winner_labels = best_of(refined, maps, pool)
+                if _tried_aji(tried, winner) > _tried_aji(tried, best):  # a tie keeps the map as upsampled
+                    best, labels = winner, winner_labels
 
         def with_size_limit(rule: NucleusRule) -> list[dict]:
             limit = rule.min_area_um2 / mpp**2
@@ -171,3 +193,8 @@ def choose_rule(probs: Sequence[np.ndarray], distances: Sequence[np.ndarray | No
         best = max(sized, key=lambda r: mean_of(with_size_limit(r), r)[1])
     aji, pq = next((a, q) for r, a, q in reversed(tried) if r == best)
     return RuleChoice(best, aji, pq, tried)
+
+
+def _tried_aji(tried: Sequence[tuple[NucleusRule, float, float]], rule: NucleusRule) -> float:
+    """The mean validation AJI a rule of the search scored (its latest try)."""
+    return next(a for r, a, _ in reversed(tried) if r == rule)

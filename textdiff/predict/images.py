@@ -38,6 +38,7 @@ from textdiff.model.card import ModelCard, load_trained, nuclei_rule, read_model
 from textdiff.model.classifier import PixelClassifier
 from textdiff.model.inference import resize_probability
 from textdiff.model.nuclei import NucleusRule
+from textdiff.model.refine import refine_probability
 from textdiff.predict.slides import SLIDE_SUFFIXES
 from textdiff.teacher import checkpoint_sha256
 
@@ -143,11 +144,18 @@ class Segmenter:
         `mpp` micrometres per pixel (None: the training source's)."""
         return self.maps(image, text, mpp)[0]
 
-    def maps(self, image: np.ndarray, text: str = "", mpp: float | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    def maps(self, image: np.ndarray, text: str = "", mpp: float | None = None,
+             refine: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
         """(foreground probability, predicted nucleus distance or None without the head), both
         [H, W] float32 at the image's own size: what `model.nuclei.separate` reads; with `views`
-        > 1 the mean over that many dihedral views."""
-        return mean_of_views(self.view_maps(image, text, mpp, range(self.views)))
+        > 1 the mean over that many dihedral views. Where the model's nucleus rule says so
+        (`refine_um`, chosen on val) the probability is then refined by the image's own edges, as
+        evaluate refines by the source image (`refine=False`: as the classifier gave it; slides,
+        whose maps stay at the working resolution, where the image holds no finer edge)."""
+        prob, distance = mean_of_views(self.view_maps(image, text, mpp, range(self.views)))
+        if refine and self.rule.refine_um > 0:
+            prob = refine_probability(prob, image, self.rule.refine_um, float(mpp or self.source_mpp))
+        return prob, distance
 
     @torch.no_grad()
     def view_maps(self, image: np.ndarray, text: str, mpp: float | None,

@@ -129,7 +129,7 @@ def segment_slide_input(segmenter: Segmenter, path: Path, sentence: str, out: Pa
                         core: int | None = None) -> SlideResult:
     """One whole slide, tile by tile at the model's working resolution (resumable: the identity of
     the model and the text decide whether a stopped run's tiles are reused); its summary line."""
-    result = segment_slide(path, lambda rgb: segmenter.maps(rgb, sentence, segmenter.working_mpp),
+    result = segment_slide(path, lambda rgb: segmenter.maps(rgb, sentence, segmenter.working_mpp, refine=False),
                            out, segmenter.working_mpp, mpp, segmenter.source_mpp,
                            identity={"model": model_identity, "text": sentence}, rule=segmenter.rule,
                            overwrite=overwrite, ranks=ranks, core=core)

@@ -4,6 +4,8 @@ nuclei the same way and the test split never tunes a knob."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 
@@ -11,7 +13,9 @@ from textdiff.baselines.classic import hematoxylin_otsu
 from textdiff.baselines.unet import predict_pixels
 from textdiff.cache.samples import SampleStore
 from textdiff.cache.store import FeatureCache
-from textdiff.evaluation.instances import choose_val_rule, scored_truths
+from textdiff.data.sources import source_images
+from textdiff.errors import TextDiffError
+from textdiff.evaluation.instances import choose_val_rule, scored_truths, source_ids
 from textdiff.model.depth import median_nucleus_area
 from textdiff.model.inference import predict_split
 from textdiff.model.nuclei import RuleChoice
@@ -37,13 +41,22 @@ def validation_maps(kind: str, model: torch.nn.Module | None, cache: FeatureCach
 
 
 def choose_nuclei_rule(kind: str, model: torch.nn.Module | None, cache: FeatureCache, device: torch.device,
-                       mpp: float) -> RuleChoice | None:
+                       mpp: float, prepared_dir: Path | None = None) -> RuleChoice | None:
     """The rule of best mean validation AJI at the source resolution; None when the cache holds
-    no true per-nucleus labels for val (the default rule then applies)."""
+    no true per-nucleus labels for val (the default rule then applies). With `prepared_dir` the
+    search also tries refining the foreground by the val source images (as the files hold them,
+    which is what `textdiff predict` is given)."""
     if not cache.spec.instances:
         return None
     probs, distances = validation_maps(kind, model, cache, device)
-    return choose_val_rule(cache.split("val"), probs, distances, mpp)
+    val = cache.split("val")
+    images = None
+    if prepared_dir is not None and val.spec.full_size:
+        try:
+            images = source_images(prepared_dir, "val", source_ids(val), normalise=False)
+        except TextDiffError as err:  # the model is trained: keep it, with the rule the maps alone choose
+            print(f"nuclei: the refinement by the image is not tried ({err})")
+    return choose_val_rule(val, probs, distances, mpp, images)
 
 
 def training_nucleus_area(cache: FeatureCache, mpp: float) -> float:
