@@ -54,7 +54,8 @@ def test_a_slide_is_segmented_tile_by_tile_like_the_same_pixels_as_an_image(
     from textdiff.predict.images import build_segmenter
 
     segmenter, card = build_segmenter(Path("models/classifier"), torch.device("cpu"), None, None)
-    whole = segmenter.probabilities(slide_image, "Many nuclei.", MPP)  # at the image's size (level 0)
+    # at the image's size (level 0); unrefined, as slides keep their maps at the working resolution
+    whole = segmenter.maps(slide_image, "Many nuclei.", MPP, refine=False)[0]
     factor = MPP / card.working_mpp
     prob = _probability(out, "slide").astype(np.float32) / 255
     assert prob.shape == (round(160 * factor), round(240 * factor))
