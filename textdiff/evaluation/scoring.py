@@ -115,11 +115,15 @@ def evaluate_test(model: PixelClassifier, card: ModelCard, cache: FeatureCache, 
     distances: list = []
     preds, gts, probs = predict_split(model, SampleStore(test), device, keep_probs=True, distances=distances,
                                       views=test.scored_views)
-    result = score_test(cache, preds, gts, probs, panels, rule, distances, card.source_mpp,
-                        prepared_dir=prepared_dir)
-    result.metrics["views"] = test.scored_views
-    if test.scored_views > 1:
-        result.probs_are = f"foreground probability (softmax class 1), mean of {test.scored_views} dihedral views"
+    return with_views(score_test(cache, preds, gts, probs, panels, rule, distances, card.source_mpp,
+                                 prepared_dir=prepared_dir), test.scored_views)
+
+
+def with_views(result: Evaluation, views: int) -> Evaluation:
+    """A model's evaluation recording the test-time views its maps were averaged over."""
+    result.metrics["views"] = views
+    if views > 1:
+        result.probs_are = f"foreground probability (softmax class 1), mean of {views} dihedral views"
     return result
 
 
@@ -135,11 +139,8 @@ def evaluate_baseline(kind: str, model: torch.nn.Module | None, spec: CacheSpec,
     if kind == "unet":
         distances: list = []
         preds, gts, probs = predict_pixels(model, test, device, views=test.scored_views, distances=distances)
-        result = score_test(cache, preds, gts, probs, panels, rule, distances, mpp, prepared_dir=prepared_dir)
-        result.metrics["views"] = test.scored_views
-        if test.scored_views > 1:
-            result.probs_are = f"foreground probability (softmax class 1), mean of {test.scored_views} dihedral views"
-        return result
+        return with_views(score_test(cache, preds, gts, probs, panels, rule, distances, mpp,
+                                     prepared_dir=prepared_dir), test.scored_views)
     bgr = cache.spec.protocol == "release"
     preds = [hematoxylin_otsu(test.image(i), bgr=bgr) for i in range(len(test))]
     gts = [test.mask(i, 0).numpy().astype(np.uint8) for i in range(len(test))]
@@ -172,8 +173,7 @@ def evaluate_cellpose(model, rule: CellposeRule, spec: CacheSpec, cache: Feature
     if spec != cache.spec:
         raise TextDiffError("the cellpose baseline was made on another cache; re-run `textdiff train`")
     test = cache.split("test")
-    ids = test.tile_layout()[0] if test.spec.tiled else test.ids
-    images = source_images(prepared_dir, "test", ids)
+    images = source_images(prepared_dir, "test", source_ids(test))
     nuclei = predict_nuclei(model, images, rule, device,
                             progress=lambda k: print(f"cellpose: test image {k + 1}/{len(images)}", flush=True))
     probs = working_coverage(test, nuclei)
